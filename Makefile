@@ -1,0 +1,38 @@
+# disca_tools: two commands do all the set-up.
+#   make demo   create .venv if missing, run the whole pipeline on a shipped simulated dataset
+#   make test   create .venv if missing (and RELION 3.1 from Debian), run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format relion clean-demo benchmarks
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+relion:
+	@command -v relion_reconstruct >/dev/null 2>&1 || { \
+	  echo "Installing RELION 3.1 from Debian (relion) for the round-trip tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq relion >/dev/null; }
+
+test: $(STAMP) relion
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check disca_tools tests benchmarks bin
+	$(VENV)/bin/ruff format --check disca_tools tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format disca_tools tests benchmarks
+	$(VENV)/bin/ruff check --fix disca_tools tests benchmarks
+
+clean-demo:
+	rm -rf demo_run

@@ -1,0 +1,1 @@
+"""One module per tool: an options dataclass, validation, ``main()``; nothing else."""

@@ -1,0 +1,1 @@
+"""Runtime services shared by every tool: errors, logging/progress, provenance, outputs, CLI plumbing."""

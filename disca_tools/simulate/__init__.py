@@ -1,0 +1,1 @@
+"""Simulation of subtomograms and tomograms from real structures, with ground truth."""
