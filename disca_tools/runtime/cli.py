@@ -19,6 +19,8 @@ import os
 import re
 import sys
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -92,8 +94,19 @@ class _Parser(argparse_dataclass.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+def _normalise_field_types(options_cls: type) -> None:
+    """Resolve string annotations and ``X | None`` so argparse-dataclass understands them."""
+    hints = typing.get_type_hints(options_cls)
+    for f in dataclasses.fields(options_cls):
+        t = hints.get(f.name, f.type)
+        if isinstance(t, types.UnionType):
+            t = typing.Union[t.__args__]  # noqa: UP007 - argparse-dataclass checks typing.Union
+        f.type = t
+
+
 def build_parser(options_cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     """Build the argparse parser for an options dataclass."""
+    _normalise_field_types(options_cls)
     _Parser._options_cls_hint = options_cls  # read by add_argument while the parser is built
     parser = _Parser(
         options_cls,
