@@ -48,8 +48,32 @@ def _angpix_from(mrc: mrcfile.mrcfile.MrcFile) -> float:
     return float(h.cella.x) / mx if mx > 0 and float(h.cella.x) > 0 else 0.0
 
 
+def _precheck(path: Path) -> None:
+    """Cheap header sanity check before mrcfile: not MRC at all, or truncated, fails fast here.
+
+    (mrcfile on a text file can try to read gigabytes of 'extended header' and reports it as
+    truncation; this names the real problem in milliseconds.)
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(1024)
+    if len(raw) < 1024:
+        raise file_error(path, f"not an MRC file (only {size} bytes, shorter than the 1024-byte header)")
+    for dt in (HEADER_DTYPE, HEADER_DTYPE.newbyteorder()):
+        h = np.frombuffer(raw, dtype=dt, count=1)[0]
+        mode, dims, ext = int(h["mode"]), (int(h["nx"]), int(h["ny"]), int(h["nz"])), int(h["nsymbt"])
+        if mode in _MODE_DTYPES and min(dims) > 0 and max(dims) < 2**24 and 0 <= ext < 2**31:
+            break
+    else:
+        raise file_error(path, "not an MRC file (no valid mode and dimensions in the header)")
+    expected = 1024 + ext + dims[0] * dims[1] * dims[2] * np.dtype(_MODE_DTYPES[mode]).itemsize
+    if size < expected:
+        raise file_error(path, f"truncated MRC file (header promises {expected} bytes, file has {size})")
+
+
 def _open(path: Path, mmap: bool) -> mrcfile.mrcfile.MrcFile:
     _check_exists(path)
+    _precheck(path)
     opener = mrcfile.mmap if mmap else mrcfile.open
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -52,6 +52,12 @@ STRING_COLUMNS = (
 
 FLAVOURS = ("relion30", "relion31", "relion4", "relion5", "warp", "pytom")
 
+# RELION 5 tomograms.star (data_global) labels
+TOMO_SIZES = ("rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ")
+TILT_SERIES_ANGPIX = "rlnTomoTiltSeriesPixelSize"
+TOMO_BINNING = "rlnTomoTomogramBinning"
+TOMO_RECONSTRUCTION = "rlnTomoReconstructedTomogram"
+
 
 @dataclass
 class ParticleTable:
@@ -66,6 +72,9 @@ class ParticleTable:
     flavour: the flavour read from (one of :data:`FLAVOURS`), kept so writers can answer in kind.
     source: the file it came from.
     general: RELION 5 ``data_general`` key/values.
+    tomogram_blocks: the other data blocks of the tomograms.star read (Warp's per-tomogram tables),
+        written back unchanged beside ``tomograms``.
+    tomograms_source: the tomograms.star file ``tomograms`` came from, if any.
     """
 
     particles: pd.DataFrame
@@ -75,6 +84,8 @@ class ParticleTable:
     flavour: str = "relion31"
     source: Path | None = None
     general: dict = field(default_factory=dict)
+    tomogram_blocks: dict = field(default_factory=dict)
+    tomograms_source: Path | None = None
 
     def __len__(self) -> int:
         return len(self.particles)

@@ -194,8 +194,20 @@ def write_relion_output_nodes(out_dir: Path, nodes: list[tuple[str, str]]) -> No
     ]
     for path, kind in nodes:
         number, label = NODE_TYPES[kind]
-        lines.append(f"{path} {number} {label}")
+        # RELION matches nodes by exact name: "External/job005//x.star" would be another node.
+        lines.append(f"{os.path.normpath(str(path))} {number} {label}")
     write_text_atomic(out_dir / "RELION_OUTPUT_NODES.star", "\n".join(lines) + "\n\n")
+
+
+def _raw_output_dir(argv: Sequence[str]) -> Path | None:
+    """The ``--o`` folder straight from argv, so a RELION job that fails to parse still gets its marker
+    (RELION's pipeliner waits forever for RELION_JOB_EXIT_SUCCESS/FAILURE otherwise)."""
+    for i, a in enumerate(argv):
+        if a == "--o" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if a.startswith("--o="):
+            return Path(a[4:])
+    return None
 
 
 def _touch(path: Path) -> None:
@@ -208,7 +220,7 @@ def run_tool(spec: ToolSpec, argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     external = is_relion_external(raw)
     started = now_iso()
-    out_dir: Path | None = None
+    out_dir: Path | None = _raw_output_dir(raw) if external else None
     options = None
     t0 = time.time()
     try:

@@ -1,0 +1,479 @@
+"""The generalized EM loop of DISCA (METHOD.md steps 1–6): train, resume, predict, fine-tune.
+
+Iteration ``t`` (0, 1, …, ``max_iter``):
+
+1. features of all N subtomograms, inference mode (streamed from the store);
+2. PCA to ``pca_dim``; full-covariance Gaussian mixtures for every candidate K, the paper's BIC
+   (:func:`disca_tools.cluster.mixture.select_mixture`: inherited + de-novo fit for the current K,
+   empty clusters dropped);
+3. labels = argmax posterior; when K is unchanged they are renumbered to match iteration t−1
+   (Hungarian on the contingency table); when K changes (and at the first iteration) the softmax
+   head is replaced and trained alone on the fixed features until it agrees with the labels;
+4. DDBI (O(N)) of the labels in PCA space; the best DDBI is kept;
+5. unless finished, YOPO is trained on the N originals + N rotated copies with smoothed labels
+   ``(1 − α)·onehot + α/K`` (α = α₀·0.9ᵗ), categorical hinge loss, Nadam (lr·decayᵗ), fresh
+   optimizer state each iteration;
+6. stop when K is unchanged and ≥ 99 % of labels keep their cluster for 3 consecutive iterations,
+   or at ``max_iter``. The last iteration is a clustering without training after it.
+
+Which iteration is reported. The clustering of iteration 0 comes from the untrained (random)
+network unless a trained model was given: its DDBI is recorded but it can never be the result, since
+a random network's features may score well while carrying no learned structure (the reference code
+then saves nothing). The result is the eligible iteration with the lowest DDBI.
+
+Defaults, changed from the reference and why (tuned on simulated sets of real structures, 24³):
+lr 1e-3 (reference 1e-5, which barely moves the network in one epoch), 2 epochs per iteration
+(reference 1), batch 32 (reference 64: twice the steps per epoch), lr decay 0.95 and α₀ = 0.2 with
+decay 0.9 as in the reference; candidate K 2–20 and PCA 16 as in the paper.
+
+Reproducibility. Every random draw of iteration t is seeded from (seed, t): Keras/TF global seeds,
+the dropout layer's state, the data order and rotations, the mixtures. The optimizer state is
+reset each iteration, so a run resumed from the checkpoint of iteration t (weights, labels, state)
+repeats the uninterrupted run exactly on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..model import yopo as Y
+from ..model.data import SubtomogramStore, predict_features, train_dataset
+from ..runtime.errors import UserError
+from ..runtime.log import check_abort, logger
+from ..runtime.outputs import atomic_path, write_text_atomic
+from .matching import match_labels
+from .mixture import fit_pca, select_mixture
+
+CHECKPOINT_STATE = "state.json"
+CHECKPOINT_WEIGHTS = "weights.weights.h5"
+CHECKPOINT_LABELS = "labels.npy"
+BEST_DIR = "best"
+
+
+@dataclass
+class EMConfig:
+    """Hyperparameters of a DISCA run (see the module docstring for the defaults)."""
+
+    k_candidates: list[int] = field(default_factory=lambda: list(range(2, 21)))
+    pca_dim: int = 16
+    max_iter: int = 20
+    epochs_per_iter: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_decay: float = 0.95
+    label_smoothing: float = 0.2
+    smoothing_decay: float = 0.9
+    width_scale: float = 1.0
+    feature_dim: int = 1024
+    precision: str = "float32"
+    seed: int = 0
+    patience: int = 3
+    stable_fraction: float = 0.99
+    predict_batch_size: int = 64
+    augment: bool = True
+    head_agreement: float = 0.98
+    head_max_epochs: int = 300
+
+    def check(self, n: int, box: int) -> None:
+        """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³."""
+        if box < Y.MIN_BOX:
+            raise UserError(f"subtomograms: box {box} is too small; YOPO needs at least {Y.MIN_BOX}³")
+        if not self.k_candidates or min(self.k_candidates) < 2:
+            raise UserError(f"--k-candidates: need values ≥ 2, got {self.k_candidates}")
+        if self.max_iter < 1:
+            raise UserError("--max-iter: must be at least 1 (iteration 0 is the untrained network)")
+        p = min(self.pca_dim, self.feature_dim)
+        need = min(self.k_candidates) * (p + 1)
+        if n < need:
+            raise UserError(
+                f"particles: {n} particles are too few for candidate K {min(self.k_candidates)}–"
+                f"{max(self.k_candidates)} at PCA dimension {p} (need ≥ {need}; lower --pca-dim or K)"
+            )
+        top = max(self.k_candidates) * (p + 1)
+        if n < top:
+            logger.warning("Only %d particles: candidate K above %d will be skipped", n, n // (p + 1))
+
+    def yopo(self, box: int, k: int) -> Y.YopoConfig:
+        return Y.YopoConfig(box, k, self.width_scale, self.feature_dim, self.precision)
+
+
+@dataclass
+class IterationRecord:
+    """One row of history.tsv."""
+
+    iteration: int
+    k: int
+    bic_by_k: dict[int, float]
+    ddbi: float
+    frac_changed: float
+    loss: float
+    seconds: float
+    lr: float
+    alpha: float
+    eligible: bool
+    inherited: bool
+
+
+@dataclass
+class EMResult:
+    """The reported (best-DDBI) iteration's clustering and what is needed to reuse it."""
+
+    labels: np.ndarray
+    posteriors: np.ndarray
+    features: np.ndarray
+    pca: Any
+    gmm: Any
+    component_to_label: np.ndarray
+    best_iteration: int
+    history: list[IterationRecord]
+    extractor: Any
+    converged: bool
+    config: EMConfig
+
+    @property
+    def k(self) -> int:
+        return int(self.posteriors.shape[1])
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def smooth_targets(labels: np.ndarray, k: int, alpha: float) -> np.ndarray:
+    """``(1 − α)·onehot + α/K`` as float32 (N, K)."""
+    onehot = np.eye(k, dtype=np.float32)[np.asarray(labels)]
+    return (1.0 - alpha) * onehot + alpha / k
+
+
+def iteration_seed(seed: int, iteration: int) -> int:
+    return int((int(seed) * 100003 + int(iteration) * 7919 + 17) % (2**31 - 1))
+
+
+def _set_seeds(seed: int) -> None:
+    import keras
+
+    keras.utils.set_random_seed(int(seed))
+
+
+def _save_weights(model, path: Path) -> None:
+    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        np.save(tmp, arr)
+
+
+def _save_pickle(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        pickle.dump(obj, fh)
+
+
+def _permute_posteriors(post: np.ndarray, mapping: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder posterior columns so column ``mapping[c]`` holds component ``c``."""
+    k = post.shape[1]
+    comp_to_label = np.array([mapping[c] for c in range(k)], dtype=np.int64)
+    out = np.empty_like(post)
+    out[:, comp_to_label] = post
+    return out, comp_to_label
+
+
+def warm_up_head(model, features: np.ndarray, labels: np.ndarray, cfg: EMConfig, seed: int) -> float:
+    """Train the softmax head alone on fixed ``features`` until it agrees with ``labels``.
+
+    Returns the agreement reached (fraction of argmax equal to the labels).
+    """
+    import keras
+
+    head = Y.head_layer(model)
+    k = int(head.units)
+    inp = keras.Input((features.shape[1],))
+    hm = keras.Model(inp, head(inp))
+    hm.compile(optimizer=keras.optimizers.Nadam(1e-2), loss="categorical_crossentropy")
+    y = np.eye(k, dtype=np.float32)[labels]
+    x = np.asarray(features, dtype=np.float32)
+    scale = float(np.std(x)) or 1.0
+    # the head sees raw features; scale the learning problem, then fold the scale into the kernel
+    xs = x / scale
+    agreement = 0.0
+    epochs = 0
+    while epochs < cfg.head_max_epochs:
+        hm.fit(xs, y, batch_size=256, epochs=10, verbose=0, shuffle=True)
+        epochs += 10
+        agreement = float(np.mean(np.argmax(hm.predict(xs, verbose=0, batch_size=1024), 1) == labels))
+        if agreement >= cfg.head_agreement:
+            break
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel / scale, bias])
+    logger.debug("head warm-up: %d epochs, agreement %.3f", epochs, agreement)
+    return agreement
+
+
+class _Trainer:
+    """The training model compiled once per head size, with its optimizer reset each iteration."""
+
+    def __init__(self, model, lr: float):
+        import keras
+
+        self.model = model
+        model.compile(optimizer=keras.optimizers.Nadam(lr), loss=keras.losses.CategoricalHinge())
+        model.optimizer.build(model.trainable_variables)
+        self.initial = [np.array(v.numpy()) for v in model.optimizer.variables]
+
+    def fit(self, dataset, epochs: int, lr: float) -> float:
+        opt = self.model.optimizer
+        for v, init in zip(opt.variables, self.initial, strict=True):
+            v.assign(init)
+        opt.learning_rate.assign(lr)
+        hist = self.model.fit(dataset, epochs=epochs, verbose=0)
+        return float(hist.history["loss"][-1])
+
+
+def _state_dict(cfg: EMConfig, it: int, k: int, stable: int, best_it: int, best_ddbi: float, history: list[IterationRecord], box: int) -> dict:
+    return {
+        "config": asdict(cfg),
+        "box": box,
+        "iteration": it,
+        "k": k,
+        "stable": stable,
+        "best_iteration": best_it,
+        "best_ddbi": best_ddbi,
+        "history": [asdict(h) for h in history],
+    }
+
+
+def _history_from(rows: list[dict]) -> list[IterationRecord]:
+    out = []
+    for r in rows:
+        r = dict(r)
+        r["bic_by_k"] = {int(k): float(v) for k, v in r["bic_by_k"].items()}
+        out.append(IterationRecord(**r))
+    return out
+
+
+def load_checkpoint(ckpt: str | Path) -> dict:
+    """The state of an interrupted run (UserError when there is none)."""
+    p = Path(ckpt) / CHECKPOINT_STATE
+    if not p.is_file():
+        raise UserError(f"{p}: no checkpoint to continue from")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{p}: unreadable checkpoint ({exc})") from None
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run_em(
+    store: SubtomogramStore,
+    rows: np.ndarray,
+    cfg: EMConfig,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    init_extractor_weights: str | Path | None = None,
+) -> EMResult:
+    """Run DISCA on the subtomograms ``store[rows]`` and return the best-DDBI iteration.
+
+    ``checkpoint_dir`` receives, after every iteration, the network weights, the labels and the
+    state (atomically); ``resume`` continues from there. ``init_extractor_weights`` (a trained
+    run's ``model.keras`` / weights) starts from a trained feature extractor (fine-tuning): then
+    iteration 0 is eligible to be reported.
+    """
+    from .ddbi import ddbi
+
+    rows = np.asarray(rows, dtype=np.int64)
+    n, box = len(rows), store.box
+    cfg.check(n, box)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None:
+        (ckpt / BEST_DIR).mkdir(parents=True, exist_ok=True)
+
+    history: list[IterationRecord] = []
+    prev_labels: np.ndarray | None = None
+    prev_k: int | None = None
+    stable = 0
+    best_it, best_ddbi = -1, math.inf
+    best: dict[str, Any] | None = None
+    start = 0
+    pretrained = init_extractor_weights is not None
+
+    _set_seeds(iteration_seed(cfg.seed, -1))
+    if resume:
+        if ckpt is None:
+            raise ValueError("resume needs a checkpoint directory")
+        state = load_checkpoint(ckpt)
+        if int(state["box"]) != box:
+            raise UserError(f"{ckpt / CHECKPOINT_STATE}: checkpoint is for box {state['box']}, data has {box}")
+        history = _history_from(state["history"])
+        start = int(state["iteration"]) + 1
+        prev_k = int(state["k"])
+        prev_labels = np.load(ckpt / CHECKPOINT_LABELS)
+        if len(prev_labels) != n:
+            raise UserError(f"{ckpt / CHECKPOINT_LABELS}: checkpoint has {len(prev_labels)} particles, data {n}")
+        stable = int(state["stable"])
+        best_it, best_ddbi = int(state["best_iteration"]), float(state["best_ddbi"])
+        pretrained = bool(state.get("pretrained", False))
+        model = Y.build_yopo(cfg.yopo(box, prev_k), seed=cfg.seed)
+        model.load_weights(ckpt / CHECKPOINT_WEIGHTS)
+        logger.info("Continuing after iteration %d (K=%d)", start - 1, prev_k)
+    else:
+        model = Y.build_yopo(cfg.yopo(box, min(cfg.k_candidates)), seed=cfg.seed)
+        if init_extractor_weights is not None:
+            ext = Y.feature_extractor(model)
+            try:
+                ext.load_weights(init_extractor_weights)
+            except Exception as exc:
+                raise UserError(f"{init_extractor_weights}: cannot load into this network ({type(exc).__name__}: {exc})") from None
+    trainer = _Trainer(model, cfg.lr) if resume else None
+    extractor = Y.feature_extractor(model)
+    converged = False
+    it = start
+    for it in range(start, cfg.max_iter + 1):
+        check_abort()
+        t0 = time.time()
+        seed_it = iteration_seed(cfg.seed, it)
+        _set_seeds(seed_it)
+        feats = predict_features(extractor, store, rows, cfg.predict_batch_size)
+        if not np.all(np.isfinite(feats)):
+            raise UserError("features: the network produced NaN/inf (try a lower --lr)")
+        pca = fit_pca(feats, cfg.pca_dim, seed_it)
+        x = pca.transform(feats)
+        sel = select_mixture(x, cfg.k_candidates, seed_it, prev_labels=prev_labels, prev_k=prev_k)
+        k = sel.k
+        mapping = {c: c for c in range(k)}
+        labels = sel.labels
+        if prev_labels is not None and k == prev_k:
+            labels, mapping = match_labels(prev_labels, sel.labels)
+        post, comp_to_label = _permute_posteriors(sel.posteriors, mapping)
+        frac = float(np.mean(labels != prev_labels)) if prev_labels is not None and k == prev_k else 1.0
+        score = ddbi(x, labels)
+        eligible = (it >= 1 or pretrained) and math.isfinite(score)
+        if eligible and score < best_ddbi:
+            best_it, best_ddbi = it, score
+            best = {
+                "labels": labels,
+                "posteriors": post,
+                "features": feats,
+                "mixture": {"pca": pca, "gmm": sel.gmm, "component_to_label": comp_to_label},
+                "weights": extractor.get_weights(),
+            }
+            if ckpt is not None:
+                b = ckpt / BEST_DIR
+                _save_npy(b / "labels.npy", labels)
+                _save_npy(b / "posteriors.npy", post)
+                _save_npy(b / "features.npy", feats)
+                _save_pickle(b / "mixture.pkl", best["mixture"])
+                _save_weights(extractor, b / "extractor.weights.h5")
+        stable = stable + 1 if (k == prev_k and frac <= 1.0 - cfg.stable_fraction) else 0
+        converged = stable >= cfg.patience
+        lr = cfg.lr * cfg.lr_decay**it
+        alpha = cfg.label_smoothing * cfg.smoothing_decay**it
+        loss = float("nan")
+        if it < cfg.max_iter and not converged:
+            if trainer is None or k != Y.n_classes_of(model):
+                if k != Y.n_classes_of(model):
+                    model = Y.replace_head(model, k, seed=seed_it)
+                warm_up_head(model, feats, labels, cfg, seed_it)
+                trainer = _Trainer(model, cfg.lr)
+                extractor = Y.feature_extractor(model)
+            Y.reset_dropout_seed(model, seed_it)
+            ds = train_dataset(store, rows, smooth_targets(labels, k, alpha), cfg.batch_size, seed_it, cfg.augment)
+            loss = trainer.fit(ds, cfg.epochs_per_iter, lr)
+        rec = IterationRecord(
+            iteration=it,
+            k=k,
+            bic_by_k={int(a): float(b) for a, b in sel.bic_by_k.items()},
+            ddbi=float(score),
+            frac_changed=frac,
+            loss=loss,
+            seconds=round(time.time() - t0, 3),
+            lr=lr,
+            alpha=alpha,
+            eligible=bool(eligible),
+            inherited=bool(sel.inherited),
+        )
+        history.append(rec)
+        logger.info(
+            "iteration %d: K=%d DDBI=%.4g changed=%.3f loss=%.4g (%.1f s)%s",
+            it, k, score, frac, loss, rec.seconds, " *" if best_it == it else "",
+        )
+        prev_labels, prev_k = labels, k
+        if ckpt is not None:
+            _save_weights(model, ckpt / CHECKPOINT_WEIGHTS)
+            _save_npy(ckpt / CHECKPOINT_LABELS, labels)
+            state = _state_dict(cfg, it, k, stable, best_it, best_ddbi, history, box)
+            state["pretrained"] = pretrained
+            write_text_atomic(ckpt / CHECKPOINT_STATE, json.dumps(state, indent=1))
+        if converged:
+            logger.info("Converged at iteration %d", it)
+            break
+
+    if best is None:
+        if ckpt is not None and best_it >= 0:
+            best = _load_best(ckpt)
+        else:
+            raise UserError("clustering: no iteration produced a valid clustering (K ≥ 2)")
+    ext_model = Y.feature_extractor(Y.build_yopo(cfg.yopo(box, 2), seed=cfg.seed))
+    ext_model.set_weights(best["weights"])
+    return EMResult(
+        labels=np.asarray(best["labels"]),
+        posteriors=np.asarray(best["posteriors"]),
+        features=np.asarray(best["features"]),
+        pca=best["mixture"]["pca"],
+        gmm=best["mixture"]["gmm"],
+        component_to_label=np.asarray(best["mixture"]["component_to_label"]),
+        best_iteration=best_it,
+        history=history,
+        extractor=ext_model,
+        converged=converged,
+        config=cfg,
+    )
+
+
+def _load_best(ckpt: Path) -> dict[str, Any]:
+    b = ckpt / BEST_DIR
+    with open(b / "mixture.pkl", "rb") as fh:
+        mixture = pickle.load(fh)
+    state = load_checkpoint(ckpt)
+    cfg = EMConfig(**state["config"])
+    ext = Y.feature_extractor(Y.build_yopo(cfg.yopo(int(state["box"]), 2), seed=cfg.seed))
+    ext.load_weights(b / "extractor.weights.h5")
+    return {
+        "labels": np.load(b / "labels.npy"),
+        "posteriors": np.load(b / "posteriors.npy"),
+        "features": np.load(b / "features.npy"),
+        "mixture": mixture,
+        "weights": ext.get_weights(),
+    }
+
+
+# ----------------------------------------------------------------------------- using a trained model
+
+
+@dataclass
+class Assignment:
+    labels: np.ndarray
+    posteriors: np.ndarray
+    features: np.ndarray
+
+
+def assign(extractor, mixture: dict, store: SubtomogramStore, rows: np.ndarray, batch_size: int = 64) -> Assignment:
+    """Assign subtomograms to a trained run's clusters: features → PCA → mixture posterior."""
+    feats = predict_features(extractor, store, np.asarray(rows), batch_size)
+    x = mixture["pca"].transform(feats)
+    post_c = mixture["gmm"].predict_proba(x)
+    c2l = np.asarray(mixture["component_to_label"])
+    post = np.empty_like(post_c)
+    post[:, c2l] = post_c
+    return Assignment(np.argmax(post, axis=1).astype(np.int64), post, feats)

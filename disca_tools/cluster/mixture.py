@@ -1,0 +1,308 @@
+"""PCA and Gaussian mixtures with BIC model selection (paper Eq. 3, METHOD.md step 2).
+
+The features of all subtomograms are reduced by PCA (:func:`fit_pca`), then full-covariance Gaussian
+mixtures are fitted for every candidate K and the lowest BIC wins (:func:`select_mixture`).
+
+BIC. The paper's Eq. 3 is ``BIC = K(P²+P)/2 · ln N − 2 ln L`` (:func:`paper_bic`): it counts only the
+covariance parameters of the K components. scikit-learn's ``GaussianMixture.bic`` counts every free
+parameter, ``K·P(P+1)/2 + K·P + K − 1`` (covariances, means and weights), so its penalty is larger by
+``(K·P + K − 1) · ln N``. Selection uses the paper's formula by default (``criterion="paper"``);
+``criterion="sklearn"`` uses scikit-learn's.
+
+Cost. Every candidate is fitted by EM on at most ``max_fit_points`` points (a seeded random subset)
+and then refined by a few EM iterations on all N points, where its BIC is computed. Both steps are
+O(N·K·P²) per candidate, so selection is linear in N (Theorem 1 of the paper).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+
+from ..runtime.errors import UserError
+from ..runtime.log import check_abort, logger
+
+CRITERIA = ("paper", "sklearn")
+
+
+def fit_pca(features: np.ndarray, dim: int, seed: int) -> PCA:
+    """Fit a PCA of ``features`` (N, F) with ``dim`` components, capped at ``min(N - 1, F)``."""
+    x = np.asarray(features)
+    if x.ndim != 2:
+        raise ValueError(f"features must be (N, F), got shape {x.shape}")
+    n, f = x.shape
+    if n < 2:
+        raise UserError(f"features: PCA needs at least 2 samples, got {n}")
+    if not np.all(np.isfinite(x)):
+        raise UserError("features: contain NaN or infinite values")
+    k = int(max(1, min(int(dim), n - 1, f)))
+    if k < dim:
+        logger.info("PCA: %d components requested, using %d (N=%d, F=%d)", dim, k, n, f)
+    pca = PCA(n_components=k, random_state=int(seed), svd_solver="auto")
+    pca.fit(x)
+    return pca
+
+
+def paper_bic(gmm: GaussianMixture, x: np.ndarray) -> float:
+    """The paper's BIC (Eq. 3): ``K(P²+P)/2 · ln N − 2 · Σ_n ln Σ_k φ_k g(x_n; μ_k, Σ_k)``.
+
+    Only the covariance parameters are counted (unlike ``gmm.bic``; see the module docstring).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, p = x.shape
+    k = int(gmm.n_components)
+    loglik = float(np.sum(gmm.score_samples(x)))
+    return k * (p * p + p) / 2.0 * np.log(n) - 2.0 * loglik
+
+
+def sklearn_bic(gmm: GaussianMixture, x: np.ndarray) -> float:
+    """scikit-learn's BIC (all free parameters counted)."""
+    return float(gmm.bic(np.asarray(x, dtype=np.float64)))
+
+
+@dataclass
+class MixtureSelection:
+    """The chosen mixture.
+
+    ``labels`` are 0-based and contiguous (0..k-1) after empty clusters were dropped; ``posteriors``
+    (N, k) come from the final (reduced) mixture; ``bic_by_k`` holds the criterion for every candidate
+    actually fitted (before dropping empty clusters); ``loglik`` is the total log-likelihood of x under
+    the final mixture; ``inherited`` is True when the kept fit of the chosen K was the one initialised
+    from the previous labels.
+    """
+
+    k: int
+    labels: np.ndarray
+    posteriors: np.ndarray
+    gmm: GaussianMixture
+    bic_by_k: dict[int, float]
+    loglik: float
+    inherited: bool
+    dropped: list[int] = field(default_factory=list)
+
+
+def _min_points(p: int, covariance: str) -> int:
+    """Smallest average cluster size for which a component is identifiable."""
+    return p + 1 if covariance == "full" else 2
+
+
+def _params_from_labels(
+    x: np.ndarray, labels: np.ndarray, covariance: str, reg: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weights, means and precisions of the components defined by hard ``labels`` (non-empty only)."""
+    values = np.unique(labels)
+    n, p = x.shape
+    weights, means, precisions = [], [], []
+    for v in values:
+        xi = x[labels == v]
+        m = xi.mean(axis=0)
+        d = xi - m
+        if covariance == "full":
+            cov = d.T @ d / max(len(xi), 1) + reg * np.eye(p)
+            precisions.append(np.linalg.inv(cov))
+        elif covariance == "diag":
+            precisions.append(1.0 / (np.mean(d * d, axis=0) + reg))
+        elif covariance == "spherical":
+            precisions.append(1.0 / (np.mean(d * d) + reg))
+        else:
+            raise ValueError(f"covariance {covariance!r} not supported for inherited fits")
+        weights.append(len(xi) / n)
+        means.append(m)
+    return np.asarray(weights), np.asarray(means), np.asarray(precisions)
+
+
+def _reduce(gmm: GaussianMixture, keep: np.ndarray) -> GaussianMixture:
+    """A copy of ``gmm`` with only the components ``keep`` (weights renormalised)."""
+    k = len(keep)
+    out = GaussianMixture(
+        n_components=k,
+        covariance_type=gmm.covariance_type,
+        reg_covar=gmm.reg_covar,
+        random_state=gmm.random_state,
+    )
+    w = gmm.weights_[keep]
+    out.weights_ = w / w.sum()
+    out.means_ = gmm.means_[keep]
+    if gmm.covariance_type in ("full", "diag", "spherical"):
+        out.covariances_ = gmm.covariances_[keep]
+        out.precisions_cholesky_ = gmm.precisions_cholesky_[keep]
+        out.precisions_ = gmm.precisions_[keep]
+    else:  # tied: shared covariance
+        out.covariances_ = gmm.covariances_
+        out.precisions_cholesky_ = gmm.precisions_cholesky_
+        out.precisions_ = gmm.precisions_
+    out.converged_ = gmm.converged_
+    out.n_iter_ = gmm.n_iter_
+    out.lower_bound_ = gmm.lower_bound_
+    out.n_features_in_ = gmm.n_features_in_
+    return out
+
+
+class _Fitter:
+    """Fits one K: EM on a subset, then refinement on all points."""
+
+    def __init__(self, x, seed, covariance, reg, n_init, max_iter, tol, max_fit_points, refine_iter):
+        self.x = x
+        self.seed = seed
+        self.covariance = covariance
+        self.reg = reg
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.refine_iter = refine_iter
+        n = len(x)
+        if max_fit_points and n > max_fit_points:
+            rng = np.random.default_rng(seed)
+            self.sub = x[np.sort(rng.choice(n, size=int(max_fit_points), replace=False))]
+        else:
+            self.sub = None
+
+    def _gmm(self, k: int, **kw) -> GaussianMixture:
+        return GaussianMixture(
+            n_components=k,
+            covariance_type=self.covariance,
+            reg_covar=self.reg,
+            tol=self.tol,
+            random_state=self.seed,
+            **kw,
+        )
+
+    def _fit(self, gmm: GaussianMixture, data: np.ndarray) -> GaussianMixture:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gmm.fit(data)
+        return gmm
+
+    def _refine(self, gmm: GaussianMixture) -> GaussianMixture:
+        """Continue EM from ``gmm`` on all points for a few iterations."""
+        if self.sub is None:
+            return gmm
+        k = gmm.n_components
+        full = self._gmm(
+            k,
+            max_iter=self.refine_iter,
+            n_init=1,
+            weights_init=gmm.weights_,
+            means_init=gmm.means_,
+            precisions_init=gmm.precisions_,
+        )
+        return self._fit(full, self.x)
+
+    def de_novo(self, k: int) -> GaussianMixture:
+        data = self.x if self.sub is None else self.sub
+        gmm = self._gmm(k, max_iter=self.max_iter, n_init=self.n_init, init_params="kmeans")
+        return self._refine(self._fit(gmm, data))
+
+    def inherited(self, prev_labels: np.ndarray) -> GaussianMixture:
+        w, m, prec = _params_from_labels(self.x, prev_labels, self.covariance, self.reg)
+        gmm = self._gmm(
+            len(w), max_iter=self.max_iter, n_init=1, weights_init=w, means_init=m, precisions_init=prec
+        )
+        return self._fit(gmm, self.x)
+
+
+def select_mixture(
+    x: np.ndarray,
+    k_candidates: list[int],
+    seed: int,
+    prev_labels: np.ndarray | None = None,
+    prev_k: int | None = None,
+    covariance: str = "full",
+    reg_covar: float = 1e-6,
+    n_init: int = 1,
+    criterion: str = "paper",
+    max_iter: int = 200,
+    tol: float = 1e-3,
+    max_fit_points: int = 20000,
+    refine_iter: int = 10,
+    min_points_per_cluster: int | None = None,
+) -> MixtureSelection:
+    """Fit a Gaussian mixture for each candidate K and keep the lowest BIC.
+
+    ``x`` (N, P) are the PCA-reduced features. ``reg_covar`` is relative: the ridge added to every
+    covariance is ``reg_covar`` times the mean per-dimension variance of ``x`` (so the result does not
+    depend on the scale of the features). A candidate K is fitted only when ``N ≥ K · m`` with
+    ``m = min_points_per_cluster`` (default P + 1 for full covariances, the fewest points that make a
+    full covariance non-singular); if none is feasible a UserError is raised.
+
+    For the current K (``prev_k``, with ``prev_labels`` from the previous iteration) two fits are made:
+    one initialised from the means/covariances of ``prev_labels`` and one de novo; the one with the
+    higher likelihood is kept. Clusters that no point chooses (argmax) are dropped and the labels made
+    contiguous, with posteriors recomputed from the reduced mixture.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"x must be (N, P), got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise UserError("features: contain NaN or infinite values; cannot fit mixtures")
+    n, p = x.shape
+    scale = float(np.mean(np.var(x, axis=0))) if n > 1 else 0.0
+    if not scale > 0:
+        raise UserError("features: all feature vectors are identical; cannot fit mixtures")
+    reg = float(reg_covar) * scale
+    m = int(min_points_per_cluster or _min_points(p, covariance))
+    cands = sorted({int(k) for k in k_candidates if int(k) >= 1})
+    feasible = [k for k in cands if n >= k * m]
+    if not feasible:
+        raise UserError(
+            f"features: too few particles ({n}) for candidate K {cands} "
+            f"(need at least {m} per cluster at dimension {p})"
+        )
+    skipped = [k for k in cands if k not in feasible]
+    if skipped:
+        logger.warning("Skipping candidate K %s: too few particles (%d) for %d dimensions", skipped, n, p)
+    score = paper_bic if criterion == "paper" else sklearn_bic
+
+    fitter = _Fitter(x, int(seed), covariance, reg, int(n_init), max_iter, tol, max_fit_points, refine_iter)
+    bic_by_k: dict[int, float] = {}
+    best: tuple[float, int, GaussianMixture, bool] | None = None
+    use_prev = prev_labels is not None and prev_k is not None and int(prev_k) in feasible
+    if use_prev and len(prev_labels) != n:
+        raise ValueError(f"prev_labels has {len(prev_labels)} entries for {n} points")
+    for k in feasible:
+        check_abort()
+        gmm = fitter.de_novo(k)
+        inherited = False
+        if use_prev and k == int(prev_k):
+            ginh = fitter.inherited(np.asarray(prev_labels))
+            ll_new = float(np.sum(gmm.score_samples(x)))
+            ll_inh = float(np.sum(ginh.score_samples(x)))
+            logger.debug("K=%d: log-likelihood inherited %.2f, de novo %.2f", k, ll_inh, ll_new)
+            # ties (within round-off) go to the inherited fit: it keeps the previous numbering
+            if ll_inh >= ll_new - 1e-9 * abs(ll_new):
+                gmm, inherited = ginh, True
+        bic = float(score(gmm, x))
+        bic_by_k[k] = bic
+        logger.debug("K=%d: BIC %.2f%s", k, bic, " (inherited)" if inherited else "")
+        if best is None or bic < best[0]:
+            best = (bic, k, gmm, inherited)
+    assert best is not None
+    _, k, gmm, inherited = best
+
+    labels = gmm.predict(x)
+    used = np.unique(labels)
+    dropped: list[int] = []
+    if len(used) < gmm.n_components:
+        dropped = [int(c) for c in range(gmm.n_components) if c not in set(used.tolist())]
+        logger.info("Dropping %d empty cluster(s) of K=%d", len(dropped), k)
+        gmm = _reduce(gmm, used)
+    posteriors = gmm.predict_proba(x)
+    labels = np.argmax(posteriors, axis=1).astype(np.int64)
+    loglik = float(np.sum(gmm.score_samples(x)))
+    return MixtureSelection(
+        k=int(gmm.n_components),
+        labels=labels,
+        posteriors=posteriors,
+        gmm=gmm,
+        bic_by_k=bic_by_k,
+        loglik=loglik,
+        inherited=inherited,
+        dropped=dropped,
+    )

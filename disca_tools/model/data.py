@@ -1,0 +1,331 @@
+"""Subtomograms for YOPO: the streaming store, batches, and rotation augmentation.
+
+The store
+    ``subtomograms.npy`` (``np.save`` of an (M, S, S, S) float32/float16 array, opened as a memmap)
+    plus ``subtomograms_names.txt`` (the ``rlnImageName`` of each row). ``disca_extract`` and
+    ``disca_simulate`` write one beside their particles.star; when a STAR file has none (or it does
+    not cover every particle), :func:`load_particle_volumes` streams the per-particle ``.mrc`` files
+    into a store in the output folder once, so that epochs read from a memmap. Only one batch of
+    volumes is ever in memory.
+
+Batches
+    Every volume is normalised on the fly to zero mean and unit standard deviation (per volume).
+    Training batches draw from the N originals plus N rotated copies (:func:`train_dataset`): for
+    each epoch a seeded permutation of the 2N entries; rotated entries get a fresh rotation drawn
+    uniformly on SO(3) (Haar measure, :func:`disca_tools.geometry.random_rotations`), applied in the
+    TensorFlow graph by trilinear interpolation about the true box centre ``S // 2`` (RELION's
+    convention, as :func:`disca_tools.geometry.rotate_volume`); voxels whose source falls outside
+    the box are filled with N(0, 1) noise, matching the normalised data. No process pools: the
+    generator reads the memmap, the graph rotates, ``prefetch`` overlaps both with training.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..geometry import random_rotations
+from ..io.mrc import read_info, read_volume
+from ..io.particles import IMAGE, ParticleTable
+from ..runtime.errors import UserError, file_error
+from ..runtime.log import check_abort, logger, progress
+
+STORE_FILE = "subtomograms.npy"
+NAMES_FILE = "subtomograms_names.txt"
+_CHUNK = 256
+
+
+@dataclass
+class SubtomogramStore:
+    """A memory-mapped (M, S, S, S) array of subtomograms and the image name of each row."""
+
+    volumes: np.ndarray
+    names: list[str]
+    path: Path
+
+    @property
+    def box(self) -> int:
+        return int(self.volumes.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.volumes.shape[0])
+
+
+def open_store(folder: str | Path) -> SubtomogramStore | None:
+    """Open the fast store in ``folder`` (None when there is none)."""
+    f = Path(folder)
+    vol_path, names_path = f / STORE_FILE, f / NAMES_FILE
+    if not (vol_path.is_file() and names_path.is_file()):
+        return None
+    try:
+        vols = np.load(vol_path, mmap_mode="r")
+    except Exception as exc:  # corrupt or foreign file
+        raise file_error(vol_path, f"not a readable subtomogram store ({exc})") from None
+    names = names_path.read_text().splitlines()
+    if vols.ndim != 4 or len(set(vols.shape[1:])) != 1:
+        raise file_error(vol_path, f"expected an (N, S, S, S) array, got shape {vols.shape}")
+    if len(names) != vols.shape[0]:
+        raise file_error(names_path, f"{len(names)} names for {vols.shape[0]} subtomograms in {vol_path.name}")
+    return SubtomogramStore(vols, names, vol_path)
+
+
+def store_rows(store: SubtomogramStore, image_names: list[str]) -> np.ndarray | None:
+    """Store row of each image name, or None if some name is not in the store."""
+    index = {n: i for i, n in enumerate(store.names)}
+    rows = [index.get(str(n)) for n in image_names]
+    if any(r is None for r in rows):
+        return None
+    return np.asarray(rows, dtype=np.int64)
+
+
+def resolve_image_paths(image_names: list[str], star_path: str | Path) -> list[Path]:
+    """Resolve each rlnImageName: relative to the working directory first, then to the STAR's folder."""
+    base = Path(star_path).parent
+    out: list[Path] = []
+    for name in image_names:
+        name = str(name)
+        if "@" in name:
+            raise file_error(star_path, f"image {name!r} is a stack entry; 3D subtomograms must be one .mrc each")
+        p = Path(name)
+        if p.is_file():
+            out.append(p)
+        elif (base / p).is_file():
+            out.append(base / p)
+        else:
+            raise file_error(star_path, f"image file {name} not found (relative to the working directory or the STAR file's folder)")
+    return out
+
+
+def _check_volumes(vols: np.ndarray, where: list[str]) -> None:
+    """Raise a UserError naming the first NaN/inf or constant volume of a chunk."""
+    flat = np.asarray(vols, dtype=np.float32).reshape(len(vols), -1)
+    finite = np.isfinite(flat).all(axis=1)
+    if not finite.all():
+        raise file_error(where[int(np.argmin(finite))], "subtomogram contains NaN or infinite values")
+    std = flat.std(axis=1)
+    if not (std > 0).all():
+        raise file_error(where[int(np.argmin(std > 0))], "subtomogram is constant (zero variance)")
+
+
+def validate_store(store: SubtomogramStore, rows: np.ndarray) -> None:
+    """Check the used rows for NaN/inf and constant volumes, streaming in chunks."""
+    rows = np.asarray(rows)
+    order = np.sort(np.unique(rows))
+    for start in progress(range(0, len(order), _CHUNK), total=-(-len(order) // _CHUNK), desc="checking"):
+        r = order[start : start + _CHUNK]
+        _check_volumes(store.volumes[r], [f"{store.path} ({store.names[i]})" for i in r])
+
+
+def build_store(paths: list[Path], names: list[str], folder: str | Path, float16: bool = False) -> SubtomogramStore:
+    """Stream per-particle MRC files into ``folder/subtomograms.npy`` (+ names), atomically.
+
+    Checks on the way that all volumes are cubic, of one size, finite and not constant.
+    """
+    if not paths:
+        raise UserError("no subtomograms to read")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    first = read_info(paths[0])
+    shape = first.shape_zyx
+    if len(set(shape)) != 1:
+        raise file_error(paths[0], f"subtomogram is not cubic: {shape}")
+    final = folder / STORE_FILE
+    tmp = folder / f".{STORE_FILE}.{os.getpid()}.tmp.npy"
+    dtype = np.float16 if float16 else np.float32
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(paths), *shape))
+    try:
+        for start in progress(range(0, len(paths), _CHUNK), total=-(-len(paths) // _CHUNK), desc="reading"):
+            chunk = paths[start : start + _CHUNK]
+            vols = []
+            for p in chunk:
+                v, _ = read_volume(p)
+                if v.shape != shape:
+                    raise file_error(p, f"subtomogram size {v.shape} differs from {shape} ({paths[0]})")
+                vols.append(v)
+            block = np.stack(vols)
+            _check_volumes(block, [str(p) for p in chunk])
+            arr[start : start + len(chunk)] = block
+        arr.flush()
+        del arr
+        names_tmp = folder / f".{NAMES_FILE}.{os.getpid()}.tmp"
+        names_tmp.write_text("".join(f"{n}\n" for n in names))
+        os.replace(tmp, final)
+        os.replace(names_tmp, folder / NAMES_FILE)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    store = open_store(folder)
+    assert store is not None
+    return store
+
+
+def load_particle_volumes(
+    table: ParticleTable, star_path: str | Path, work_dir: str | Path
+) -> tuple[SubtomogramStore, np.ndarray]:
+    """The store holding a particle table's subtomograms and the store row of each particle.
+
+    Uses the fast store beside the STAR file when it covers every particle, else a store already
+    built in ``work_dir`` for the same images, else builds one there from the .mrc files.
+    """
+    if IMAGE not in table.particles.columns:
+        raise file_error(star_path, f"no {IMAGE} column: which subtomogram belongs to each particle?")
+    names = [str(n) for n in table.particles[IMAGE]]
+    if not names:
+        raise file_error(star_path, "no particles")
+    for folder in (Path(star_path).parent, Path(work_dir)):
+        store = open_store(folder)
+        if store is not None:
+            rows = store_rows(store, names)
+            if rows is not None:
+                logger.info("Reading subtomograms from %s", store.path)
+                validate_store(store, rows)
+                return store, rows
+    paths = resolve_image_paths(names, star_path)
+    logger.info("Building a subtomogram store in %s from %d MRC files", work_dir, len(paths))
+    store = build_store(paths, names, work_dir)
+    return store, np.arange(len(names), dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def normalise(vols: np.ndarray) -> np.ndarray:
+    """Per-volume zero mean, unit standard deviation, float32."""
+    x = np.asarray(vols, dtype=np.float32)
+    axes = tuple(range(1, x.ndim))
+    m = x.mean(axis=axes, keepdims=True)
+    s = x.std(axis=axes, keepdims=True)
+    return (x - m) / np.where(s > 0, s, 1.0)
+
+
+def gather(store: SubtomogramStore, rows: np.ndarray) -> np.ndarray:
+    """Normalised volumes of store ``rows`` (any order), reading the memmap in ascending order."""
+    rows = np.asarray(rows)
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *store.volumes.shape[1:]), dtype=np.float32)
+    out[order] = store.volumes[rows[order]]
+    return normalise(out)
+
+
+def train_batches(
+    store: SubtomogramStore,
+    rows: np.ndarray,
+    targets: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    augment: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """One epoch of training batches ``(volumes, rotations, noise_seed, targets)``.
+
+    The epoch covers the N originals and, with ``augment``, N rotated copies, in a random order.
+    Originals carry the identity matrix; copies a uniform random rotation.
+    """
+    n = len(rows)
+    order = rng.permutation(2 * n if augment else n)
+    for start in range(0, len(order), batch_size):
+        check_abort()
+        e = order[start : start + batch_size]
+        p = e % n
+        rotated = e >= n
+        mats = np.broadcast_to(np.eye(3, dtype=np.float32), (len(e), 3, 3)).copy()
+        if rotated.any():
+            mats[rotated] = random_rotations(int(rotated.sum()), rng).astype(np.float32)
+        noise_seed = rng.integers(0, 2**31 - 1, size=2, dtype=np.int64)
+        yield gather(store, rows[p]), mats, noise_seed, np.asarray(targets[p], dtype=np.float32)
+
+
+def rotate_volumes(vols, mats, noise):
+    """Rotate a batch of volumes (B, S, S, S) in TensorFlow: ``out(x) = vol(M·(x − c) + c)``.
+
+    ``mats`` (B, 3, 3) act on (x, y, z) vectors, ``c = S // 2``; trilinear interpolation; voxels
+    whose source lies outside the box take the value of ``noise`` (B, S, S, S).
+    """
+    import tensorflow as tf
+
+    vols = tf.convert_to_tensor(vols, tf.float32)
+    s = int(vols.shape[1])
+    c = float(s // 2)
+    r = tf.range(s, dtype=tf.float32)
+    zz, yy, xx = tf.meshgrid(r, r, r, indexing="ij")
+    grid = tf.stack([tf.reshape(xx, [-1]), tf.reshape(yy, [-1]), tf.reshape(zz, [-1])], axis=1) - c
+    src = tf.einsum("bij,nj->bni", tf.cast(mats, tf.float32), grid) + c  # (B, S³, 3) as (x, y, z)
+    valid = tf.reduce_all((src >= 0.0) & (src <= s - 1.0), axis=-1)
+    base = tf.clip_by_value(tf.floor(src), 0.0, s - 2.0)
+    frac = src - base
+    i0 = tf.cast(base, tf.int32)
+    flat = tf.reshape(vols, [tf.shape(vols)[0], -1])
+    out = tf.zeros(tf.shape(valid), tf.float32)
+    for dz in (0, 1):
+        wz = frac[..., 2] if dz else 1.0 - frac[..., 2]
+        for dy in (0, 1):
+            wy = frac[..., 1] if dy else 1.0 - frac[..., 1]
+            for dx in (0, 1):
+                wx = frac[..., 0] if dx else 1.0 - frac[..., 0]
+                idx = ((i0[..., 2] + dz) * s + (i0[..., 1] + dy)) * s + (i0[..., 0] + dx)
+                out += wz * wy * wx * tf.gather(flat, idx, batch_dims=1)
+    out = tf.where(valid, out, tf.reshape(tf.cast(noise, tf.float32), tf.shape(valid)))
+    return tf.reshape(out, tf.shape(vols))
+
+
+def train_dataset(
+    store: SubtomogramStore,
+    rows: np.ndarray,
+    targets: np.ndarray,
+    batch_size: int,
+    seed: int,
+    augment: bool = True,
+):
+    """A tf.data.Dataset of ``(x (B,S,S,S,1), y (B,K))`` streaming one epoch per iteration over it.
+
+    Each pass over the dataset (each Keras epoch) draws a new order and new rotations from one
+    generator seeded with ``seed``, so a run is reproducible.
+    """
+    import tensorflow as tf
+
+    s = store.box
+    k = int(targets.shape[1])
+    rng = np.random.default_rng(seed)
+
+    def gen():
+        yield from train_batches(store, rows, targets, batch_size, rng, augment)
+
+    sig = (
+        tf.TensorSpec((None, s, s, s), tf.float32),
+        tf.TensorSpec((None, 3, 3), tf.float32),
+        tf.TensorSpec((2,), tf.int64),
+        tf.TensorSpec((None, k), tf.float32),
+    )
+    ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
+
+    def rotate(x, m, noise_seed, y):
+        noise = tf.random.stateless_normal(tf.shape(x), seed=noise_seed)
+        return rotate_volumes(x, m, noise)[..., None], y
+
+    return ds.map(rotate, num_parallel_calls=1, deterministic=True).prefetch(2)
+
+
+def inference_dataset(store: SubtomogramStore, rows: np.ndarray, batch_size: int):
+    """A tf.data.Dataset of normalised ``x (B,S,S,S,1)`` in the order of ``rows``."""
+    import tensorflow as tf
+
+    s = store.box
+    rows = np.asarray(rows)
+
+    def gen():
+        for start in range(0, len(rows), batch_size):
+            check_abort()
+            yield gather(store, rows[start : start + batch_size])[..., None]
+
+    sig = tf.TensorSpec((None, s, s, s, 1), tf.float32)
+    return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(2)
+
+
+def predict_features(extractor, store: SubtomogramStore, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Features (N, F) float32 of the store ``rows``, in inference mode, streamed from the memmap."""
+    ds = inference_dataset(store, rows, batch_size)
+    out = extractor.predict(ds, verbose=0)
+    return np.asarray(out, dtype=np.float32)

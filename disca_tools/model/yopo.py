@@ -1,0 +1,181 @@
+"""YOPO ("You Only Pool Once"): the DISCA feature extractor and its classification head.
+
+Architecture (METHOD.md, as in the reference): input S³×1 (S ≥ 21) → GaussianDropout(0.5) →
+10 blocks [Conv3D 3×3×3 'valid' with widths 64, 80, …, 208, ELU, BatchNormalization], each block
+tapped by a GlobalMaxPooling3D → concatenate the 10 taps (1360 values) → BatchNormalization →
+Dense(1024), linear: the features → Dense(K, softmax): the training head. Orthogonal kernels,
+zero biases. About 6.3 M parameters at full width.
+
+``width_scale`` multiplies every convolution width (rounded, at least 1) so the network fits a CPU;
+``feature_dim`` (1024 by default) is the width of the feature layer and is *not* scaled
+automatically: pass a smaller one with small widths (the tests use width_scale 0.1, feature_dim 64).
+
+Precision: ``"mixed_bfloat16"`` computes in bfloat16 with float32 weights; the softmax head always
+computes in float32 and the features are returned as float32. ``resolve_precision("auto")`` picks
+mixed bfloat16 where the hardware has native bfloat16 (x86 AVX512-BF16/AMX, or a GPU of compute
+capability ≥ 8.0), float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import keras
+import numpy as np
+from keras import layers
+
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+BASE_WIDTHS = tuple(64 + 16 * i for i in range(10))
+MIN_BOX = 21
+FEATURES_LAYER = "features"
+HEAD_LAYER = "classifier"
+DROPOUT_LAYER = "input_dropout"
+
+
+@dataclass(frozen=True)
+class YopoConfig:
+    """Everything needed to rebuild a YOPO network (saved beside trained models)."""
+
+    box: int
+    n_classes: int
+    width_scale: float = 1.0
+    feature_dim: int = 1024
+    precision: str = "float32"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def conv_widths(width_scale: float = 1.0) -> list[int]:
+    """The 10 convolution widths (64..208 step 16) times ``width_scale`` (at least 1 each)."""
+    return [max(1, int(round(w * float(width_scale)))) for w in BASE_WIDTHS]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def _gpu_has_bf16() -> bool:
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if cc and tuple(cc) >= (8, 0):
+            return True
+    return False
+
+
+def resolve_precision(precision: str = "auto") -> str:
+    """``auto`` → ``mixed_bfloat16`` when the hardware computes bfloat16 natively, else ``float32``.
+
+    The environment variable ``DISCA_PRECISION`` overrides ``auto``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    env = os.environ.get("DISCA_PRECISION")
+    if env in ("float32", "mixed_bfloat16"):
+        return env
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_bfloat16" if _gpu_has_bf16() else "float32"
+    return "mixed_bfloat16" if _cpu_has_bf16() else "float32"
+
+
+def _seed(seed: int, i: int) -> int:
+    return (int(seed) * 1009 + i * 7919) % (2**31 - 1)
+
+
+def build_yopo(config: YopoConfig, seed: int = 0) -> keras.Model:
+    """Build the training model (subtomogram → softmax over ``config.n_classes``).
+
+    Layer names: ``input_dropout``, ``conv_i``/``bn_i``/``pool_i`` (i = 0..9), ``taps``,
+    ``features_bn``, ``features`` (the feature vector), ``classifier`` (the head).
+    """
+    if config.box < MIN_BOX:
+        raise ValueError(f"YOPO needs a box of at least {MIN_BOX} voxels, got {config.box}")
+    if config.precision not in ("float32", "mixed_bfloat16"):
+        raise ValueError(f"resolve the precision first, got {config.precision!r}")
+    dtype = config.precision
+    s = int(config.box)
+    inp = keras.Input((s, s, s, 1), name="subtomogram")
+    x = layers.GaussianDropout(0.5, seed=_seed(seed, 100), name=DROPOUT_LAYER, dtype=dtype)(inp)
+    taps = []
+    for i, w in enumerate(conv_widths(config.width_scale)):
+        x = layers.Conv3D(
+            w,
+            3,
+            padding="valid",
+            activation="elu",
+            kernel_initializer=keras.initializers.Orthogonal(seed=_seed(seed, i)),
+            bias_initializer="zeros",
+            name=f"conv_{i}",
+            dtype=dtype,
+        )(x)
+        x = layers.BatchNormalization(name=f"bn_{i}", dtype=dtype)(x)
+        taps.append(layers.GlobalMaxPooling3D(name=f"pool_{i}", dtype=dtype)(x))
+    h = layers.Concatenate(name="taps", dtype=dtype)(taps)
+    h = layers.BatchNormalization(name="features_bn", dtype=dtype)(h)
+    feats = layers.Dense(
+        int(config.feature_dim),
+        kernel_initializer=keras.initializers.Orthogonal(seed=_seed(seed, 50)),
+        bias_initializer="zeros",
+        name=FEATURES_LAYER,
+        dtype=dtype,
+    )(h)
+    out = _head(config.n_classes, seed)(feats)
+    return keras.Model(inp, out, name="yopo")
+
+
+def _head(n_classes: int, seed: int) -> layers.Dense:
+    return layers.Dense(
+        int(n_classes),
+        activation="softmax",
+        kernel_initializer=keras.initializers.Orthogonal(seed=_seed(seed, 60)),
+        bias_initializer="zeros",
+        name=HEAD_LAYER,
+        dtype="float32",  # the softmax head stays float32 under mixed precision
+    )
+
+
+def replace_head(model: keras.Model, n_classes: int, seed: int = 0) -> keras.Model:
+    """A model sharing every extractor layer of ``model`` with a fresh ``n_classes`` softmax head."""
+    feats = model.get_layer(FEATURES_LAYER).output
+    out = _head(n_classes, seed)(feats)
+    return keras.Model(model.inputs, out, name="yopo")
+
+
+def head_layer(model: keras.Model) -> layers.Dense:
+    return model.get_layer(HEAD_LAYER)
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """The inference model subtomogram → float32 features (shares weights with ``model``)."""
+    feats = model.get_layer(FEATURES_LAYER).output
+    out = layers.Activation("linear", dtype="float32", name="features_float32")(feats)
+    return keras.Model(model.inputs, out, name="yopo_features")
+
+
+def n_classes_of(model: keras.Model) -> int:
+    return int(head_layer(model).units)
+
+
+def reset_dropout_seed(model: keras.Model, seed: int) -> None:
+    """Set the input GaussianDropout's random state (so each EM iteration's noise is reproducible)."""
+    layer = model.get_layer(DROPOUT_LAYER)
+    gen = getattr(layer, "seed_generator", None)
+    if gen is not None:
+        gen.state.assign(np.array([_seed(seed, 1), 0], dtype=gen.state.dtype))

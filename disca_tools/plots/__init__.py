@@ -1,0 +1,1 @@
+"""Figures people look at (matplotlib, Agg backend); one module per tool family."""

@@ -1,0 +1,179 @@
+"""Image formation for simulated subtomograms and tomograms: CTF, missing wedge, noise.
+
+The model is the usual 3D approximation of tomographic imaging (as in the simulations of the DISCA
+paper, Supplementary Note 1): the density is multiplied in Fourier space by a CTF that depends on the
+spatial frequency magnitude and by a binary missing-wedge mask from the tilt range, then white
+Gaussian noise is added at a requested SNR.
+
+Signs
+    ``defocus_um`` follows the paper: −5 µm means 5 µm *underfocus* (the usual imaging condition).
+    The physical phase-contrast CTF, ``−(√(1−A²)·sin χ + A·cos χ)`` with
+    ``χ = π λ Δz k² − π/2 Cs λ³ k⁴`` and underfocus ``Δz = −defocus`` > 0, is negative at low
+    frequency: protein comes out dark, as in real tomograms. Subtomograms for RELION are protein
+    positive (white), so the weight returned here is the transfer applied to the *protein-positive*
+    map, ``W = √(1−A²)·sin χ + A·cos χ`` (× wedge), positive in its first lobe. The same ``W`` written
+    as ``rlnCtfImage`` lets RELION compensate it. Tomograms are made with ``W`` and then negated.
+
+Missing wedge
+    The beam is along z; tilting about ``tilt_axis`` (``"y"``: the usual single-axis tilt) by
+    ±``tilt_range_deg`` samples the Fourier region ``|kz| ≤ |kx|·tan(θ)`` (``|ky|`` for an x tilt
+    axis). ``tilt_range_deg >= 90`` means no wedge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft
+
+_FFT_WORKERS = 2
+
+
+@dataclass(frozen=True)
+class Imaging:
+    """Imaging parameters (paper defaults: 300 kV, Cs 2.7 mm, defocus −5 µm, tilt ±60°).
+
+    ``apply_ctf=False`` leaves out the CTF (the wedge still applies); ``tilt_range_deg >= 90`` leaves
+    out the wedge.
+    """
+
+    voltage_kv: float = 300.0
+    cs_mm: float = 2.7
+    amplitude_contrast: float = 0.07
+    defocus_um: float = -5.0
+    tilt_range_deg: float = 60.0
+    tilt_axis: str = "y"
+    apply_ctf: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tilt_axis not in ("x", "y"):
+            raise ValueError(f"tilt_axis must be 'x' or 'y', got {self.tilt_axis!r}")
+        if not 0.0 <= self.amplitude_contrast < 1.0:
+            raise ValueError(f"amplitude_contrast must be in [0, 1), got {self.amplitude_contrast}")
+        if self.voltage_kv <= 0:
+            raise ValueError(f"voltage must be positive, got {self.voltage_kv}")
+        if self.tilt_range_deg <= 0:
+            raise ValueError(f"tilt range must be positive, got {self.tilt_range_deg}")
+
+
+NO_CTF_NO_WEDGE = Imaging(apply_ctf=False, tilt_range_deg=90.0)
+
+
+def electron_wavelength_angst(voltage_kv: float) -> float:
+    """Relativistic electron wavelength in Å."""
+    v = voltage_kv * 1e3
+    return 12.2643247 / math.sqrt(v * (1.0 + 0.978466e-6 * v))
+
+
+def ctf_1d(k_inv_angst: np.ndarray, imaging: Imaging) -> np.ndarray:
+    """The protein-positive transfer ``√(1−A²)·sin χ + A·cos χ`` at spatial frequencies (1/Å)."""
+    k2 = np.asarray(k_inv_angst, dtype=np.float64) ** 2
+    if not imaging.apply_ctf:
+        return np.ones_like(k2)
+    lam = electron_wavelength_angst(imaging.voltage_kv)
+    dz = -imaging.defocus_um * 1e4  # underfocus in Å (positive for the paper's −5 µm)
+    cs = imaging.cs_mm * 1e7
+    chi = np.pi * lam * dz * k2 - 0.5 * np.pi * cs * lam**3 * k2 * k2
+    a = imaging.amplitude_contrast
+    return math.sqrt(1.0 - a * a) * np.sin(chi) + a * np.cos(chi)
+
+
+def _axis_freqs(n: int, angpix: float, half: bool = False) -> np.ndarray:
+    return (np.fft.rfftfreq(n, d=angpix) if half else np.fft.fftfreq(n, d=angpix)).astype(
+        np.float64
+    )
+
+
+def _weight_block(kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, imaging: Imaging) -> np.ndarray:
+    """Weight on the grid spanned by 1D frequency arrays (broadcast ``[z, y, x]``)."""
+    kz3, ky3, kx3 = kz[:, None, None], ky[None, :, None], kx[None, None, :]
+    w = ctf_1d(np.sqrt(kz3 * kz3 + ky3 * ky3 + kx3 * kx3), imaging).astype(np.float32)
+    if imaging.tilt_range_deg < 90.0:
+        t = math.tan(math.radians(imaging.tilt_range_deg))
+        perp = np.abs(kx3) if imaging.tilt_axis == "y" else np.abs(ky3)
+        sampled = np.abs(kz3) <= perp * t + 1e-9
+        w = w * sampled
+    return np.broadcast_to(w, (kz.size, ky.size, kx.size)).astype(np.float32)
+
+
+def ctf_wedge_weight(
+    shape_zyx: tuple[int, int, int], angpix: float, imaging: Imaging, layout: str = "centered"
+) -> np.ndarray:
+    """The 3D Fourier weight (CTF × missing wedge) for a volume of ``shape_zyx`` at ``angpix``.
+
+    ``layout``: ``"centered"`` (full grid, zero frequency at index ``N // 2``: RELION's cubic 3D CTF
+    layout), ``"fft"`` (full grid, numpy FFT order) or ``"rfft"`` (``numpy.fft.rfftn`` half grid:
+    ``(nz, ny, nx // 2 + 1)``, zero frequency at [0, 0, 0], i.e. the FFTW half volume).
+    """
+    nz, ny, nx = (int(s) for s in shape_zyx)
+    kz, ky = _axis_freqs(nz, angpix), _axis_freqs(ny, angpix)
+    if layout == "rfft":
+        return _weight_block(kz, ky, _axis_freqs(nx, angpix, half=True), imaging)
+    w = _weight_block(kz, ky, _axis_freqs(nx, angpix), imaging)
+    if layout == "fft":
+        return w
+    if layout == "centered":
+        return np.ascontiguousarray(np.fft.fftshift(w))
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def apply_imaging(
+    volume_zyx: np.ndarray, angpix: float, imaging: Imaging, slab: int = 32
+) -> np.ndarray:
+    """Apply CTF and missing wedge to a protein-positive volume (any shape); returns float32.
+
+    Works on z slabs of the half spectrum so the weight never exists for the whole volume at once.
+    """
+    vol = np.asarray(volume_zyx, dtype=np.float32)
+    if not imaging.apply_ctf and imaging.tilt_range_deg >= 90.0:
+        return vol.copy()
+    nz, ny, nx = vol.shape
+    spec = scipy.fft.rfftn(vol, workers=_FFT_WORKERS)
+    kz, ky, kx = (
+        _axis_freqs(nz, angpix),
+        _axis_freqs(ny, angpix),
+        _axis_freqs(nx, angpix, half=True),
+    )
+    for z0 in range(0, nz, slab):
+        z1 = min(nz, z0 + slab)
+        spec[z0:z1] *= _weight_block(kz[z0:z1], ky, kx, imaging)
+    return scipy.fft.irfftn(spec, s=vol.shape, workers=_FFT_WORKERS).astype(np.float32, copy=False)
+
+
+def signal_variance(volume_zyx: np.ndarray, signal_mask: np.ndarray | None = None) -> float:
+    """Variance of the noise-free signal: over the whole volume, or over ``signal_mask`` voxels."""
+    vol = np.asarray(volume_zyx)
+    if signal_mask is not None:
+        vals = vol[np.asarray(signal_mask, dtype=bool)]
+        if vals.size < 2:
+            raise ValueError("signal_mask selects fewer than 2 voxels")
+        return float(np.var(vals, dtype=np.float64))
+    return float(np.var(vol, dtype=np.float64))
+
+
+def add_noise(
+    volume_zyx: np.ndarray,
+    snr: float,
+    rng: np.random.Generator,
+    signal_mask: np.ndarray | None = None,
+    signal_var: float | None = None,
+) -> np.ndarray:
+    """Add white Gaussian noise so that SNR = signal variance / noise variance.
+
+    The signal variance is that of the (imaged, noise-free) volume over all its voxels, or over the
+    voxels of ``signal_mask`` when given, unless ``signal_var`` states it (e.g. a mean over a set).
+    ``snr = inf`` returns a float32 copy without noise.
+    """
+    vol = np.asarray(volume_zyx, dtype=np.float32)
+    if snr is None or math.isinf(snr):
+        return vol.copy()
+    if not snr > 0:
+        raise ValueError(f"snr must be positive (or inf), got {snr}")
+    var = signal_variance(vol, signal_mask) if signal_var is None else float(signal_var)
+    sigma = math.sqrt(var / snr)
+    noise = rng.standard_normal(vol.shape, dtype=np.float32)
+    noise *= np.float32(sigma)
+    noise += vol
+    return noise

@@ -1,0 +1,368 @@
+"""disca_simulate: structures, image formation, subtomogram sets, tomograms and the CLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from disca_tools.cli.simulate import main as simulate_main
+from disca_tools.geometry import euler_to_matrix, rotate_volume
+from disca_tools.io.mrc import read_info, read_volume, write_volume
+from disca_tools.io.star import read_particles, read_star_blocks
+from disca_tools.runtime.errors import UserError
+from disca_tools.simulate.imaging import (
+    NO_CTF_NO_WEDGE,
+    Imaging,
+    add_noise,
+    apply_imaging,
+    ctf_1d,
+    ctf_wedge_weight,
+    electron_wavelength_angst,
+)
+from disca_tools.simulate.structures import list_structures, load_structure, structure_radius_px
+from disca_tools.simulate.subtomograms import simulate_subtomogram_set
+from disca_tools.simulate.tomogram import simulate_tomogram
+
+
+def _cc(a: np.ndarray, b: np.ndarray) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def _com_xyz(vol: np.ndarray) -> np.ndarray:
+    w = np.clip(vol, 0, None).astype(np.float64)
+    z, y, x = np.indices(vol.shape)
+    return np.array([(w * x).sum(), (w * y).sum(), (w * z).sum()]) / w.sum()
+
+
+# ----------------------------------------------------------------------------- structures
+
+
+def test_shipped_structures_and_loading():
+    names = list_structures()
+    assert len(names) >= 6 and {"4v4r", "3j9i", "4cr2"} <= set(names)
+    ribo = load_structure("4V4R", 10.0)  # shipped at 10 Å, box 66: case-insensitive name
+    assert ribo.shape == (66, 66, 66) and ribo.dtype == np.float32
+    half = load_structure("4v4r", 20.0)
+    assert half.shape == (33, 33, 33)
+    # protein positive, background ~0, density integral (Å³-weighted) kept by resampling
+    assert half.max() > 0 and abs(float(half.min())) < 0.1 * float(half.max())  # Fourier ringing
+    assert half.sum() * 20.0**3 == pytest.approx(ribo.sum() * 10.0**3, rel=1e-3)
+    assert load_structure("4v4r", 20.0, box=24).shape == (24, 24, 24)
+    # extent: ribosome ≈ 27 nm across (NOTICE.md) → radius ≈ 13.5 nm = 13.5 voxels at 10 Å
+    # (the radius is about the box centre, the rotation centre, so a little over half the span)
+    assert 12.0 < structure_radius_px(ribo) < 18.0
+    assert structure_radius_px(load_structure("1s3x", 10.0)) < 6.0  # 7 nm protein
+
+
+def test_user_map_and_bad_structure(tmp_path):
+    g = np.arange(20) - 10
+    blob = np.exp(-(g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2) / 8.0)
+    p = write_volume(tmp_path / "blob.mrc", -blob.astype(np.float32) + 3.0, 5.0)  # dark, offset
+    vol = load_structure(str(p), 10.0)
+    assert vol.shape == (10, 10, 10)
+    assert vol[5, 5, 5] == vol.max() > 0  # made protein positive with background 0
+    assert abs(float(vol[0, 0, 0])) < 1e-2 * float(vol.max())
+    with pytest.raises(UserError, match=r"^nosuch: not a shipped structure"):
+        load_structure("nosuch", 10.0)
+    with pytest.raises(UserError, match="angpix must be positive"):
+        load_structure("4v4r", 0.0)
+
+
+# ----------------------------------------------------------------------------- imaging
+
+
+def test_wavelength_at_300kv():
+    assert electron_wavelength_angst(300.0) == pytest.approx(0.019687, rel=1e-4)
+    assert electron_wavelength_angst(200.0) == pytest.approx(0.025079, rel=1e-4)
+
+
+def test_ctf_first_zero_and_defocus_sign():
+    """W = √(1−A²)·sin χ + A·cos χ = sin(χ + asin A): first zero where χ = π − asin A."""
+    im = Imaging()  # 300 kV, Cs 2.7 mm, −5 µm (underfocus), A = 0.07
+    lam, dz, cs = electron_wavelength_angst(300.0), 5e4, 2.7e7
+    # solve π λ dz k² − π/2 Cs λ³ k⁴ = π − asin(A) for k² (quadratic in k²)
+    a_, b_, c_ = 0.5 * np.pi * cs * lam**3, -np.pi * lam * dz, np.pi - math.asin(0.07)
+    k0 = math.sqrt((-b_ - math.sqrt(b_ * b_ - 4 * a_ * c_)) / (2 * a_))
+    # without Cs: 1/k0 = √(λ·dz / (1 − asin(A)/π)) = √(0.019687·5e4 / 0.97772) = 31.73 Å
+    assert 1 / k0 == pytest.approx(31.73, abs=0.1)
+    k = np.linspace(0, 1 / 25, 4001)
+    w = ctf_1d(k, im)
+    assert w[0] == pytest.approx(0.07)  # amplitude contrast at k = 0
+    first = k[np.argmax(w < 0)]
+    assert first == pytest.approx(k0, rel=2e-3)
+    assert np.all(w[k < 0.9 * k0] > 0)  # protein positive in the first lobe
+    over = ctf_1d(k[(k > 0.01) & (k < 0.03)], Imaging(defocus_um=+5.0))  # overfocus: inverted
+    assert np.all(over < 0)
+    assert np.all(ctf_1d(k, Imaging(apply_ctf=False)) == 1.0)
+
+
+def test_weight_layouts_and_missing_wedge():
+    n, angpix = 16, 10.0
+    im = Imaging(tilt_range_deg=60.0)
+    cen = ctf_wedge_weight((n, n, n), angpix, im)
+    fft = ctf_wedge_weight((n, n, n), angpix, im, layout="fft")
+    half = ctf_wedge_weight((n, n, n), angpix, im, layout="rfft")
+    np.testing.assert_array_equal(cen, np.fft.fftshift(fft))
+    np.testing.assert_array_equal(half, fft[:, :, : n // 2 + 1])
+    c = n // 2
+    assert cen[c, c, c] == pytest.approx(0.07)  # origin at N/2 (RELION's cubic layout)
+    # wedge about y, beam along z: kz axis missing, kx axis and ky axis sampled
+    assert cen[c + 3, c, c] == 0.0
+    assert cen[c, c, c + 3] != 0.0 and cen[c, c + 3, c] != 0.0
+    # boundary: |kz| ≤ |kx|·tan 60°
+    assert cen[c + 5, c, c + 3] != 0.0  # 5 ≤ 3·1.732
+    assert cen[c + 6, c, c + 3] == 0.0  # 6 > 5.196
+    sampled = ctf_wedge_weight((n, n, n), angpix, Imaging(apply_ctf=False, tilt_range_deg=60.0)) > 0
+    kz, _, kx = np.meshgrid(*(np.arange(n) - c,) * 3, indexing="ij")
+    frac = sampled[np.hypot(kx, kz) > 2].mean()
+    assert frac == pytest.approx(120.0 / 180.0, abs=0.05)  # ±60° of 180° sampled
+    assert cen[c + 3, c + 2, c] == 0.0  # tilt axis y: ky does not help
+    xaxis = ctf_wedge_weight((n, n, n), angpix, Imaging(apply_ctf=False, tilt_axis="x"))
+    assert xaxis[c + 3, c + 2, c] == 1.0 and xaxis[c + 3, c, c + 2] == 0.0  # |kz| ≤ |ky|·tan 60°
+    assert xaxis[c, c, c + 3] == 1.0  # the kz = 0 plane is always sampled
+    assert np.all(ctf_wedge_weight((n, n, n), angpix, NO_CTF_NO_WEDGE) == 1.0)
+
+
+def test_apply_imaging_is_the_fourier_product_on_any_shape():
+    rng = np.random.default_rng(0)
+    vol = rng.standard_normal((20, 12, 15)).astype(np.float32)
+    im = Imaging(tilt_range_deg=45.0)
+    direct = np.real(np.fft.ifftn(np.fft.fftn(vol) * ctf_wedge_weight(vol.shape, 8.0, im, "fft")))
+    np.testing.assert_allclose(apply_imaging(vol, 8.0, im, slab=7), direct, atol=1e-4)
+    np.testing.assert_array_equal(apply_imaging(vol, 8.0, NO_CTF_NO_WEDGE), vol)
+
+
+def test_imaged_protein_stays_positive():
+    ref = load_structure("3j9i", 14.0, box=24)
+    img = apply_imaging(ref, 14.0, Imaging())
+    assert _cc(img, ref) > 0.5  # the first CTF lobe dominates: same contrast, not inverted
+
+
+def test_add_noise_snr():
+    rng = np.random.default_rng(1)
+    clean = load_structure("4v4r", 14.0, box=40)
+    noisy = add_noise(clean, 0.1, rng)
+    measured = clean.var() / (noisy - clean).var()
+    assert measured == pytest.approx(0.1, rel=0.03)
+    mask = clean > 0.1 * clean.max()
+    noisy_m = add_noise(clean, 0.5, rng, signal_mask=mask)
+    assert clean[mask].var() / (noisy_m - clean).var() == pytest.approx(0.5, rel=0.03)
+    assert np.array_equal(add_noise(clean, math.inf, rng), clean)
+    with pytest.raises(ValueError):
+        add_noise(clean, 0.0, rng)
+
+
+# ----------------------------------------------------------------------------- subtomogram sets
+
+
+def test_subtomogram_set_shapes_labels_snr(small_subtomogram_set):
+    s = small_subtomogram_set
+    assert s.volumes.shape == (30, 24, 24, 24) and s.volumes.dtype == np.float32
+    assert sorted(np.bincount(s.labels)) == [10, 10, 10]
+    assert s.class_names == ["1bxn", "3j9i", "4v4r"]
+    assert set(s.references) == set(s.class_names)
+    assert all(r.shape == (24, 24, 24) for r in s.references.values())
+    assert s.angles_deg.shape == (30, 3) and s.shifts_xyz.shape == (30, 3)
+    assert np.all(np.abs(s.shifts_xyz) <= 1.0) and np.abs(s.shifts_xyz).max() > 0.3
+    assert s.labels[:10].tolist() != sorted(s.labels[:10].tolist())  # shuffled
+
+
+def test_subtomogram_set_measured_snr_and_reproducible():
+    args = (["1bxn", "3j9i"], 20, 24, 14.0, 0.05, Imaging(), 7)
+    s, clean = simulate_subtomogram_set(*args, return_clean=True)
+    noise = s.volumes - clean
+    measured = float(np.mean(clean.reshape(len(s), -1).var(axis=1)) / noise.var())
+    assert measured == pytest.approx(0.05, rel=0.03)
+    again = simulate_subtomogram_set(*args)
+    np.testing.assert_array_equal(again.volumes, s.volumes)
+    np.testing.assert_array_equal(again.angles_deg, s.angles_deg)
+    other = simulate_subtomogram_set(["1bxn", "3j9i"], 20, 24, 14.0, 0.05, Imaging(), 8)
+    assert not np.array_equal(other.angles_deg, s.angles_deg)
+
+
+def test_subtomogram_ground_truth_angles_and_shifts():
+    """Un-rotating each noise-free subtomogram by its angles gives its reference; shifts move it."""
+    s = simulate_subtomogram_set(
+        ["3j9i", "1bxn"], 4, 32, 10.0, math.inf, NO_CTF_NO_WEDGE, 3, max_shift_px=2.0
+    )
+    full = {n: load_structure(n, 10.0) for n in s.class_names}
+    for i in range(len(s)):
+        name = s.class_names[s.labels[i]]
+        centred = rotate_volume(full[name], angles_deg=s.angles_deg[i], output_shape_zyx=(32,) * 3)
+        moved = _com_xyz(s.volumes[i]) - _com_xyz(centred)
+        np.testing.assert_allclose(moved, s.shifts_xyz[i], atol=0.15)
+        # back to the reference frame: sub(x) = ref(M(x − c − d) + c) ⇒ ref(y) = sub(Mᵀ(y − c) + c + d),
+        # which is rotate_volume with matrix Mᵀ and offset e = −M·d
+        m = euler_to_matrix(s.angles_deg[i])
+        back = rotate_volume(s.volumes[i], matrix_xyz=m.T, center_offset_xyz=-(m @ s.shifts_xyz[i]))
+        ref = s.references[name]
+        assert _cc(back, ref) > 0.9
+        other = s.references[s.class_names[1 - s.labels[i]]]
+        assert _cc(back, ref) > _cc(back, other) + 0.1
+
+
+# ----------------------------------------------------------------------------- tomograms
+
+
+def test_tomogram_particles_placed_without_overlap(small_tomogram):
+    t = small_tomogram
+    p = t.particles
+    assert t.volume_zyx.shape == t.clean_zyx.shape == (64, 160, 160)
+    assert list(p.columns) == [
+        "x_px",
+        "y_px",
+        "z_px",
+        "class_number",
+        "class_name",
+        "rot",
+        "tilt",
+        "psi",
+    ]
+    assert len(p) == 12 and sorted(p["class_number"].value_counts().tolist()) == [4, 4, 4]
+    xyz = p[["x_px", "y_px", "z_px"]].to_numpy()
+    r = np.array([t.radii_px[n] for n in p["class_name"]])
+    assert np.all(xyz - r[:, None] >= -1) and np.all(
+        xyz + r[:, None] <= np.array([160, 160, 64]) + 1
+    )
+    d = np.linalg.norm(xyz[:, None] - xyz[None], axis=2) + np.eye(len(p)) * 1e9
+    assert np.all(d >= r[:, None] + r[None, :])
+    assert all(p["class_name"][i] == t.class_names[p["class_number"][i] - 1] for i in range(len(p)))
+
+
+def test_tomogram_protein_dark_and_snr(small_tomogram):
+    t = small_tomogram
+    # the same placement without CTF/wedge (same seed: noise is drawn after placement)
+    plain = simulate_tomogram(
+        ["1bxn", "3j9i", "4v4r"], (160, 160, 64), 12, 14.0, math.inf, NO_CTF_NO_WEDGE, seed=0
+    )
+    assert plain.particles.equals(t.particles)
+    assert plain.clean_zyx.min() < -5 * plain.clean_zyx.max()  # protein dark, background ~0
+    assert _cc(t.clean_zyx, plain.clean_zyx) > 0.3  # the CTF keeps that contrast
+    noise = t.volume_zyx - t.clean_zyx
+    assert abs(float(noise.mean())) < 0.05 * float(noise.std())
+    assert t.signal_variance / noise.var() == pytest.approx(0.5, rel=0.03)
+
+
+def test_tomogram_ground_truth_coordinates_and_angles():
+    t = simulate_tomogram(
+        ["3j9i", "1bxn"], (120, 120, 60), 6, 10.0, math.inf, NO_CTF_NO_WEDGE, seed=4
+    )
+    for _, row in t.particles.iterrows():
+        x, y, z = int(row.x_px), int(row.y_px), int(row.z_px)
+        box = -t.clean_zyx[z - 16 : z + 16, y - 16 : y + 16, x - 16 : x + 16]  # protein positive
+        if box.shape != (32, 32, 32):
+            continue
+        m = euler_to_matrix([row.rot, row.tilt, row.psi])
+        back = rotate_volume(box, matrix_xyz=m.T)
+        ref = load_structure(row.class_name, 10.0, box=32)
+        assert _cc(back, ref) > 0.85, row.class_name
+
+
+def test_tomogram_too_crowded_is_a_user_error():
+    with pytest.raises(UserError, match="--n-particles 60: could only place"):
+        simulate_tomogram(["4v4r"], (64, 64, 40), 60, 10.0, 1.0, Imaging(), seed=0)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_subtomograms_outputs(simulated_subtomogram_project, monkeypatch):
+    monkeypatch.chdir(simulated_subtomogram_project)
+    table = read_particles("Sim/particles.star")
+    df = table.particles
+    assert len(df) == 24 and table.image_angpix() == 14.0
+    assert int(table.optics["rlnImageSize"].iloc[0]) == 24
+    assert int(table.optics["rlnImageDimensionality"].iloc[0]) == 3
+    assert sorted(df["rlnClassNumber"].value_counts().tolist()) == [8, 8, 8]
+    assert df["rlnImageName"].iloc[0] == "Sim/Subtomograms/sub_000001.mrc"
+    assert set(df["rlnCtfImage"]) == {"Sim/ctf.mrc"}
+    assert (
+        np.abs(df[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy()).max()
+        <= 14.0
+    )
+    store = np.load("Sim/subtomograms.npy", mmap_mode="r")
+    names = Path("Sim/subtomograms_names.txt").read_text().split()
+    assert store.shape == (24, 24, 24, 24) and store.dtype == np.float32
+    assert names == df["rlnImageName"].tolist()
+    for i in (0, 23):
+        vol, angpix = read_volume(names[i])
+        assert angpix == pytest.approx(14.0)
+        np.testing.assert_array_equal(vol, store[i])
+    ctf, _ = read_volume("Sim/ctf.mrc")
+    assert ctf.shape == (24, 24, 24) and ctf[12, 12, 12] == pytest.approx(0.07)
+    classes = Path("Sim/classes.tsv").read_text().splitlines()
+    assert classes == [
+        "class_number\tclass_name\tsource",
+        "1\t1bxn\t1bxn",
+        "2\t3j9i\t3j9i",
+        "3\t4v4r\t4v4r",
+    ]
+    for n in ("1bxn", "3j9i", "4v4r"):
+        assert read_info(f"Sim/references/{n}.mrc").shape_xyz == (24, 24, 24)
+    assert Path("Sim/note.txt").read_text().count("disca_simulate subtomograms --o Sim") == 1
+    # refuses to overwrite: exit 2, nothing changed
+    before = Path("Sim/particles.star").read_bytes()
+    assert simulate_main(["subtomograms", "--o", "Sim", "--structures", "1bxn", "-q"]) == 2
+    assert Path("Sim/particles.star").read_bytes() == before
+
+
+def test_cli_float16_store_and_no_noise(project_dir):
+    args = [
+        "subtomograms",
+        "--o",
+        "F",
+        "--structures",
+        "1bxn,3j9i",
+        "--n-per-class",
+        "3",
+        "--box",
+        "16",
+    ]
+    args += ["--angpix", "16", "--snr", "inf", "--float16", "--no-ctf", "--tilt-range", "90", "-q"]
+    assert simulate_main(args) == 0
+    store = np.load("F/subtomograms.npy")
+    assert store.dtype == np.float16 and store.shape == (6, 16, 16, 16)
+    vol, _ = read_volume("F/Subtomograms/sub_000001.mrc")
+    assert read_info("F/Subtomograms/sub_000001.mrc").dtype == np.float32
+    np.testing.assert_allclose(
+        store[0].astype(np.float32), vol, rtol=2e-3, atol=1e-3 * np.abs(vol).max()
+    )
+    assert np.all(read_volume("F/ctf.mrc")[0] == 1.0)
+
+
+def test_cli_bad_input_writes_nothing(project_dir, capsys):
+    assert simulate_main(["subtomograms", "--o", "X", "--structures", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nosuch: not a shipped structure" in err[0]
+    assert not Path("X").exists()
+    assert (
+        simulate_main(["tomogram", "--o", "X", "--structures", "1bxn", "--shape", "100,100"]) == 2
+    )
+    assert "--shape" in capsys.readouterr().err
+    assert simulate_main(["subtomograms", "--o", "X", "--structures", "1bxn", "--snr", "-1"]) == 2
+    assert not Path("X").exists()
+    assert simulate_main(["nonsense", "--o", "X"]) == 2
+
+
+def test_cli_tomogram_outputs(project_dir):
+    args = ["tomogram", "--o", "T", "--structures", "3j9i", "1bxn", "--shape", "96,80,40"]
+    args += "--n-particles 4 --angpix 12 --snr 0.5 --seed 1 --no-ctf --tilt-range 90 -q".split()
+    assert simulate_main(args) == 0
+    tomo, angpix = read_volume("T/tomogram.mrc")
+    clean, _ = read_volume("T/tomogram_noisefree.mrc")
+    assert tomo.shape == clean.shape == (40, 80, 96) and angpix == pytest.approx(12.0)
+    t31 = read_particles("T/particles.star")
+    assert len(t31) == 4 and set(t31.particles["rlnMicrographName"]) == {"T/tomogram.mrc"}
+    assert clean.min() < -5 * clean.max()  # no CTF, no wedge: protein dark, background ~0
+    t5 = read_particles("T/relion5/particles.star")
+    np.testing.assert_allclose(t5.coords_at(12.0), t31.coords_px, atol=1e-6)
+    blocks = read_star_blocks("T/relion5/optimisation_set.star")
+    assert "T/relion5/tomograms.star" in str(blocks)
+    np.testing.assert_array_equal(
+        t5.particles["rlnClassNumber"].to_numpy(int), t31.particles["rlnClassNumber"].to_numpy(int)
+    )
