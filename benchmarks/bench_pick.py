@@ -43,13 +43,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STRUCTURES = ["4v4r", "1qvr", "3cf3", "1bxn"]
 
 
-def _fill_noise_blobs(mm: np.ndarray, rng: np.random.Generator, z0: int, z1: int, n_blobs: int) -> None:
+def _fill_noise_blobs(
+    mm: np.ndarray, rng: np.random.Generator, z0: int, z1: int, n_blobs: int
+) -> None:
     """Noise plus dark Gaussian blobs in z slab [z0, z1), written slice by slice (bounded memory)."""
     ny, nx = mm.shape[1:]
     for z in range(z0, z1):
         mm[z] = rng.standard_normal((ny, nx), dtype=np.float32)
     g = np.arange(-6, 7)
-    blob = -3.0 * np.exp(-(g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2) / 8.0)
+    blob = -3.0 * np.exp(
+        -(g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2) / 8.0
+    )
     for _ in range(n_blobs):
         z = int(rng.integers(z0 + 6, z1 - 7))
         y, x = int(rng.integers(6, ny - 7)), int(rng.integers(6, nx - 7))
@@ -118,7 +122,12 @@ def bench_memory(size_gb: float, workdir: Path) -> dict:
     mm.flush()
     del mm
     file_gb = path.stat().st_size / 1e9
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT), path=str(path))], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD.format(root=str(ROOT), path=str(path))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     n, dt, rss_kb = out.stdout.split()
     path.unlink()
     return {
@@ -149,68 +158,106 @@ def _match(picks: np.ndarray, truth: np.ndarray, tol: np.ndarray) -> int:
     return len(used_t)
 
 
-def bench_accuracy(snrs: list[float], shape_xyz: tuple[int, int, int], n_particles: int, seeds: list[int]) -> list[dict]:
+def bench_accuracy(
+    snrs: list[float],
+    shape_xyz: tuple[int, int, int],
+    n_particles: int,
+    seeds: list[int],
+    thresholds_sd: tuple[float, ...] = (2.5, 3.0, 3.5),
+) -> list[dict]:
     from disca_tools.simulate.imaging import Imaging
     from disca_tools.simulate.tomogram import simulate_tomogram
 
     rows = []
     for snr in snrs:
-        tp = n_true = n_pick = 0
+        counts = {t: [0, 0, 0] for t in thresholds_sd}  # tp, true, picks
         for seed in seeds:
             sim = simulate_tomogram(STRUCTURES, shape_xyz, n_particles, 10.0, snr, Imaging(), seed)
             truth = sim.particles[["x_px", "y_px", "z_px"]].to_numpy()
             radii = sim.particles["class_name"].map(sim.radii_px).to_numpy()
             diameter = 2 * min(sim.radii_px.values()) * 10.0  # smallest particle, Å
             lo, hi = sigmas_for_diameter(diameter, 10.0)
-            res = pick_volume(sim.volume_zyx, PickParams(lo, hi, threshold_sd=2.5, min_distance=diameter / 10.0 * 0.75))
-            tp += _match(res.coords_xyz, truth, radii / 2)
-            n_true += len(truth)
-            n_pick += len(res)
-        rows.append(
-            {
-                "snr": snr,
-                "particles": n_true,
-                "picks": n_pick,
-                "recall": round(tp / n_true, 3),
-                "precision": round(tp / max(n_pick, 1), 3),
-                "structures": STRUCTURES,
-                "diameters_nm": sorted(round(2 * r, 1) for r in sim.radii_px.values()),
-            }
-        )
+            for t in thresholds_sd:
+                params = PickParams(lo, hi, threshold_sd=t, min_distance=diameter / 10.0 * 0.75)
+                res = pick_volume(sim.volume_zyx, params)
+                c = counts[t]
+                c[0] += _match(res.coords_xyz, truth, radii / 2)
+                c[1] += len(truth)
+                c[2] += len(res)
+        for t, (tp, n_true, n_pick) in counts.items():
+            rows.append(
+                {
+                    "snr": snr,
+                    "threshold_sd": t,
+                    "particles": n_true,
+                    "picks": n_pick,
+                    "recall": round(tp / n_true, 3),
+                    "precision": round(tp / max(n_pick, 1), 3),
+                    "structures": STRUCTURES,
+                    "diameters_nm": sorted(round(2 * r, 1) for r in sim.radii_px.values()),
+                }
+            )
     return rows
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", nargs=3, type=int, default=[1024, 1024, 256], metavar=("X", "Y", "Z"))
-    ap.add_argument("--big-gb", type=float, default=4.2, help="size of the out-of-core tomogram (GB)")
-    ap.add_argument("--skip-big", action="store_true", help="skip the out-of-core memory measurement")
+    ap.add_argument("--big-gb", type=float, default=4.2, help="out-of-core tomogram size (GB)")
+    ap.add_argument("--skip-big", action="store_true", help="skip the out-of-core measurement")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=["speed", "memory", "accuracy"],
+        default=None,
+        help="run only these parts (saved results of the other parts are kept)",
+    )
     ap.add_argument("--sim-shape", nargs=3, type=int, default=[256, 256, 100])
     ap.add_argument("--sim-particles", type=int, default=60)
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--workdir", default=None, help="where the temporary tomograms go (default: a temp dir)")
+    ap.add_argument("--workdir", default=None, help="where temporary tomograms go")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    record: dict = {"machine": platform.platform(), "cpus": os.cpu_count()}
+    out = RESULTS / "bench_pick.json"
+    parts = set(args.only or ["speed", "memory", "accuracy"])
+    if args.skip_big:
+        parts.discard("memory")
+    record: dict = json.loads(out.read_text()) if args.only and out.exists() else {}
+    record.update({"machine": platform.platform(), "cpus": os.cpu_count()})
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        speed = bench_speed(tuple(args.size), work)
-        record["speed"] = speed
-        print(f"\n1. speed  {speed['size_xyz']}  gaussian(σ={speed['sigma_large']:.2f}) {speed['gaussian_s']} s  "
-              f"pick {speed['pick_s']} s  ratio {speed['ratio']} (vs slower Gaussian {speed['ratio_vs_slower_gaussian']})  "
-              f"goal ≤ 3   [{speed['picks']} picks]")
-        if not args.skip_big:
+        if "speed" in parts:
+            sp = bench_speed(tuple(args.size), work)
+            record["speed"] = sp
+            print(
+                f"\n1. speed  {sp['size_xyz']}  gaussian(σ={sp['sigma_large']:.2f}) "
+                f"{sp['gaussian_s']} s  pick {sp['pick_s']} s  ratio {sp['ratio']} "
+                f"(vs slower Gaussian {sp['ratio_vs_slower_gaussian']})  goal ≤ 3  "
+                f"[{sp['picks']} picks]"
+            )
+        if "memory" in parts:
             mem = bench_memory(args.big_gb, work)
             record["memory"] = mem
-            print(f"2. memory {mem['size_xyz']}  file {mem['file_gb']} GB  peak RSS {mem['peak_rss_gb']} GB  "
-                  f"({mem['pick_s']} s, {mem['picks']} picks)  goal ≤ 1.5 GB")
-    acc = bench_accuracy([0.1, 0.01], tuple(args.sim_shape), args.sim_particles, list(range(args.seeds)))
-    record["accuracy"] = acc
-    print("3. accuracy (pick within half a particle radius, one-to-one)")
-    print(f"   {'SNR':>6} {'true':>6} {'picks':>6} {'recall':>7} {'precision':>9}")
-    for r in acc:
-        print(f"   {r['snr']:>6} {r['particles']:>6} {r['picks']:>6} {r['recall']:>7.3f} {r['precision']:>9.3f}")
-    out = RESULTS / "bench_pick.json"
+            print(
+                f"2. memory {mem['size_xyz']}  file {mem['file_gb']} GB  peak RSS "
+                f"{mem['peak_rss_gb']} GB  ({mem['pick_s']} s, {mem['picks']} picks)  goal ≤ 1.5 GB"
+            )
+    if "accuracy" in parts:
+        acc = bench_accuracy(
+            [0.1, 0.01], tuple(args.sim_shape), args.sim_particles, list(range(args.seeds))
+        )
+        record["accuracy"] = acc
+        print("3. accuracy (pick within half a particle radius, one-to-one)")
+        print(
+            f"   {'SNR':>6} {'thr(sd)':>7} {'true':>6} {'picks':>6} {'recall':>7} {'precision':>9}"
+        )
+        for r in acc:
+            print(
+                f"   {r['snr']:>6} {r['threshold_sd']:>7} {r['particles']:>6} {r['picks']:>6} "
+                f"{r['recall']:>7.3f} {r['precision']:>9.3f}"
+            )
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"saved {out}")
 

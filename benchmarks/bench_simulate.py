@@ -9,7 +9,8 @@
    SNRs (0.1 … 0.001; signal variance over each whole box, averaged over the set) and for tomograms
    (signal variance over the particles' extent spheres), versus the requested SNR.
 
-Prints a table and saves ``benchmarks/results/bench_simulate.json``.
+Prints a table and saves ``benchmarks/results/bench_simulate.json`` (and slices of the tomogram in
+``bench_simulate_tomogram.png``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def _tomogram_speed(shape_xyz, n_particles, angpix, seed=0) -> dict:
     noise = sim.volume_zyx - sim.clean_zyx
     measured_snr = sim.signal_variance / float(noise.var(dtype=np.float64))
     del noise
+    _figure(sim)
     # naive alternative: place a map in a zero volume the size of the tomogram, rotate all of it
     nx, ny, nz = shape_xyz
     vol = np.zeros((nz, ny, nx), dtype=np.float32)
@@ -77,6 +79,32 @@ def _tomogram_speed(shape_xyz, n_particles, angpix, seed=0) -> dict:
         "requested_snr": 0.1,
         "measured_snr": measured_snr,
     }
+
+
+def _figure(sim) -> None:
+    """Central xy and xz slices of the noise-free and noisy tomogram (protein dark)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = int(sim.particles["z_px"].median())
+    y = int(sim.particles["y_px"].iloc[0])
+    fig, ax = plt.subplots(2, 2, figsize=(12, 8), gridspec_kw={"height_ratios": [4, 1]})
+    for col, (vol, label) in enumerate(
+        ((sim.clean_zyx, "noise-free"), (sim.volume_zyx, "SNR 0.1"))
+    ):
+        ax[0, col].imshow(vol[z], cmap="gray")
+        ax[0, col].set_title(f"{label}: xy slice z={z}")
+        ax[1, col].imshow(vol[:, y, :], cmap="gray", aspect="auto")
+        ax[1, col].set_title(f"xz slice y={y} (missing wedge ±60° about y)")
+    for a in ax.ravel():
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "bench_simulate_tomogram.png", dpi=70)
+    plt.close(fig)
 
 
 def _subtomogram_snr(snrs, n_per_class, box, angpix) -> list[dict]:

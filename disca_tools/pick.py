@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import math
 import mmap
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +99,6 @@ class PickResult:
     shape_zyx: tuple[int, int, int]
     binning: int = 1
     n_suppressed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -315,6 +313,55 @@ def non_maximum_suppression(
     return order[np.asarray(keep, dtype=np.int64)]
 
 
+def _scan(
+    source: BinnedVolume, blocks: list, params: PickParams, floor: float, desc: str | None
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """All blocks: local maxima above ``floor`` and the DoG mean and standard deviation."""
+    all_zyx, all_scores = [], []
+    s1 = s2 = 0.0
+    count = 0
+    for block in progress(blocks, total=len(blocks), desc=desc or "picking", unit="block"):
+        zyx, sc, t1, t2, c = _block_peaks(source, block, params, floor)
+        all_zyx.append(zyx)
+        all_scores.append(sc)
+        s1, s2, count = s1 + t1, s2 + t2, count + c
+    zyx = np.concatenate(all_zyx) if all_zyx else np.zeros((0, 3), np.int64)
+    scores = np.concatenate(all_scores) if all_scores else np.zeros(0, np.float32)
+    mean = s1 / max(count, 1)
+    std = math.sqrt(max(s2 / max(count, 1) - mean * mean, 0.0))
+    return zyx, scores, mean, std
+
+
+def _estimated_floor(source: BinnedVolume, params: PickParams, side: int = 64) -> float:
+    """A safe lower bound for the ``threshold_sd`` threshold, from DoG statistics of a few samples.
+
+    Only for volumes much larger than one block (smaller ones keep every positive maximum): it
+    bounds the memory taken by candidates on huge tomograms. Half the estimated threshold is used,
+    and :func:`pick_volume` rescans exactly in the rare case the estimate was too high.
+    """
+    shape = source.shape
+    if math.prod(shape) <= 8 * params.chunk_voxels:
+        return 0.0
+    h = params.halo
+    s1 = s2 = 0.0
+    n = 0
+    for fy in (0.25, 0.5, 0.75):
+        for fx in (0.25, 0.5, 0.75):
+            centre = (shape[0] // 2, int(fy * shape[1]), int(fx * shape[2]))
+            sl, inner = [], []
+            for c, size in zip(centre, shape, strict=True):
+                a = max(0, min(c - side // 2, size - side))
+                b = min(size, a + side)
+                lo, hi = max(0, a - h), min(size, b + h)
+                sl.append(slice(lo, hi))
+                inner.append(slice(a - lo, b - lo))
+            dog = dog_map(source[tuple(sl)], params)[tuple(inner)].astype(np.float64)
+            s1, s2, n = s1 + float(dog.sum()), s2 + float((dog * dog).sum()), n + dog.size
+    mean = s1 / n
+    std = math.sqrt(max(s2 / n - mean * mean, 0.0))
+    return max(0.0, 0.5 * (mean + float(params.threshold_sd) * std))
+
+
 def pick_volume(
     volume_zyx: np.ndarray,
     params: PickParams,
@@ -332,28 +379,24 @@ def pick_volume(
     shape = source.shape
     if params.threshold is not None:
         floor = max(0.0, float(params.threshold))
+    elif params.threshold_sd is not None and params.threshold_sd > 0:
+        floor = _estimated_floor(source, params)
     else:
         floor = 0.0
     blocks = plan_blocks(shape, params.halo, params.chunk_voxels)
-    all_zyx, all_scores = [], []
-    s1 = s2 = 0.0
-    count = 0
-    for block in progress(blocks, total=len(blocks), desc=desc or "picking", unit="block"):
-        zyx, sc, t1, t2, c = _block_peaks(source, block, params, floor)
-        all_zyx.append(zyx)
-        all_scores.append(sc)
-        s1, s2, count = s1 + t1, s2 + t2, count + c
-    zyx = np.concatenate(all_zyx) if all_zyx else np.zeros((0, 3), np.int64)
-    scores = np.concatenate(all_scores) if all_scores else np.zeros(0, np.float32)
-    mean = s1 / max(count, 1)
-    std = math.sqrt(max(s2 / max(count, 1) - mean * mean, 0.0))
+    zyx, scores, mean, std = _scan(source, blocks, params, floor, desc)
     if params.threshold is not None:
         threshold = floor
     elif params.threshold_sd is not None:
         threshold = max(0.0, mean + float(params.threshold_sd) * std)
+        if threshold < floor:  # the estimate pruned too much: scan again, exactly
+            logger.debug(
+                "%s: floor estimate %.4g above threshold %.4g; rescanning", desc, floor, threshold
+            )
+            zyx, scores, mean, std = _scan(source, blocks, params, 0.0, desc)
     else:
         threshold = 0.0
-    n_candidates = len(scores)
+    n_candidates = int((scores > threshold).sum())  # local maxima above the threshold
     sel = scores > threshold
     # border, in voxels of the picking volume
     b = float(params.border) / params.binning
@@ -465,13 +508,6 @@ def pick_file(job: TomogramPickJob) -> tuple[PickResult, PickParams, float]:
         )
     result = pick_volume(data, params, mask, desc=job.name)
     return result, params, angpix
-
-
-def iter_slices_for_plot(volume_zyx: np.ndarray, n: int = 3) -> Iterator[int]:
-    """Evenly spaced z indices in the middle half of a volume (where particles usually are)."""
-    nz = volume_zyx.shape[0]
-    for f in np.linspace(0.3, 0.7, n):
-        yield int(f * (nz - 1))
 
 
 def results_table(name: str, path: str, result: PickResult) -> dict[str, np.ndarray | list]:

@@ -63,7 +63,9 @@ def class_number_from_name(path: str | Path) -> int | None:
     return int(found[-1]) if found else None
 
 
-def match_maps(paths: Sequence[str | Path], star_classes: Sequence[int], source: str = "--maps") -> dict[int, Path]:
+def match_maps(
+    paths: Sequence[str | Path], star_classes: Sequence[int], source: str = "--maps"
+) -> dict[int, Path]:
     """Class number → map path (see the module docstring for the rule)."""
     paths = [Path(p) for p in paths]
     numbers = [class_number_from_name(p) for p in paths]
@@ -82,7 +84,9 @@ def match_maps(paths: Sequence[str | Path], star_classes: Sequence[int], source:
             )
         out = dict(zip(classes, paths, strict=False))
     else:
-        raise UserError(f"{source}: some map names carry a class number (classNNN) and some do not; name all or none")
+        raise UserError(
+            f"{source}: some map names carry a class number (classNNN) and some do not; name all or none"
+        )
     missing = sorted(set(int(c) for c in star_classes) - set(out))
     if missing:
         raise UserError(
@@ -130,10 +134,14 @@ def prepare_class_map(
     threshold = float(contour) if contour is not None else contour_fraction * vmax
     if vmax <= 0 or threshold >= vmax:
         hint = " (protein dark? try --invert)" if vmax <= 0 or float(vol.min()) < -vmax else ""
-        raise file_error(source, f"no density above the contour {threshold:.4g} (map max {vmax:.4g}){hint}")
+        raise file_error(
+            source, f"no density above the contour {threshold:.4g} (map max {vmax:.4g}){hint}"
+        )
     n_in = int((vol > threshold).sum())
     radius = (3.0 * n_in / (4.0 * math.pi)) ** (1.0 / 3.0)
-    return ClassMap(int(class_number), vol.astype(np.float32), threshold, float(radius), str(source))
+    return ClassMap(
+        int(class_number), vol.astype(np.float32), threshold, float(radius), str(source)
+    )
 
 
 def load_class_maps(
@@ -149,7 +157,9 @@ def load_class_maps(
     out = {}
     for c, path in maps.items():
         vol, angpix = read_volume(path, angpix=map_angpix)
-        out[c] = prepare_class_map(vol, angpix, tomo_angpix, c, contour, contour_fraction, invert, mask, str(path))
+        out[c] = prepare_class_map(
+            vol, angpix, tomo_angpix, c, contour, contour_fraction, invert, mask, str(path)
+        )
     return out
 
 
@@ -182,14 +192,23 @@ def particle_placements(
     when present, are composed before the particle's own (``M = M_subtomo · M_particle``).
     """
     if CLASS not in particles.columns:
-        raise file_error(source, f"no {CLASS} column: which map goes where is unknown (cluster or classify first)")
+        raise file_error(
+            source,
+            f"no {CLASS} column: which map goes where is unknown (cluster or classify first)",
+        )
     centres = np.asarray(coords_px, dtype=np.float64).copy()
     if all(c in particles.columns for c in ORIGINS_ANGST):
         centres -= particles[list(ORIGINS_ANGST)].to_numpy(np.float64) / float(tomo_angpix)
     elif all(c in particles.columns for c in ORIGINS_PX):
         if not image_angpix:
-            raise file_error(source, "origins in pixels (rlnOriginX) but no image pixel size to convert them")
-        centres -= particles[list(ORIGINS_PX)].to_numpy(np.float64) * float(image_angpix) / float(tomo_angpix)
+            raise file_error(
+                source, "origins in pixels (rlnOriginX) but no image pixel size to convert them"
+            )
+        centres -= (
+            particles[list(ORIGINS_PX)].to_numpy(np.float64)
+            * float(image_angpix)
+            / float(tomo_angpix)
+        )
     try:
         classes = particles[CLASS].astype(np.int64).to_numpy()
     except (TypeError, ValueError):
@@ -198,7 +217,9 @@ def particle_placements(
     if all(c in particles.columns for c in ANGLES):
         matrices = euler_to_matrix(particles[list(ANGLES)].to_numpy(np.float64)).reshape(-1, 3, 3)
         if all(c in particles.columns for c in SUBTOMO_ANGLES):
-            sub = euler_to_matrix(particles[list(SUBTOMO_ANGLES)].to_numpy(np.float64)).reshape(-1, 3, 3)
+            sub = euler_to_matrix(particles[list(SUBTOMO_ANGLES)].to_numpy(np.float64)).reshape(
+                -1, 3, 3
+            )
             matrices = sub @ matrices
     return Placements(centres, classes, matrices)
 
@@ -209,11 +230,17 @@ def particle_placements(
 def _sphere_box(radius: float, frac_xyz: np.ndarray) -> np.ndarray:
     box = int(2 * math.ceil(radius) + 3)
     g = np.arange(box) - box // 2
-    dz, dy, dx = (g - frac_xyz[2])[:, None, None], (g - frac_xyz[1])[None, :, None], (g - frac_xyz[0])[None, None, :]
+    dz, dy, dx = (
+        (g - frac_xyz[2])[:, None, None],
+        (g - frac_xyz[1])[None, :, None],
+        (g - frac_xyz[0])[None, None, :],
+    )
     return ((dx**2 + dy**2 + dz**2) <= radius * radius).astype(np.float32)
 
 
-def _particle_box(i: int, pl: Placements, maps: dict[int, ClassMap], spheres: bool) -> tuple[np.ndarray, np.ndarray]:
+def _particle_box(
+    i: int, pl: Placements, maps: dict[int, ClassMap], spheres: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """The placed box of particle ``i`` and the tomogram index ``(x, y, z)`` of its voxel [0, 0, 0]."""
     cm = maps[int(pl.classes[i])]
     centre = pl.centres_xyz[i]
@@ -222,7 +249,9 @@ def _particle_box(i: int, pl: Placements, maps: dict[int, ClassMap], spheres: bo
     if spheres or pl.matrices is None:
         box = _sphere_box(cm.radius_px, frac)
     else:
-        box = rotate_volume(cm.volume_zyx, matrix_xyz=pl.matrices[i], center_offset_xyz=frac, order=1)
+        box = rotate_volume(
+            cm.volume_zyx, matrix_xyz=pl.matrices[i], center_offset_xyz=frac, order=1
+        )
     n = box.shape[0]
     return box, ic.astype(np.int64) - n // 2
 
@@ -241,17 +270,27 @@ def reembed_slabs(
     nz, ny, nx = (int(s) for s in shape_zyx)
     sizes = np.array(
         [
-            (int(2 * math.ceil(maps[int(c)].radius_px) + 3) if spheres or placements.matrices is None else maps[int(c)].volume_zyx.shape[0])
+            (
+                int(2 * math.ceil(maps[int(c)].radius_px) + 3)
+                if spheres or placements.matrices is None
+                else maps[int(c)].volume_zyx.shape[0]
+            )
             for c in placements.classes
         ],
         dtype=np.int64,
     )
-    z_start = np.round(placements.centres_xyz[:, 2]).astype(np.int64) - sizes // 2 if len(placements) else np.zeros(0, np.int64)
+    z_start = (
+        np.round(placements.centres_xyz[:, 2]).astype(np.int64) - sizes // 2
+        if len(placements)
+        else np.zeros(0, np.int64)
+    )
     order = np.argsort(z_start, kind="stable")
     nxt = 0
     active: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     slab = max(1, int(slab))
-    for z0 in progress(range(0, nz, slab), total=(nz + slab - 1) // slab, desc="re-embed slabs", unit="slab"):
+    for z0 in progress(
+        range(0, nz, slab), total=(nz + slab - 1) // slab, desc="re-embed slabs", unit="slab"
+    ):
         z1 = min(nz, z0 + slab)
         while nxt < len(order) and z_start[order[nxt]] < z1:
             i = int(order[nxt])
@@ -311,7 +350,13 @@ def auto_slab(shape_zyx: tuple[int, int, int], max_bytes: int = 128 * 2**20) -> 
     return int(max(1, min(int(shape_zyx[0]), max_bytes // max(per_z, 1))))
 
 
-def _write_header_stats(path: Path, shape_zyx: tuple[int, int, int], angpix: float, dtype: np.dtype, stats: tuple[float, float, float, float]) -> None:
+def _write_header_stats(
+    path: Path,
+    shape_zyx: tuple[int, int, int],
+    angpix: float,
+    dtype: np.dtype,
+    stats: tuple[float, float, float, float],
+) -> None:
     header = mrc_header(shape_zyx, angpix, dtype, stats)
     with open(path, "r+b") as fh:
         fh.write(header.tobytes())
@@ -342,7 +387,6 @@ def write_reembedded(
         del mm  # re-mapped one slab at a time below, so mapped pages never exceed a slab
         _create_int16(ltmp, shape_zyx, angpix)
         for z0, d, lab in reembed_slabs(placements, maps, shape_zyx, slab, spheres):
-            n = len(d)
             dm = np.memmap(dtmp, np.float32, "r+", offset=1024 + z0 * ny * nx * 4, shape=d.shape)
             dm[:] = d
             dm.flush()
@@ -353,18 +397,24 @@ def write_reembedded(
             del lm
             dmin, dmax = min(dmin, float(d.min())), max(dmax, float(d.max()))
             dsum += float(d.sum(dtype=np.float64))
-            dsq += float(np.square(d, dtype=np.float64).sum())
-            vals, cnt = np.unique(lab, return_counts=True)
-            for v, k in zip(vals.tolist(), cnt.tolist(), strict=True):
-                counts[v] = counts.get(v, 0) + k
-            del n
+            dsq += sum(float(np.dot(dz.ravel(), dz.ravel())) for dz in d)  # no float64 slab copy
+            for v, k in enumerate(np.bincount(lab.ravel()).tolist()):  # labels are ≥ 0
+                if k:
+                    counts[v] = counts.get(v, 0) + k
         total = float(np.prod(shape_zyx))
         mean = dsum / total
         rms = math.sqrt(max(dsq / total - mean * mean, 0.0))
         _write_header_stats(dtmp, shape_zyx, angpix, np.dtype(np.float32), (dmin, dmax, mean, rms))
         lmax = max(counts) if counts else 0
-        _write_header_stats(ltmp, shape_zyx, angpix, np.dtype(np.int16), (0.0, float(lmax), 0.0, 0.0))
-    return {"density_min": dmin, "density_max": dmax, "density_mean": mean, **{f"voxels_class_{k}": v for k, v in sorted(counts.items()) if k}}
+        _write_header_stats(
+            ltmp, shape_zyx, angpix, np.dtype(np.int16), (0.0, float(lmax), 0.0, 0.0)
+        )
+    return {
+        "density_min": dmin,
+        "density_max": dmax,
+        "density_mean": mean,
+        **{f"voxels_class_{k}": v for k, v in sorted(counts.items()) if k},
+    }
 
 
 def _create_int16(path: Path, shape_zyx: tuple[int, int, int], angpix: float) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .io.mrc import read_volume
-from .io.particles import CLASS, CTF_IMAGE, IMAGE, POSTERIOR
+from .io.particles import CLASS, IMAGE, POSTERIOR
 from .runtime.errors import UserError, file_error
 from .runtime.log import logger, progress
 
@@ -71,7 +71,9 @@ def parse_merges(groups: Iterable[str] | None) -> list[list[int]]:
                 raise UserError(f"--merge: cannot read {part!r}; write groups like 2+5")
             members = sorted({int(t) for t in part.split("+")})
             if seen & set(members):
-                raise UserError(f"--merge: class {sorted(seen & set(members))[0]} appears in two groups")
+                raise UserError(
+                    f"--merge: class {sorted(seen & set(members))[0]} appears in two groups"
+                )
             seen.update(members)
             out.append(members)
     return out
@@ -100,7 +102,9 @@ def star_flavour(blocks: dict[str, pd.DataFrame | dict]) -> tuple[str, str]:
     """``(flavour, name of the particle block)`` of a STAR file's blocks."""
     if "particles" in blocks and isinstance(blocks["particles"], pd.DataFrame):
         df = blocks["particles"]
-        relion5 = "general" in blocks or any(str(c).startswith("rlnCenteredCoordinate") for c in df.columns)
+        relion5 = "general" in blocks or any(
+            str(c).startswith("rlnCenteredCoordinate") for c in df.columns
+        )
         if relion5:
             return "relion5", "particles"
         return ("relion31" if "optics" in blocks else "relion30"), "particles"
@@ -136,21 +140,28 @@ def split_blocks(
         raise file_error(source, f"{CLASS} must be 1-based; found {original.min()}")
     posterior = df[POSTERIOR].to_numpy(dtype=np.float64) if POSTERIOR in df.columns else None
     if min_probability > 0 and posterior is None:
-        raise file_error(source, f"--min-probability needs a {POSTERIOR} column, which this file lacks")
+        raise file_error(
+            source, f"--min-probability needs a {POSTERIOR} column, which this file lacks"
+        )
 
     present = sorted(set(original.tolist()))
     mapping = {c: c for c in present}
     for group in merges:
         missing = [c for c in group if c not in mapping]
         if missing:
-            raise file_error(source, f"--merge: class {missing[0]} has no particles (classes: {_fmt(present)})")
+            raise file_error(
+                source, f"--merge: class {missing[0]} has no particles (classes: {_fmt(present)})"
+            )
         for c in group:
             mapping[c] = group[0]
     for opt_name, listed in (("--classes", classes), ("--exclude", exclude)):
         outputs = set(mapping.values())
         unknown = [c for c in listed if c not in outputs]
         if unknown:
-            raise file_error(source, f"{opt_name}: class {unknown[0]} not present (classes: {_fmt(sorted(outputs))})")
+            raise file_error(
+                source,
+                f"{opt_name}: class {unknown[0]} not present (classes: {_fmt(sorted(outputs))})",
+            )
 
     out_class = np.array([mapping[c] for c in original], dtype=np.int64)
     keep_prob = np.ones(len(df), bool) if posterior is None else posterior >= min_probability
@@ -191,9 +202,21 @@ def split_blocks(
         # whose optics group is missing, and unused groups are harmless
         written[c] = {k: (part if k == pblock else v) for k, v in blocks.items()}
         members[c] = np.flatnonzero(sel)
-    summary = pd.DataFrame(rows, columns=["class", "merged_from", "size", "size_before_probability_cut", "mean_posterior", "status"])
+    summary = pd.DataFrame(
+        rows,
+        columns=[
+            "class",
+            "merged_from",
+            "size",
+            "size_before_probability_cut",
+            "mean_posterior",
+            "status",
+        ],
+    )
     if not written:
-        raise file_error(source, "no class left to write after --classes/--exclude/--min-size/--min-probability")
+        raise file_error(
+            source, "no class left to write after --classes/--exclude/--min-size/--min-probability"
+        )
     return SplitResult(written, summary, flavour, pblock, members)
 
 
@@ -223,7 +246,10 @@ def _fast_store(star_dir: Path) -> tuple[np.ndarray, dict[str, int]] | None:
         raise file_error(npy, f"not a readable .npy array ({exc})") from None
     lines = [ln.strip() for ln in names.read_text().splitlines() if ln.strip()]
     if arr.ndim != 4 or len(lines) != arr.shape[0]:
-        raise file_error(npy, f"expected {len(lines)} cubic volumes (one per line of {names.name}), got shape {arr.shape}")
+        raise file_error(
+            npy,
+            f"expected {len(lines)} cubic volumes (one per line of {names.name}), got shape {arr.shape}",
+        )
     return arr, {n: i for i, n in enumerate(lines)}
 
 
@@ -252,25 +278,35 @@ def class_averages(
                     acc += arr[index[names[r]]]
                 out[c] = (acc / max(len(rows), 1)).astype(np.float32)
             return out
-        logger.warning("%s does not list every particle; reading the .mrc files instead", star_dir / FAST_STORE_NAMES)
+        logger.warning(
+            "%s does not list every particle; reading the .mrc files instead",
+            star_dir / FAST_STORE_NAMES,
+        )
     out = {}
     for c, rows in members.items():
         acc = None
         for r in progress(rows, desc=f"class {c} average", unit="subtomo"):
             path = resolve_image_path(names[r], star_dir)
             if path is None:
-                raise file_error(names[r], f"subtomogram listed in {star_path} not found (paths are relative to the project directory)")
+                raise file_error(
+                    names[r],
+                    f"subtomogram listed in {star_path} not found (paths are relative to the project directory)",
+                )
             vol, _ = read_volume(path)
             if acc is None:
                 acc = np.zeros(vol.shape, np.float64)
             elif vol.shape != acc.shape:
-                raise file_error(path, f"box {vol.shape} differs from the class's other subtomograms {acc.shape}")
+                raise file_error(
+                    path, f"box {vol.shape} differs from the class's other subtomograms {acc.shape}"
+                )
             acc += vol
         out[c] = (acc / max(len(rows), 1)).astype(np.float32)
     return out
 
 
-def averages_available(particles: pd.DataFrame, star_path: str | Path, general: dict | None = None) -> tuple[bool, str]:
+def averages_available(
+    particles: pd.DataFrame, star_path: str | Path, general: dict | None = None
+) -> tuple[bool, str]:
     """Whether unaligned averages can be computed, and why not."""
     if general and int(general.get("rlnTomoSubTomosAre2DStacks", 0) or 0) == 1:
         return False, "particles are RELION 5 2D-stack pseudo-subtomograms"
@@ -308,18 +344,27 @@ def next_steps(
             continue
         stem = star[: -len(".star")] if star.endswith(".star") else star
         lines.append(f"relion_reconstruct --i {star} --o {stem}_reconstruct.mrc{ctf}")
-    lines.append("# 2) Refine each class (3D auto-refine) from its unaligned average as the starting reference.")
+    lines.append(
+        "# 2) Refine each class (3D auto-refine; RELION needs MPI, at least 3 ranks, for the two"
+        " half-sets) from its unaligned average as the starting reference."
+    )
     for c, star in star_files.items():
         ref = averages.get(c)
         ref_args = f"--ref {ref} --ini_high 60" if ref else "--denovo_3dref"
-        inp = f"--ios {optimisation_sets[c]}" if flavour == "relion5" and optimisation_sets and c in optimisation_sets else f"--i {star}"
+        inp = (
+            f"--ios {optimisation_sets[c]}"
+            if flavour == "relion5" and optimisation_sets and c in optimisation_sets
+            else f"--i {star}"
+        )
         lines.append(
             f"mkdir -p Refine3D/class_{c:03d} && "
-            f"relion_refine --auto_refine --split_random_halves {inp} {ref_args} --firstiter_cc"
+            f"mpirun -n 3 relion_refine_mpi --auto_refine --split_random_halves {inp} {ref_args} --firstiter_cc"
             f"{ctf} --particle_diameter {particle_diameter:.0f} --flatten_solvent --zero_mask --oversampling 1"
             f" --healpix_order 2 --auto_local_healpix_order 4 --offset_range 5 --offset_step 2 --sym C1"
             f" --low_resol_join_halves 40 --norm --scale --pad 2 --j {jobs} --o Refine3D/class_{c:03d}/run"
         )
     lines.append("# 3) Put the refined averages back into the tomograms:")
-    lines.append("#    disca_reembed --i Refine3D/class_NNN/run_data.star --maps Refine3D/class_NNN/run_class001.mrc --tomograms TOMO.mrc --o Reembed/")
+    lines.append(
+        "#    disca_reembed --i Refine3D/class_NNN/run_data.star --maps Refine3D/class_NNN/run_class001.mrc --tomograms TOMO.mrc --o Reembed/"
+    )
     return lines

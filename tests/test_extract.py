@@ -27,7 +27,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 def coords_star(path, xyz, tomo="tomo.mrc", **extra):
     xyz = np.asarray(xyz, dtype=float).reshape(-1, 3)
-    df = pd.DataFrame({"rlnMicrographName": tomo, "rlnCoordinateX": xyz[:, 0], "rlnCoordinateY": xyz[:, 1], "rlnCoordinateZ": xyz[:, 2], **extra})
+    df = pd.DataFrame(
+        {
+            "rlnMicrographName": tomo,
+            "rlnCoordinateX": xyz[:, 0],
+            "rlnCoordinateY": xyz[:, 1],
+            "rlnCoordinateZ": xyz[:, 2],
+            **extra,
+        }
+    )
     write_star_blocks(path, {"particles": df}, overwrite=True)
     return path
 
@@ -68,16 +76,26 @@ def test_pad_fills_matching_noise():
     sub = read_box(vol, starts[0], p, rng)
     assert sub.shape == (10, 10, 10) and np.isfinite(sub).all()
     inside, outside = sub[:, :, 4:], sub[:, :, :4]
-    assert abs(outside.mean() - inside.mean()) < 0.25 and abs(outside.std() / inside.std() - 1) < 0.25
+    assert (
+        abs(outside.mean() - inside.mean()) < 0.25 and abs(outside.std() / inside.std() - 1) < 0.25
+    )
 
 
 def test_simulated_ground_truth_reconstructs_in_relion(project):
     """Extract at ground-truth positions, reconstruct with ground-truth angles: the structure."""
     assert shutil.which("relion_reconstruct"), "relion_reconstruct (RELION 3.1) must be on PATH"
-    sim = simulate_tomogram(["4v4r"], (150, 150, 56), 36, 15.0, float("inf"), NO_CTF_NO_WEDGE, seed=2)
+    sim = simulate_tomogram(
+        ["4v4r"], (150, 150, 56), 36, 15.0, float("inf"), NO_CTF_NO_WEDGE, seed=2
+    )
     write_volume("tomo.mrc", sim.volume_zyx, 15.0)
     p = sim.particles
-    coords_star("gt.star", p[["x_px", "y_px", "z_px"]].to_numpy(), rlnAngleRot=p.rot, rlnAngleTilt=p.tilt, rlnAnglePsi=p.psi)
+    coords_star(
+        "gt.star",
+        p[["x_px", "y_px", "z_px"]].to_numpy(),
+        rlnAngleRot=p.rot,
+        rlnAngleTilt=p.tilt,
+        rlnAnglePsi=p.psi,
+    )
     assert extract_main(["--i", "gt.star", "--o", "Extract/job001", "--box", "28", "-q"]) == 0
     out = project / "Extract" / "job001"
     table = read_particles(out / "particles.star")
@@ -97,14 +115,24 @@ def test_simulated_ground_truth_reconstructs_in_relion(project):
     # the CTF/wedge weight: cubic, origin at N/2, accepted by RELION
     with mrcfile.open(table.particles["rlnCtfImage"].iloc[0], permissive=True) as m:
         w = m.data.copy()
-    assert w.shape == (28, 28, 28) and w[14, 14, 14] == 1.0 and w[0, 14, 14] == 0.0  # wedge along kz
-    r = subprocess.run(["relion_reconstruct", "--i", str(out / "particles.star"), "--o", "rec.mrc"], capture_output=True, text=True)
+    assert (
+        w.shape == (28, 28, 28) and w[14, 14, 14] == 1.0 and w[0, 14, 14] == 0.0
+    )  # wedge along kz
+    r = subprocess.run(
+        ["relion_reconstruct", "--i", str(out / "particles.star"), "--o", "rec.mrc"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-500:]
     rec, _ = read_volume("rec.mrc")
     ref = pad_or_crop(load_structure("4v4r", 15.0), rec.shape)
     cc = np.corrcoef(rec.ravel(), ref.ravel())[0, 1]
     assert cc >= 0.9, cc
-    r = subprocess.run(["relion_reconstruct", "--i", str(out / "particles.star"), "--o", "rec_ctf.mrc", "--ctf"], capture_output=True, text=True)
+    r = subprocess.run(
+        ["relion_reconstruct", "--i", str(out / "particles.star"), "--o", "rec_ctf.mrc", "--ctf"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and Path("rec_ctf.mrc").exists(), r.stderr[-500:]
 
 
@@ -114,12 +142,39 @@ def test_wedge_and_ctf_weight_compensated_by_relion(project):
     sim = simulate_tomogram(["4v4r"], (150, 150, 56), 36, 15.0, float("inf"), imaging, seed=3)
     write_volume("tomo.mrc", sim.volume_zyx, 15.0)
     p = sim.particles
-    coords_star("gt.star", p[["x_px", "y_px", "z_px"]].to_numpy(), rlnAngleRot=p.rot, rlnAngleTilt=p.tilt, rlnAnglePsi=p.psi)
-    assert extract_main(["--i", "gt.star", "--o", "X", "--box", "28", "--defocus", "-2", "--tilt-range", "60", "-q"]) == 0
+    coords_star(
+        "gt.star",
+        p[["x_px", "y_px", "z_px"]].to_numpy(),
+        rlnAngleRot=p.rot,
+        rlnAngleTilt=p.tilt,
+        rlnAnglePsi=p.psi,
+    )
+    assert (
+        extract_main(
+            [
+                "--i",
+                "gt.star",
+                "--o",
+                "X",
+                "--box",
+                "28",
+                "--defocus",
+                "-2",
+                "--tilt-range",
+                "60",
+                "-q",
+            ]
+        )
+        == 0
+    )
     ref = pad_or_crop(load_structure("4v4r", 15.0), (28, 28, 28))
     ccs = {}
     for flag in ([], ["--ctf"]):
-        r = subprocess.run(["relion_reconstruct", "--i", "X/particles.star", "--o", "r.mrc", *flag], capture_output=True, text=True)
+        r = subprocess.run(
+            ["relion_reconstruct", "--i", "X/particles.star", "--o", "r.mrc", *flag],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr[-500:]
         rec, _ = read_volume("r.mrc")
         ccs[bool(flag)] = np.corrcoef(rec.ravel(), ref.ravel())[0, 1]
@@ -134,8 +189,43 @@ def test_pick_then_extract_relion5_float16_pad(project):
     for x, y, z in centres:
         vol -= np.exp(-((xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2) / 8).astype(np.float32)
     write_volume("TS_1.mrc", vol, 10.0)
-    assert pick_main(["--i", "TS_1.mrc", "--o", "Pick", "--particle-diameter", "40", "--border", "0", "--threshold", "0.1", "--relion5", "--no-plot", "-q"]) == 0
-    assert extract_main(["--i", "Pick/particles.star", "--o", "Ext", "--box", "12", "--float16", "--border", "pad", "-q"]) == 0
+    assert (
+        pick_main(
+            [
+                "--i",
+                "TS_1.mrc",
+                "--o",
+                "Pick",
+                "--particle-diameter",
+                "40",
+                "--border",
+                "0",
+                "--threshold",
+                "0.1",
+                "--relion5",
+                "--no-plot",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert (
+        extract_main(
+            [
+                "--i",
+                "Pick/particles.star",
+                "--o",
+                "Ext",
+                "--box",
+                "12",
+                "--float16",
+                "--border",
+                "pad",
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = read_particles("Ext/particles.star")
     assert out.flavour == "relion5" and len(out) == 4
     assert (project / "Ext" / "optimisation_set.star").exists()
@@ -148,35 +238,88 @@ def test_pick_then_extract_relion5_float16_pad(project):
     assert len(read_particles("Ext2/particles.star")) == 3
     import json
 
-    assert json.loads((project / "Ext2" / "run.json").read_text())["results"]["n_border_skipped"] == 1
+    assert (
+        json.loads((project / "Ext2" / "run.json").read_text())["results"]["n_border_skipped"] == 1
+    )
 
 
 def _run_cli(args):
-    return subprocess.run([sys.executable, str(REPO / "bin" / "disca_extract"), *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(REPO / "bin" / "disca_extract"), *args], capture_output=True, text=True
+    )
 
 
-def test_bad_input_exits_2_and_writes_nothing(project):
+def test_bad_input_exits_2_and_writes_nothing(project, capsys):
     write_volume("tomo.mrc", np.zeros((20, 40, 40), np.float32), 10.0)
     coords_star("ok.star", [[20, 20, 10]])
     cases = {
         "box": (["--i", "ok.star", "--box", "24"], "larger than the tomogram"),
         "outside": (["--i", coords_star("out.star", [[20, 60, 10]])], "outside"),
-        "unknown": (["--i", coords_star("unk.star", [[20, 20, 10]], tomo="nothere.mrc")], "cannot be found"),
+        "unknown": (
+            ["--i", coords_star("unk.star", [[20, 20, 10]], tomo="nothere.mrc")],
+            "cannot be found",
+        ),
         "angpix": (["--i", "ok.star", "--angpix", "7"], "disagrees"),
         "mapping": (["--i", "ok.star", "--tomograms", "tomo"], "NAME=PATH"),
     }
     for what, (args, message) in cases.items():
-        r = _run_cli([*args, "--o", f"E_{what}", "--box" if "--box" not in args else "--seed", "8" if "--box" not in args else "0"])
-        assert r.returncode == 2, (what, r.stderr)
-        assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (what, r.stderr)
+        extra = ["--seed", "0"] if "--box" in args else ["--box", "8"]
+        capsys.readouterr()
+        assert extract_main([*args, "--o", f"E_{what}", *extra]) == 2, what
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (what, err)
         assert not Path(f"E_{what}").exists() or not any(Path(f"E_{what}").iterdir()), what
+    # the installed entry point: one line on stderr, exit status 2
+    r = _run_cli(["--i", "out.star", "--o", "E_cli", "--box", "8"])
+    assert r.returncode == 2 and "outside" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     # an empty coordinate file (a pick run with zero picks) is an error for extraction
-    write_star_blocks("empty.star", {"particles": pd.DataFrame({"rlnMicrographName": pd.Series([], dtype=str), "rlnCoordinateX": pd.Series([], dtype=float), "rlnCoordinateY": pd.Series([], dtype=float), "rlnCoordinateZ": pd.Series([], dtype=float)})})
-    r = _run_cli(["--i", "empty.star", "--o", "E_empty", "--box", "8"])
-    assert r.returncode == 2 and "empty" in r.stderr
+    write_star_blocks(
+        "empty.star",
+        {
+            "particles": pd.DataFrame(
+                {
+                    "rlnMicrographName": pd.Series([], dtype=str),
+                    "rlnCoordinateX": pd.Series([], dtype=float),
+                    "rlnCoordinateY": pd.Series([], dtype=float),
+                    "rlnCoordinateZ": pd.Series([], dtype=float),
+                }
+            )
+        },
+    )
+    capsys.readouterr()
+    assert extract_main(["--i", "empty.star", "--o", "E_empty", "--box", "8"]) == 2
+    assert "empty" in capsys.readouterr().err
     # --tomograms mapping works; a second run refuses to overwrite, --overwrite replaces
     coords_star("named.star", [[20, 20, 10]], tomo="TS_7")
-    assert extract_main(["--i", "named.star", "--o", "E", "--box", "8", "--tomograms", "TS_7=tomo.mrc", "-q"]) == 0
-    assert extract_main(["--i", "named.star", "--o", "E", "--box", "8", "--tomograms", "TS_7=tomo.mrc", "-q"]) == 2
-    assert extract_main(["--i", "named.star", "--o", "E", "--box", "8", "--tomograms", "TS_7=tomo.mrc", "-q", "--overwrite"]) == 0
-    assert read_star_blocks("E/particles.star")["particles"]["rlnMicrographName"].iloc[0] == "tomo.mrc"
+    assert (
+        extract_main(
+            ["--i", "named.star", "--o", "E", "--box", "8", "--tomograms", "TS_7=tomo.mrc", "-q"]
+        )
+        == 0
+    )
+    assert (
+        extract_main(
+            ["--i", "named.star", "--o", "E", "--box", "8", "--tomograms", "TS_7=tomo.mrc", "-q"]
+        )
+        == 2
+    )
+    assert (
+        extract_main(
+            [
+                "--i",
+                "named.star",
+                "--o",
+                "E",
+                "--box",
+                "8",
+                "--tomograms",
+                "TS_7=tomo.mrc",
+                "-q",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert (
+        read_star_blocks("E/particles.star")["particles"]["rlnMicrographName"].iloc[0] == "tomo.mrc"
+    )

@@ -154,21 +154,20 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
     class Boom(RuntimeError):
         pass
 
-    class BadArray(np.ndarray):
-        def tobytes(self, *a, **k):
+    class ExplodingHeader:
+        def tobytes(self):
             raise Boom("disk full")
 
     import disca_tools.io.mrc as mrc_mod
 
-    real_ascontig = np.ascontiguousarray
-
-    def failing(arr, dtype=None):
-        return real_ascontig(arr, dtype=dtype).view(BadArray)
-
-    monkeypatch.setattr(mrc_mod.np, "ascontiguousarray", failing)
+    # the failure happens inside the atomic block, after the temporary file was created
+    monkeypatch.setattr(mrc_mod, "mrc_header", lambda *a, **k: ExplodingHeader())
     with pytest.raises(Boom):
         write_volume(tmp_path / "b.mrc", _ramp(), 1.0)
+    with pytest.raises(Boom):
+        write_volume(tmp_path / "a.mrc", _ramp() * 3, 1.0, overwrite=True)
     monkeypatch.undo()
+    np.testing.assert_array_equal(read_volume(tmp_path / "a.mrc")[0], _ramp())  # old file intact
     # neither the final file nor a temporary one is left behind
     assert sorted(f.name for f in tmp_path.iterdir()) == ["a.mrc"]
 

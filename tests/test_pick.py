@@ -226,6 +226,13 @@ def test_relion5_output_matches_pixel_coordinates(tmp_path):
     assert as_set(legacy.coords_px) == as_set(centres)
     assert np.allclose(np.sort(r5.coords_at(8.0), axis=0), np.sort(legacy.coords_px, axis=0))
     assert (out / "optimisation_set.star").exists() and (out / "tomograms.star").exists()
+    # a RELION 5 tomograms.star as input picks its rlnTomoReconstructedTomogram files
+    again = tmp_path / "P2"
+    args = ["--particle-diameter", "32", "--border", "0", "--threshold", "0.1", "--no-plot", "-q"]
+    assert pick_main(["--i", str(out / "tomograms.star"), "--o", str(again), *args]) == 0
+    r5b = read_particles(again / "particles.star")
+    assert r5b.flavour == "relion5"
+    assert np.allclose(np.sort(r5b.coords_px, axis=0), np.sort(r5.coords_px, axis=0))
 
 
 def test_zero_picks_is_an_empty_valid_result(tmp_path, caplog):
@@ -359,3 +366,24 @@ def test_mask_and_parallel_workers(tmp_path):
     assert pick_main([*args, "--o", str(tmp_path / "c"), "--mask", str(tmp_path / "mask.mrc")]) == 0
     c = read_particles(tmp_path / "c" / "coordinates.star")
     assert as_set(c.coords_px) == {(40, 30, 12)}
+
+
+def test_threshold_estimate_on_large_volumes_stays_exact():
+    """Huge volumes prune candidates with an estimated floor; a bad estimate triggers an exact rescan."""
+    rng = np.random.default_rng(6)
+    vol = np.zeros((400, 64, 64), np.float32)
+    vol[196:204] = rng.normal(
+        0, 1, (8, 64, 64)
+    )  # noise only in a thin central slab: samples overestimate
+    base = dict(sigma_small=1.0, sigma_large=1.6, threshold_sd=1.0, min_distance=4)
+    whole = pick_volume(vol, PickParams(**base, chunk_voxels=10**9))
+    chunked = pick_volume(vol, PickParams(**base, chunk_voxels=24**3))
+    from disca_tools.pick import BinnedVolume, _estimated_floor
+
+    assert (
+        _estimated_floor(BinnedVolume(vol), PickParams(**base, chunk_voxels=24**3))
+        > whole.threshold
+    )
+    assert len(whole) > 20
+    assert np.array_equal(whole.coords_xyz, chunked.coords_xyz)
+    assert np.array_equal(whole.scores, chunked.scores)

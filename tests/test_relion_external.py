@@ -34,7 +34,9 @@ SUCCEEDED, FAILED = 2, 3
 def _pipeliner() -> str:
     exe = shutil.which("relion_pipeliner")
     if exe is None:
-        pytest.fail("relion_pipeliner not found on PATH: run `make test` (installs Debian's relion 3.1)")
+        pytest.fail(
+            "relion_pipeliner not found on PATH: run `make test` (installs Debian's relion 3.1)"
+        )
     return exe
 
 
@@ -52,9 +54,13 @@ def _job_star(path: Path, exe: Path, in_part: str, params: dict[str, str]) -> No
 
 def _run_pipeliner(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # our python for bin/ wrappers
+    env["PATH"] = (
+        f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # our python for bin/ wrappers
+    )
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return subprocess.run([_pipeliner(), *args], capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [_pipeliner(), *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def _pipeline() -> dict:
@@ -74,7 +80,9 @@ def relion_project(simulated_subtomogram_project: Path, tmp_path: Path, monkeypa
 
 
 def test_relion_pipeliner_runs_split_star_as_external_job(relion_project: Path) -> None:
-    _job_star(Path("job.star"), REPO / "bin" / "disca_split_star", "Sim/clusters.star", {"min-size": "2"})
+    _job_star(
+        Path("job.star"), REPO / "bin" / "disca_split_star", "Sim/clusters.star", {"min-size": "2"}
+    )
     res = _run_pipeliner("--addJobFromStar", "job.star")
     assert res.returncode == 0, res.stderr[-2000:]
     res = _run_pipeliner("--RunJobs", "External/job001/", "--sec_wait_after", "0")
@@ -84,8 +92,19 @@ def test_relion_pipeliner_runs_split_star_as_external_job(relion_project: Path) 
     assert (job / "class_003.star").exists() and (job / "class_003_average.mrc").exists()
     pipe = _pipeline()
     procs = pipe["pipeline_processes"]
-    assert procs.loc[procs["rlnPipeLineProcessName"] == "External/job001/", "rlnPipeLineProcessStatus"].item() == SUCCEEDED
-    nodes = dict(zip(pipe["pipeline_nodes"]["rlnPipeLineNodeName"], pipe["pipeline_nodes"]["rlnPipeLineNodeType"], strict=True))
+    assert (
+        procs.loc[
+            procs["rlnPipeLineProcessName"] == "External/job001/", "rlnPipeLineProcessStatus"
+        ].item()
+        == SUCCEEDED
+    )
+    nodes = dict(
+        zip(
+            pipe["pipeline_nodes"]["rlnPipeLineNodeName"],
+            pipe["pipeline_nodes"]["rlnPipeLineNodeType"],
+            strict=True,
+        )
+    )
     for c in (1, 2, 3):  # RELION read our output nodes: particles (3) and 3D references (6)
         assert nodes[f"External/job001/class_{c:03d}.star"] == 3
         assert nodes[f"External/job001/class_{c:03d}_average.mrc"] == 6
@@ -99,20 +118,32 @@ def test_relion_pipeliner_runs_split_star_as_external_job(relion_project: Path) 
 
 
 def test_relion_pipeliner_sees_failure(relion_project: Path) -> None:
-    _job_star(Path("job.star"), REPO / "bin" / "disca_split_star", "Sim/missing.star", {})
+    # an existing input (RELION's scheduler waits for missing inputs to appear) without class numbers
+    blocks = read_star_blocks("Sim/particles.star")
+    blocks["particles"] = blocks["particles"].drop(columns=["rlnClassNumber"])
+    write_star_blocks("Sim/noclass.star", blocks)
+    _job_star(Path("job.star"), REPO / "bin" / "disca_split_star", "Sim/noclass.star", {})
     assert _run_pipeliner("--addJobFromStar", "job.star").returncode == 0
     res = _run_pipeliner("--RunJobs", "External/job001/", "--sec_wait_after", "0")  # must not hang
     assert res.returncode == 0, res.stderr[-2000:]
     job = Path("External/job001")
-    assert (job / "RELION_JOB_EXIT_FAILURE").exists() and not (job / "RELION_JOB_EXIT_SUCCESS").exists()
-    assert "Sim/missing.star" in (job / "run.err").read_text()
+    assert (job / "RELION_JOB_EXIT_FAILURE").exists() and not (
+        job / "RELION_JOB_EXIT_SUCCESS"
+    ).exists()
+    err = (job / "run.err").read_text()
+    assert "Sim/noclass.star" in err and "rlnClassNumber" in err
     procs = _pipeline()["pipeline_processes"]
     assert procs["rlnPipeLineProcessStatus"].item() == FAILED
 
 
 def test_unknown_parameter_still_ends_with_failure_marker(relion_project: Path, capsys) -> None:
     out = "External/job002/"
-    assert split_main(["--o", out, "--in_parts", "Sim/clusters.star", "--no-such-option", "1", "--j", "1"]) == 2
+    assert (
+        split_main(
+            ["--o", out, "--in_parts", "Sim/clusters.star", "--no-such-option", "1", "--j", "1"]
+        )
+        == 2
+    )
     assert Path(out, "RELION_JOB_EXIT_FAILURE").exists()  # else RELION's pipeliner waits forever
     assert "--no-such-option" in capsys.readouterr().err
 
@@ -121,23 +152,48 @@ def test_abort_now_stops_cleanly(relion_project: Path) -> None:
     job = Path("External/job003")
     job.mkdir(parents=True)
     (job / "RELION_JOB_ABORT_NOW").touch()
-    assert split_main(["--o", "External/job003/", "--in_parts", "Sim/clusters.star", "--j", "1"]) != 0
+    assert (
+        split_main(["--o", "External/job003/", "--in_parts", "Sim/clusters.star", "--j", "1"]) != 0
+    )
     assert (job / "RELION_JOB_EXIT_ABORTED").exists()
-    assert not (job / "RELION_JOB_EXIT_SUCCESS").exists() and not (job / "RELION_JOB_ABORT_NOW").exists()
+    assert (
+        not (job / "RELION_JOB_EXIT_SUCCESS").exists()
+        and not (job / "RELION_JOB_ABORT_NOW").exists()
+    )
     assert not any(job.glob("class_*"))  # stopped before writing any product
 
 
 def test_output_nodes_file_format_for_reembed(relion_project: Path) -> None:
-    assert split_main(["--o", "External/job004/", "--in_parts", "Sim/clusters.star", "--j", "1"]) == 0
+    assert (
+        split_main(["--o", "External/job004/", "--in_parts", "Sim/clusters.star", "--j", "1"]) == 0
+    )
     args = ["--o", "External/job005/", "--in_parts", "External/job004/class_001.star"]
-    args += ["--in_3dref", "External/job004/class_001_average.mrc", "--tomo-shape", "400,100,40", "--angpix", "14"]
+    args += [
+        "--in_3dref",
+        "External/job004/class_001_average.mrc",
+        "--tomo-shape",
+        "400,100,40",
+        "--angpix",
+        "14",
+    ]
     assert reembed_main([*args, "--spheres", "-q"]) == 0
     job = Path("External/job005")
     assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
     nodes = starfile.read(job / "RELION_OUTPUT_NODES.star", always_dict=True)["output_nodes"]
     assert isinstance(nodes, pd.DataFrame)
-    assert list(nodes.columns) == ["rlnPipeLineNodeName", "rlnPipeLineNodeType", "rlnPipeLineNodeTypeLabel"]
-    assert set(nodes["rlnPipeLineNodeName"]) == {"External/job005/simulated_reembedded.mrc", "External/job005/simulated_labels.mrc"}
-    assert set(nodes["rlnPipeLineNodeType"]) == {6} and set(nodes["rlnPipeLineNodeTypeLabel"]) == {"DensityMap.mrc"}
-    split_nodes = starfile.read("External/job004/RELION_OUTPUT_NODES.star", always_dict=True)["output_nodes"]
+    assert list(nodes.columns) == [
+        "rlnPipeLineNodeName",
+        "rlnPipeLineNodeType",
+        "rlnPipeLineNodeTypeLabel",
+    ]
+    assert set(nodes["rlnPipeLineNodeName"]) == {
+        "External/job005/simulated_reembedded.mrc",
+        "External/job005/simulated_labels.mrc",
+    }
+    assert set(nodes["rlnPipeLineNodeType"]) == {6} and set(nodes["rlnPipeLineNodeTypeLabel"]) == {
+        "DensityMap.mrc"
+    }
+    split_nodes = starfile.read("External/job004/RELION_OUTPUT_NODES.star", always_dict=True)[
+        "output_nodes"
+    ]
     assert all(Path(n).exists() and "//" not in n for n in split_nodes["rlnPipeLineNodeName"])

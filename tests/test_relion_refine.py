@@ -35,7 +35,9 @@ BOX, ANGPIX = 24, 14.0
 def _exe(name: str) -> str:
     exe = shutil.which(name)
     if exe is None:
-        pytest.fail(f"{name} not found on PATH: run `make test` (installs Debian's relion 3.1) or `apt-get install relion`")
+        pytest.fail(
+            f"{name} not found on PATH: run `make test` (installs Debian's relion 3.1) or `apt-get install relion`"
+        )
     return exe
 
 
@@ -52,8 +54,32 @@ def split_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     old = Path.cwd()
     os.chdir(root)
     try:
-        args = ["subtomograms", "--o", "Sim", "--structures", *STRUCTURES.values(), "--n-per-class", "40"]
-        assert simulate_main([*args, "--box", str(BOX), "--angpix", str(ANGPIX), "--snr", "inf", "--seed", "5", "-q"]) == 0
+        args = [
+            "subtomograms",
+            "--o",
+            "Sim",
+            "--structures",
+            *STRUCTURES.values(),
+            "--n-per-class",
+            "40",
+        ]
+        assert (
+            simulate_main(
+                [
+                    *args,
+                    "--box",
+                    str(BOX),
+                    "--angpix",
+                    str(ANGPIX),
+                    "--snr",
+                    "inf",
+                    "--seed",
+                    "5",
+                    "-q",
+                ]
+            )
+            == 0
+        )
         blocks = read_star_blocks("Sim/particles.star")
         parts = blocks["particles"].copy()
         parts["rlnMaxValueProbDistribution"] = 0.9
@@ -65,12 +91,19 @@ def split_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_relion_reconstruct_of_each_class_star_gives_its_structure(split_project: Path, monkeypatch) -> None:
+def test_relion_reconstruct_of_each_class_star_gives_its_structure(
+    split_project: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(split_project)
     exe = _exe("relion_reconstruct")
     for c, name in STRUCTURES.items():
         out = f"Split/class_{c:03d}_reconstruct.mrc"
-        res = subprocess.run([exe, "--i", f"Split/class_{c:03d}.star", "--o", out, "--ctf"], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [exe, "--i", f"Split/class_{c:03d}.star", "--o", out, "--ctf"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode == 0, f"relion_reconstruct failed: {res.stderr[-2000:]}"
         rec, _ = read_volume(out)
         ref, _ = read_volume(f"Sim/references/{name}.mrc")
@@ -81,13 +114,45 @@ def test_relion_reconstruct_of_each_class_star_gives_its_structure(split_project
         assert _cc(avg, ref) < _cc(rec, ref)  # the unaligned average is only a starting point
 
 
-def test_short_relion_refine_from_our_average_then_reembed(split_project: Path, monkeypatch) -> None:
+def test_short_relion_refine_from_our_average_then_reembed(
+    split_project: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(split_project)
     exe = _exe("relion_refine")
     Path("Refine").mkdir(exist_ok=True)
-    cmd = [exe, "--i", "Split/class_002.star", "--ref", "Split/class_002_average.mrc", "--firstiter_cc"]
-    cmd += ["--ini_high", "60", "--iter", "3", "--K", "1", "--ctf", "--particle_diameter", "270", "--pool", "10"]
-    cmd += ["--pad", "1", "--healpix_order", "1", "--offset_range", "2", "--offset_step", "2", "--sym", "C1"]
+    cmd = [
+        exe,
+        "--i",
+        "Split/class_002.star",
+        "--ref",
+        "Split/class_002_average.mrc",
+        "--firstiter_cc",
+    ]
+    cmd += [
+        "--ini_high",
+        "60",
+        "--iter",
+        "3",
+        "--K",
+        "1",
+        "--ctf",
+        "--particle_diameter",
+        "270",
+        "--pool",
+        "10",
+    ]
+    cmd += [
+        "--pad",
+        "1",
+        "--healpix_order",
+        "1",
+        "--offset_range",
+        "2",
+        "--offset_step",
+        "2",
+        "--sym",
+        "C1",
+    ]
     cmd += ["--norm", "--scale", "--j", "2", "--o", "Refine/run"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"relion_refine failed: {res.stderr[-2000:]}"
@@ -99,12 +164,33 @@ def test_short_relion_refine_from_our_average_then_reembed(split_project: Path, 
     coords = parts[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy()
     size = (coords.max(axis=0) + BOX).astype(int)
     shape = ",".join(str(s) for s in size)
-    assert set(parts["rlnClassNumber"]) == {1}  # RELION renumbers (K = 1): run_it003_class001.mrc serves it
-    args = ["--i", str(data), "--maps", "Refine/run_it003_class001.mrc", "--tomo-shape", shape, "--angpix", str(ANGPIX)]
+    assert set(parts["rlnClassNumber"]) == {
+        1
+    }  # RELION renumbers (K = 1): run_it003_class001.mrc serves it
+    args = [
+        "--i",
+        str(data),
+        "--maps",
+        "Refine/run_it003_class001.mrc",
+        "--tomo-shape",
+        shape,
+        "--angpix",
+        str(ANGPIX),
+    ]
     assert reembed_main([*args, "--o", "Reembed", "-q"]) == 0
     labels, _ = read_volume("Reembed/simulated_labels.mrc")
     summary = pd.read_csv("Reembed/reembed_summary.tsv", sep="\t")
     assert summary["particles"].sum() == 40
-    centres = coords - parts[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy() / ANGPIX
-    near = [labels[int(round(z)) - 3 : int(round(z)) + 4, int(round(y)) - 3 : int(round(y)) + 4, int(round(x)) - 3 : int(round(x)) + 4].max() for x, y, z in centres]
+    centres = (
+        coords
+        - parts[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy() / ANGPIX
+    )
+    near = [
+        labels[
+            int(round(z)) - 3 : int(round(z)) + 4,
+            int(round(y)) - 3 : int(round(y)) + 4,
+            int(round(x)) - 3 : int(round(x)) + 4,
+        ].max()
+        for x, y, z in centres
+    ]
     assert np.all(np.array(near) == 1)  # every refined particle placed at coordinate − origin

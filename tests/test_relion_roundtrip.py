@@ -71,6 +71,16 @@ def plain_set(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def ctf_set(tmp_path_factory):
+    """CTF (300 kV, −5 µm) and ±60° wedge, written with ctf.mrc (cubic, origin at N/2)."""
+    root = tmp_path_factory.mktemp("relion_ctf")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        _simulate("Ctf", "--tilt-range", "60")
+    return root
+
+
 def test_reconstruction_with_ground_truth_gives_reference(plain_set, monkeypatch):
     monkeypatch.chdir(plain_set)
     ref, _ = read_volume(f"Sim/references/{STRUCTURE}.mrc")
@@ -121,10 +131,9 @@ def test_origin_sign_round_trip(plain_set, monkeypatch):
     assert good - flipped > 0.02
 
 
-def test_ctf_and_wedge_weight_is_compensated_by_relion(tmp_path, monkeypatch):
+def test_ctf_and_wedge_weight_is_compensated_by_relion(ctf_set, monkeypatch):
     """ctf.mrc (cubic, origin at N/2) is accepted by RELION and undoes the simulated CTF × wedge."""
-    monkeypatch.chdir(tmp_path)
-    _simulate("Ctf", "--tilt-range", "60")
+    monkeypatch.chdir(ctf_set)
     ref, _ = read_volume(f"Ctf/references/{STRUCTURE}.mrc")
     with_ctf = _cc(_relion_reconstruct("Ctf/particles.star", "ctf.mrc", ctf=True), ref)
     without = _cc(_relion_reconstruct("Ctf/particles.star", "noctf.mrc", ctf=False), ref)
@@ -132,22 +141,22 @@ def test_ctf_and_wedge_weight_is_compensated_by_relion(tmp_path, monkeypatch):
     assert without < 0.9
 
 
-def test_ctf_weight_layouts_relion_accepts(tmp_path, monkeypatch):
+def test_ctf_weight_layouts_relion_accepts(ctf_set, monkeypatch):
     """The FFTW half layout (``layout="rfft"``) works as well as the cubic one; FFT order does not."""
-    monkeypatch.chdir(tmp_path)
-    _simulate("Ctf", "--tilt-range", "60")
+    monkeypatch.chdir(ctf_set)
     ref, _ = read_volume(f"Ctf/references/{STRUCTURE}.mrc")
     imaging = Imaging(tilt_range_deg=60.0)
     results = {}
     for layout in ("centered", "rfft", "fft"):
         weight = ctf_wedge_weight((32, 32, 32), 10.0, imaging, layout=layout)
-        write_volume(f"Ctf/ctf_{layout}.mrc", weight, 10.0)
+        write_volume(f"Ctf/ctf_{layout}.mrc", weight, 10.0, overwrite=True)
         _rewrite(
             Path("Ctf/particles.star"),
-            Path(f"{layout}.star"),
+            Path(f"layout_{layout}.star"),
             lambda df, lay=layout: df.__setitem__("rlnCtfImage", f"Ctf/ctf_{lay}.mrc"),
         )
-        results[layout] = _cc(_relion_reconstruct(f"{layout}.star", f"{layout}.mrc", ctf=True), ref)
+        rec = _relion_reconstruct(f"layout_{layout}.star", f"layout_{layout}.mrc", ctf=True)
+        results[layout] = _cc(rec, ref)
     assert read_info("Ctf/ctf_rfft.mrc").shape_xyz == (17, 32, 32)  # (N/2+1)·N·N
     assert results["centered"] >= 0.95
     assert results["rfft"] == pytest.approx(results["centered"], abs=1e-3)

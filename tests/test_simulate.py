@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,8 @@ from disca_tools.simulate.imaging import (
     ctf_1d,
     ctf_wedge_weight,
     electron_wavelength_angst,
+    unit_noise,
+    wedge_fraction,
 )
 from disca_tools.simulate.structures import list_structures, load_structure, structure_radius_px
 from disca_tools.simulate.subtomograms import simulate_subtomogram_set
@@ -155,6 +159,24 @@ def test_add_noise_snr():
     assert np.array_equal(add_noise(clean, math.inf, rng), clean)
     with pytest.raises(ValueError):
         add_noise(clean, 0.0, rng)
+
+
+def test_noise_limited_to_the_wedge_unit_variance():
+    rng = np.random.default_rng(3)
+    im = Imaging(tilt_range_deg=45.0)
+    noise = unit_noise((40, 24, 24, 24), im, rng)
+    assert noise.var() == pytest.approx(1.0, rel=0.02)
+    missing = (
+        ctf_wedge_weight((24, 24, 24), 10.0, Imaging(apply_ctf=False, tilt_range_deg=45.0), "fft")
+        == 0
+    )
+    power = np.abs(np.fft.fftn(noise, axes=(1, 2, 3))) ** 2
+    assert power[:, missing].mean() < 1e-8 * power[:, ~missing].mean()
+    assert wedge_fraction((24, 24, 24), im) == pytest.approx(1 - missing.mean())
+    white = unit_noise((40, 24, 24, 24), Imaging(tilt_range_deg=45.0, noise_in_wedge=False), rng)
+    wp = np.abs(np.fft.fftn(white, axes=(1, 2, 3))) ** 2
+    assert wp[:, missing].mean() == pytest.approx(wp[:, ~missing].mean(), rel=0.05)
+    assert unit_noise((8, 8, 8), NO_CTF_NO_WEDGE, rng).var() == pytest.approx(1.0, rel=0.3)
 
 
 # ----------------------------------------------------------------------------- subtomogram sets
@@ -333,6 +355,18 @@ def test_cli_float16_store_and_no_noise(project_dir):
         store[0].astype(np.float32), vol, rtol=2e-3, atol=1e-3 * np.abs(vol).max()
     )
     assert np.all(read_volume("F/ctf.mrc")[0] == 1.0)
+    # --overwrite with fewer particles and a trailing slash: clean names, no stale files
+    args[2] = "F/"
+    args[args.index("--n-per-class") + 1] = "1"
+    assert simulate_main(args) == 2  # refuses without --overwrite
+    assert simulate_main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in Path("F/Subtomograms").iterdir()) == [
+        "sub_000001.mrc",
+        "sub_000002.mrc",
+    ]
+    names = Path("F/subtomograms_names.txt").read_text().split()
+    assert names == ["F/Subtomograms/sub_000001.mrc", "F/Subtomograms/sub_000002.mrc"]
+    assert read_particles("F/particles.star").particles["rlnImageName"].tolist() == names
 
 
 def test_cli_bad_input_writes_nothing(project_dir, capsys):
@@ -347,6 +381,26 @@ def test_cli_bad_input_writes_nothing(project_dir, capsys):
     assert simulate_main(["subtomograms", "--o", "X", "--structures", "1bxn", "--snr", "-1"]) == 2
     assert not Path("X").exists()
     assert simulate_main(["nonsense", "--o", "X"]) == 2
+    capsys.readouterr()
+    Path("fake.mrc").write_text("not a map\n" * 200)
+    assert simulate_main(["subtomograms", "--o", "X", "--structures", "fake.mrc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fake.mrc: not an MRC file" in err[0]
+    assert not Path("X").exists()
+
+
+def test_bin_wrapper_bad_input_exit_2_one_line(project_dir):
+    """The installed-style executable: one line on stderr, exit 2, no traceback, nothing written."""
+    exe = Path(__file__).resolve().parent.parent / "bin" / "disca_simulate"
+    res = subprocess.run(
+        [sys.executable, str(exe), "tomogram", "--o", "Y", "--structures", "4v4r", "--snr", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip() == "disca_simulate: error: --snr: must be positive or inf, got 0.0"
+    assert not Path("Y").exists()
 
 
 def test_cli_tomogram_outputs(project_dir):
@@ -366,3 +420,21 @@ def test_cli_tomogram_outputs(project_dir):
     np.testing.assert_array_equal(
         t5.particles["rlnClassNumber"].to_numpy(int), t31.particles["rlnClassNumber"].to_numpy(int)
     )
+
+
+def test_cli_as_relion_external_job(project_dir, capsys):
+    """RELION passes parameters as --label value: the mode can be given as --mode."""
+    Path("External/job007").mkdir(parents=True)
+    args = ["--o", "External/job007/", "--mode", "subtomograms", "--structures", "1bxn"]
+    args += ["--n-per-class", "2", "--box", "16", "--angpix", "16", "--j", "1", "-q"]
+    assert simulate_main(args) == 0
+    job = Path("External/job007")
+    assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    assert "External/job007/particles.star" in (job / "RELION_OUTPUT_NODES.star").read_text()
+    names = read_particles(job / "particles.star").particles["rlnImageName"].tolist()
+    assert names == [
+        "External/job007/Subtomograms/sub_000001.mrc",
+        "External/job007/Subtomograms/sub_000002.mrc",
+    ]
+    assert simulate_main(["--o", "Q", "--structures", "1bxn"]) == 2
+    assert "mode: say what to simulate" in capsys.readouterr().err

@@ -549,3 +549,16 @@ def test_pytom_relion5_mode_centred(tmp_path):
     np.testing.assert_allclose(back.coords_px, t.coords_px, atol=1e-3)
     with pytest.raises(UserError, match=r"picks\.star: RELION 5 particles"):
         read_particles(path)
+
+
+def test_rebinned_relion4_table_round_trips_through_relion31(tmp_path):
+    t = read_particles(R40)
+    # bin by 4: 1700 px of 1.971 Å = 425 px of 7.884 Å
+    df = t.particles.copy()
+    for c in ("rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"):
+        df[c] = df[c] / 4
+    binned = t.with_particles(df)
+    binned.coord_angpix = 4 * 1.971
+    back = read_particles(write_relion31(tmp_path / "bin4.star", binned))
+    assert back.coord_angpix == pytest.approx(7.884)  # rlnMicrographPixelSize beats TS pixel
+    np.testing.assert_allclose(back.coords_px[0], [425.0, 107.0, 236.0])

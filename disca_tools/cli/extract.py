@@ -38,6 +38,7 @@ import pandas as pd
 from disca_tools.extract import (
     ExtractParams,
     StoreWriter,
+    VolumeFileWriter,
     box_centres_px,
     box_starts,
     inside_mask,
@@ -93,7 +94,9 @@ class Options(CommonOptions):
         help="negate values so protein is white (default: yes, tomograms have protein dark)",
     )
     float16: bool = opt(
-        "--float16", default=False, help="write half-precision subtomograms and store"
+        "--float16",
+        default=False,
+        help="half-precision subtomograms and store (MRC mode 12: RELION >= 4 reads it, 3.1 does not)",
     )
     ctf: bool = opt(
         "--ctf", default=True, negatable=True, help="write 3D CTF/wedge weights (rlnCtfImage)"
@@ -207,6 +210,10 @@ def run(o: Options) -> dict:
         border=o.border,
         float16=o.float16,
     )
+    if params.float16:
+        logger.warning(
+            "--float16: RELION 3.1 cannot read MRC mode 12 subtomograms (RELION >= 4 can)"
+        )
     table = read_particles(o.i, angpix=o.coord_angpix)
     tomos = _open_tomograms(o, table)
     angpix = next(iter(tomos.values())).angpix
@@ -281,30 +288,30 @@ def run(o: Options) -> dict:
         f = sub_dir / names[k] / f"{names[k]}_{n:06d}.mrc"
         files.append(f)
         image_names.append(_rel(f))
-    ctf_names = {}
-    if o.ctf:
-        imaging = Imaging(
-            voltage_kv=o.voltage,
-            cs_mm=o.cs,
-            amplitude_contrast=o.amplitude_contrast,
-            defocus_um=o.defocus if o.defocus is not None else -5.0,
-            tilt_range_deg=o.tilt_range,
-            tilt_axis=o.tilt_axis,
-            apply_ctf=o.defocus is not None,
-        )
-        weight = ctf_wedge_weight((params.box,) * 3, out_angpix, imaging, layout="centered")
-        for name in tomos:
-            f = sub_dir / name / f"{name}_ctf.mrc"
-            f.parent.mkdir(parents=True, exist_ok=True)
-            write_volume(f, weight, out_angpix, overwrite=True)
-            ctf_names[name] = _rel(f)
-
+    rels = [f.relative_to(sub_dir) for f in files]
+    writer = VolumeFileWriter(sub_dir, params.box, out_angpix, params.dtype, threads=max(4, o.j))
     row_of = {int(k): r for r, k in enumerate(idx)}
     rng = np.random.default_rng(o.seed)
     store = StoreWriter(out / "subtomograms.npy", len(idx), params.box, params.dtype)
+    ctf_names = {}
     try:
+        if o.ctf:
+            imaging = Imaging(
+                voltage_kv=o.voltage,
+                cs_mm=o.cs,
+                amplitude_contrast=o.amplitude_contrast,
+                defocus_um=o.defocus if o.defocus is not None else -5.0,
+                tilt_range_deg=o.tilt_range,
+                tilt_axis=o.tilt_axis,
+                apply_ctf=o.defocus is not None,
+            )
+            weight = ctf_wedge_weight((params.box,) * 3, out_angpix, imaging, layout="centered")
+            for name in tomos:
+                f = writer.path(Path(name) / f"{name}_ctf.mrc")
+                f.parent.mkdir(parents=True, exist_ok=True)
+                write_volume(f, weight, out_angpix, overwrite=True)  # float32 always
+                ctf_names[name] = _rel(sub_dir / name / f"{name}_ctf.mrc")
         for name, t in tomos.items():
-            (sub_dir / name).mkdir(parents=True, exist_ok=True)
             rows = np.asarray([k for k in idx if names[k] == name], dtype=np.int64)
             if not len(rows):
                 continue
@@ -312,12 +319,12 @@ def run(o: Options) -> dict:
             for j, sub in iter_boxes(data, starts[rows], params, rng, desc=name):
                 r = row_of[int(rows[j])]
                 store[r] = sub
-                write_volume(
-                    files[r], sub, out_angpix, float16=params.float16, overwrite=True, stats=False
-                )
+                writer.write(rels[r], sub)
         store.commit()
+        writer.commit()
     except BaseException:
         store.abort()
+        writer.abort()
         raise
     write_store_names(out / "subtomograms_names.txt", image_names)
 
@@ -336,6 +343,8 @@ def run(o: Options) -> dict:
     kept[IMAGE] = image_names
     if o.ctf:
         kept[CTF_IMAGE] = [ctf_names[n] for n in names[idx]]
+    elif CTF_IMAGE in kept.columns:  # old weights of another box size must not be kept
+        kept = kept.drop(columns=[CTF_IMAGE])
     for c in ("rlnOpticsGroup", "rlnImagePixelSize"):
         if c in kept.columns:
             kept = kept.drop(columns=[c])

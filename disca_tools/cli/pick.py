@@ -39,7 +39,7 @@ from disca_tools.io.mrc import check_angpix, open_volume, read_info
 from disca_tools.io.particles import ParticleTable
 from disca_tools.io.star import (
     make_tomograms_table,
-    read_star_blocks,
+    read_tomograms,
     write_relion5,
     write_star_blocks,
 )
@@ -131,47 +131,32 @@ class _Tomo:
     size_bin1_xyz: tuple[float, float, float]
 
 
-def _read_tomograms_star(path: Path, angpix: float | None) -> list[_Tomo]:
-    blocks = read_star_blocks(path)
-    table = blocks.get("global")
-    if table is None:
-        loops = [b for b in blocks.values() if isinstance(b, pd.DataFrame)]
-        table = loops[0] if loops else None
-    if not isinstance(table, pd.DataFrame) or "rlnTomoName" not in table.columns:
-        raise file_error(path, "not a RELION 5 tomograms.star (no data_global with rlnTomoName)")
+def _read_tomograms_star(path: Path, angpix: float | None) -> tuple[list[_Tomo], pd.DataFrame]:
+    table = read_tomograms(path)
     if "rlnTomoReconstructedTomogram" not in table.columns:
         raise file_error(path, "no rlnTomoReconstructedTomogram column: no tomogram files to pick")
     tomos = []
     for _, row in table.iterrows():
         f = str(row["rlnTomoReconstructedTomogram"])
-        if not Path(f).exists():
+        if not Path(f).is_file():
             raise file_error(
                 path,
-                f"tomogram {f} of {row['rlnTomoName']} not found (paths are relative to the project directory)",
+                f"tomogram {f} of {row['rlnTomoName']} not found (paths are relative to the "
+                "project directory)",
             )
         info = read_info(f)
-        ts = float(row.get("rlnTomoTiltSeriesPixelSize", 0) or 0)
+        ts = float(row["rlnTomoTiltSeriesPixelSize"])
         b = float(row.get("rlnTomoTomogramBinning", 1) or 1)
-        expected = angpix if angpix else (ts * b if ts > 0 else None)
-        ap = check_angpix(f, info.angpix, expected)
-        sizes = tuple(
-            float(row[c]) if c in row and float(row[c]) > 0 else s * b
-            for c, s in zip(
-                ("rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ"), info.shape_xyz, strict=True
-            )
-        )
-        tomos.append(
-            _Tomo(
-                str(row["rlnTomoName"]), f, ap, info.shape_xyz, ts if ts > 0 else ap / b, b, sizes
-            )
-        )
-    return tomos
+        ap = check_angpix(f, info.angpix, angpix if angpix else ts * b)
+        sizes = tuple(float(row[c]) for c in ("rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ"))
+        tomos.append(_Tomo(str(row["rlnTomoName"]), f, ap, info.shape_xyz, ts, b, sizes))
+    return tomos, table
 
 
 def _collect_inputs(o: Options) -> tuple[list[_Tomo], bool, pd.DataFrame | None]:
     if len(o.i) == 1 and o.i[0].endswith(".star"):
-        tomos = _read_tomograms_star(Path(o.i[0]), o.angpix)
-        return tomos, True, read_star_blocks(o.i[0]).get("global")
+        tomos, table = _read_tomograms_star(Path(o.i[0]), o.angpix)
+        return tomos, True, table
     tomos = []
     for f in o.i:
         if f.endswith(".star"):

@@ -6,7 +6,8 @@
       --tomo-shape 1000,1000,250 --angpix 10 --o Reembed/
 
 Input: a particle STAR with rlnClassNumber, ideally with refined angles and shifts (RELION 3.1 or 5
-Refine3D/Class3D run_data.star, or clusters.star); one map per class, matched by class number: a
+Refine3D/Class3D run_data.star, or clusters.star; for RELION 5 give the optimisation_set.star, or
+--tomograms-star, so the centred coordinates can be converted); one map per class, matched by class number: a
 map named ...classNNN... or ...class_NNN... (RELION's run_class001.mrc, our class_001_average.mrc)
 serves class NNN; maps without a number serve the STAR's classes in increasing order.
 
@@ -48,23 +49,53 @@ from ..runtime.outputs import atomic_path, check_not_input, prepare_output_dir
 
 @dataclass(kw_only=True)
 class Options(CommonOptions):
-    i: str = opt("--i", "--input", help="particle STAR file with rlnClassNumber (run_data.star, clusters.star)")
-    maps: list[str] = opt("--maps", "--ref", nargs="+", help="one map per class (run_classNNN.mrc or ours)")
-    o: str = opt("--o", "--output-dir", help="output folder")
-    tomograms: list[str] = opt("--tomograms", default=[], nargs="*", help="tomogram MRC files (shape, voxel size)")
-    tomo_shape: str = opt("--tomo-shape", default="", help="X,Y,Z tomogram size in voxels when no file is given")
-    angpix: float = opt("--angpix", default=0.0, help="tomogram voxel size in Å (default: from the tomogram header)")
-    coord_angpix: float = opt(
-        "--coord-angpix", default=0.0, help="voxel size of the STAR's coordinates (default: as the STAR states)"
+    i: str = opt(
+        "--i",
+        "--input",
+        help="particle STAR file with rlnClassNumber (run_data.star, clusters.star)",
     )
-    tomograms_star: str = opt("--tomograms-star", default="", help="RELION 5 tomograms.star (default: found)")
-    map_angpix: float = opt("--map-angpix", default=0.0, help="voxel size of the maps (default: their headers)")
-    contour: str = opt("--contour", default="", help="absolute contour level for the labels (default: fraction)")
-    contour_fraction: float = opt("--contour-fraction", default=0.25, help="contour as a fraction of each map's max")
+    maps: list[str] = opt(
+        "--maps", "--ref", nargs="+", help="one map per class (run_classNNN.mrc or ours)"
+    )
+    o: str = opt("--o", "--output-dir", help="output folder")
+    tomograms: list[str] = opt(
+        "--tomograms", default=None, nargs="*", help="tomogram MRC files (shape, voxel size)"
+    )
+    tomo_shape: str = opt(
+        "--tomo-shape", default=None, help="X,Y,Z tomogram size in voxels when no file is given"
+    )
+    angpix: float = opt(
+        "--angpix",
+        default=None,
+        help="tomogram voxel size in Å (default: from the tomogram header)",
+    )
+    coord_angpix: float = opt(
+        "--coord-angpix",
+        default=None,
+        help="voxel size of the STAR's coordinates (default: as the STAR states)",
+    )
+    tomograms_star: str = opt(
+        "--tomograms-star", default=None, help="RELION 5 tomograms.star (default: found)"
+    )
+    map_angpix: float = opt(
+        "--map-angpix", default=None, help="voxel size of the maps (default: their headers)"
+    )
+    contour: float = opt(
+        "--contour", default=None, help="absolute contour level for the labels (default: fraction)"
+    )
+    contour_fraction: float = opt(
+        "--contour-fraction", default=0.25, help="contour as a fraction of each map's max"
+    )
     invert: bool = opt("--invert", default=False, help="maps are protein dark: negate them")
-    no_mask: bool = opt("--no-mask", default=False, help="do not mask maps with their box's inscribed sphere")
-    spheres: bool = opt("--spheres", default=False, help="place spheres of each class's size even with angles")
-    slab: int = opt("--slab", default=0, help="z slab thickness in voxels (default: ~128 MB of buffers)")
+    no_mask: bool = opt(
+        "--no-mask", default=False, help="do not mask maps with their box's inscribed sphere"
+    )
+    spheres: bool = opt(
+        "--spheres", default=False, help="place spheres of each class's size even with angles"
+    )
+    slab: int = opt(
+        "--slab", default=None, help="z slab thickness in voxels (default: ~128 MB of buffers)"
+    )
     no_png: bool = opt("--no-png", default=False, help="skip the PNG")
 
 
@@ -82,7 +113,9 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
     return vals[0], vals[1], vals[2]
 
 
-def _match_tomogram_files(files: list[str], names: list[str], micrographs: dict[str, str]) -> dict[str, Path]:
+def _match_tomogram_files(
+    files: list[str], names: list[str], micrographs: dict[str, str]
+) -> dict[str, Path]:
     by_key: dict[str, Path] = {}
     for f in files:
         p = require_file(f, "tomogram")
@@ -103,7 +136,9 @@ def _match_tomogram_files(files: list[str], names: list[str], micrographs: dict[
     return out
 
 
-def _tomogram_geometry(o: Options, table, names: list[str]) -> dict[str, tuple[tuple[int, int, int], float, str]]:
+def _tomogram_geometry(
+    o: Options, table, names: list[str]
+) -> dict[str, tuple[tuple[int, int, int], float, str]]:
     """tomogram name → (shape_zyx, voxel size, where it came from)."""
     df = table.particles
     micrographs = {}
@@ -131,7 +166,11 @@ def _tomogram_geometry(o: Options, table, names: list[str]) -> dict[str, tuple[t
             angpix = check_angpix(mic, info.angpix, o.angpix or None)
             out[n] = (info.shape_zyx, angpix, mic)
             continue
-        if tomos is not None and set(TOMO_SIZES) <= set(tomos.columns) and n in set(tomos[TOMO_NAME].astype(str)):
+        if (
+            tomos is not None
+            and set(TOMO_SIZES) <= set(tomos.columns)
+            and n in set(tomos[TOMO_NAME].astype(str))
+        ):
             row = tomos.loc[tomos[TOMO_NAME].astype(str) == n].iloc[0]
             b = float(row[TOMO_BINNING]) if TOMO_BINNING in tomos.columns else 1.0
             angpix = o.angpix or float(row[TILT_SERIES_ANGPIX]) * b
@@ -148,12 +187,14 @@ def run(o: Options) -> dict:
     src = require_file(o.i, "particle STAR file")
     for m in o.maps:
         require_file(m, "map")
-    contour = None
-    if o.contour:
-        try:
-            contour = float(o.contour)
-        except ValueError:
-            raise UserError(f"--contour: not a number: {o.contour!r}") from None
+    contour = o.contour
+    for name, value in (
+        ("--angpix", o.angpix),
+        ("--coord-angpix", o.coord_angpix),
+        ("--map-angpix", o.map_angpix),
+    ):
+        if value is not None and not value > 0:
+            raise UserError(f"{name} must be positive (got {value})")
     if o.tomo_shape:
         _parse_shape(o.tomo_shape)
     if not 0 < o.contour_fraction < 1:
@@ -161,7 +202,9 @@ def run(o: Options) -> dict:
     table = read_particles(src, angpix=o.coord_angpix or None, tomograms=o.tomograms_star or None)
     df = table.particles
     if CLASS not in df.columns:
-        raise file_error(src, f"no {CLASS} column: which map goes where is unknown (cluster or classify first)")
+        raise file_error(
+            src, f"no {CLASS} column: which map goes where is unknown (cluster or classify first)"
+        )
     classes = pd.to_numeric(df[CLASS], errors="coerce")
     if classes.isna().any():
         raise file_error(src, f"{CLASS} has values that are not numbers")
@@ -170,7 +213,9 @@ def run(o: Options) -> dict:
     geometry = _tomogram_geometry(o, table, names)
     spheres = o.spheres or not table.has_angles
     if not table.has_angles and not o.spheres:
-        logger.warning("%s: no angles (rlnAngleRot/Tilt/Psi): placing spheres of each class's size", src)
+        logger.warning(
+            "%s: no angles (rlnAngleRot/Tilt/Psi): placing spheres of each class's size", src
+        )
 
     # everything that can fail on the inputs is checked before anything is written
     prepared = {}
@@ -179,7 +224,13 @@ def run(o: Options) -> dict:
         key = round(angpix, 6)
         if key not in prepared:
             prepared[key] = load_class_maps(
-                maps_by_class, angpix, o.map_angpix or None, contour, o.contour_fraction, o.invert, not o.no_mask
+                maps_by_class,
+                angpix,
+                o.map_angpix or None,
+                contour,
+                o.contour_fraction,
+                o.invert,
+                not o.no_mask,
             )
     image_angpix = table.image_angpix()
     plans = []
@@ -191,8 +242,12 @@ def run(o: Options) -> dict:
         else:
             coords = table.coords_px[sel]
             logger.info("%s: coordinates taken as pixels of the tomogram (%g Å)", src, angpix)
-        pl = particle_placements(df.loc[sel].reset_index(drop=True), coords, angpix, image_angpix, str(src))
-        inside = np.all((pl.centres_xyz >= -0.5) & (pl.centres_xyz < np.array(shape_zyx[::-1]) - 0.5), axis=1)
+        pl = particle_placements(
+            df.loc[sel].reset_index(drop=True), coords, angpix, image_angpix, str(src)
+        )
+        inside = np.all(
+            (pl.centres_xyz >= -0.5) & (pl.centres_xyz < np.array(shape_zyx[::-1]) - 0.5), axis=1
+        )
         if not inside.any():
             raise file_error(
                 src,
@@ -200,7 +255,9 @@ def run(o: Options) -> dict:
                 "check --coord-angpix/--angpix",
             )
         if not inside.all():
-            logger.warning("%s: %d particles of %r lie outside the tomogram", src, int((~inside).sum()), n)
+            logger.warning(
+                "%s: %d particles of %r lie outside the tomogram", src, int((~inside).sum()), n
+            )
         plans.append((n, shape_zyx, angpix, pl))
 
     out_dir = Path(o.o)
@@ -209,7 +266,7 @@ def run(o: Options) -> dict:
         products += [f"{_safe(n)}_reembedded.mrc", f"{_safe(n)}_labels.mrc"]
         if not o.no_png:
             products.append(f"{_safe(n)}_reembed.png")
-    inputs = [src, *o.maps, *o.tomograms]
+    inputs = [src, *o.maps, *(o.tomograms or [])]
     check_not_input([out_dir / p for p in products], inputs)
     prepare_output_dir(out_dir, o.overwrite, products)
 
@@ -218,18 +275,36 @@ def run(o: Options) -> dict:
         maps = prepared[round(angpix, 6)]
         dens_path = out_dir / f"{_safe(n)}_reembedded.mrc"
         lab_path = out_dir / f"{_safe(n)}_labels.mrc"
-        logger.info("tomogram %s: %d particles into %s voxels at %g Å", n, len(pl), shape_zyx[::-1], angpix)
-        stats[n] = write_reembedded(dens_path, lab_path, pl, maps, shape_zyx, angpix, o.slab or None, spheres)
+        logger.info(
+            "tomogram %s: %d particles into %s voxels at %g Å", n, len(pl), shape_zyx[::-1], angpix
+        )
+        stats[n] = write_reembedded(
+            dens_path, lab_path, pl, maps, shape_zyx, angpix, o.slab or None, spheres
+        )
         nodes += [(str(dens_path), "map"), (str(lab_path), "map")]
         if not o.no_png:
             z = choose_slices(pl.centres_xyz[:, 2], shape_zyx[0])
-            plot_reembed(dens_path, lab_path, out_dir / f"{_safe(n)}_reembed.png", z, sorted(maps), title=n)
+            plot_reembed(
+                dens_path, lab_path, out_dir / f"{_safe(n)}_reembed.png", z, sorted(maps), title=n
+            )
         for c in sorted(set(pl.classes.tolist())):
-            rows.append({"tomogram": n, "class": c, "particles": int((pl.classes == c).sum()), "map": str(maps_by_class[c])})
+            rows.append(
+                {
+                    "tomogram": n,
+                    "class": c,
+                    "particles": int((pl.classes == c).sum()),
+                    "map": str(maps_by_class[c]),
+                }
+            )
     with atomic_path(out_dir / "reembed_summary.tsv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, sep="\t", index=False)
     o._relion_nodes = nodes
-    return {"tomograms": names, "n_particles": int(len(df)), "spheres": bool(spheres), "stats": stats}
+    return {
+        "tomograms": names,
+        "n_particles": int(len(df)),
+        "spheres": bool(spheres),
+        "stats": stats,
+    }
 
 
 SPEC = ToolSpec(

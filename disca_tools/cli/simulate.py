@@ -5,12 +5,14 @@
   disca_simulate tomogram --o DIR --structures 4v4r 1bxn --shape 512,512,128 --n-particles 200
       --angpix 10 --snr 0.1 --tilt-range 60 --seed 0
 
+The mode may also be given as --mode subtomograms|tomogram (as a RELION External job passes it).
 Structures are shipped names (1bxn 1qvr 1s3x 1u6g 2cg9 3cf3 3d2f 3gl1 3h84 3j9i 3qm1 4cr2 4v4r 4v94,
 see disca_tools/simulate/structures/NOTICE.md) or MRC paths, separated by spaces or commas.
 Image formation (the DISCA paper's protocol): uniform random orientation, small random shift
 (subtomograms), CTF (--voltage, --cs, --amplitude-contrast, --defocus; −5 µm = 5 µm underfocus),
-missing wedge from --tilt-range about the y axis, white Gaussian noise at SNR = signal variance /
-noise variance (--snr inf: no noise).
+missing wedge from --tilt-range about the y axis, Gaussian noise at SNR = signal variance / noise
+variance (--snr inf: no noise), limited to the sampled Fourier region as back-projected noise is
+(--white-noise: white 3D noise).
 
 subtomograms writes, with paths relative to the current directory (run it from the RELION project):
   DIR/Subtomograms/sub_NNNNNN.mrc   one float32 volume per particle, protein positive, not normalised
@@ -38,15 +40,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..io.mrc import write_volume
+from ..io.mrc import read_info, write_volume
 from ..io.particles import ParticleTable
 from ..io.star import default_optics, make_tomograms_table, write_relion5, write_relion31
 from ..runtime.cli import CommonOptions, ToolSpec, opt, run_tool
 from ..runtime.errors import UserError
 from ..runtime.log import logger, progress
-from ..runtime.outputs import atomic_path, prepare_output_dir, write_text_atomic
+from ..runtime.outputs import (
+    atomic_path,
+    check_not_input,
+    prepare_output_dir,
+    write_text_atomic,
+)
 from ..simulate.imaging import Imaging, ctf_wedge_weight
-from ..simulate.structures import structure_path
+from ..simulate.structures import structure_label, structure_path
 from ..simulate.subtomograms import SubtomogramSet, simulate_subtomogram_set
 from ..simulate.tomogram import TomogramSimulation, simulate_tomogram
 
@@ -55,7 +62,19 @@ MODES = ("subtomograms", "tomogram")
 
 @dataclass(kw_only=True)
 class Options(CommonOptions):
-    mode: str = opt("mode", choices=list(MODES), help="what to simulate: subtomograms or tomogram")
+    mode: str | None = opt(
+        "mode",
+        nargs="?",
+        default=None,
+        choices=list(MODES),
+        help="what to simulate: subtomograms or tomogram",
+    )
+    mode_option: str | None = opt(
+        "--mode",
+        default=None,
+        choices=list(MODES),
+        help="the same as the positional mode (for RELION External jobs, which pass --label value)",
+    )
     o: str = opt("--o", "--output-dir", help="output folder")
     structures: list[str] = opt(
         "--structures", nargs="+", help="shipped structure names or MRC paths (spaces or commas)"
@@ -72,6 +91,11 @@ class Options(CommonOptions):
     defocus: float = opt("--defocus", default=-5.0, help="defocus in µm; negative = underfocus")
     no_ctf: bool = opt(
         "--no-ctf", default=False, help="leave out the CTF (the wedge still applies)"
+    )
+    white_noise: bool = opt(
+        "--white-noise",
+        default=False,
+        help="white 3D noise (default: noise limited to the sampled region, as back-projected noise is)",
     )
     box: int = opt(
         "--box",
@@ -106,6 +130,7 @@ SUB_PRODUCTS = [
     "subtomograms.npy",
     "subtomograms_names.txt",
     "Subtomograms",
+    "references",
 ]
 TOMO_PRODUCTS = [
     "tomogram.mrc",
@@ -121,7 +146,9 @@ def _structures(o: Options) -> list[str]:
     if not names:
         raise UserError("--structures: give at least one structure name or MRC path")
     for s in names:
-        structure_path(s)  # UserError naming it if unknown
+        path = structure_path(s)  # UserError naming it if unknown
+        if read_info(path).angpix <= 0:  # UserError if not a readable MRC
+            raise UserError(f"{path}: header has no voxel size; cannot resample the structure")
     return names
 
 
@@ -134,6 +161,7 @@ def _imaging(o: Options) -> Imaging:
             defocus_um=o.defocus,
             tilt_range_deg=o.tilt_range,
             apply_ctf=not o.no_ctf,
+            noise_in_wedge=not o.white_noise,
         )
     except ValueError as exc:
         raise UserError(f"imaging options: {exc}") from None
@@ -200,16 +228,24 @@ def run_subtomograms(o: Options) -> dict:
     if o.n_per_class < 1:
         raise UserError(f"--n-per-class: must be at least 1, got {o.n_per_class}")
     imaging = _imaging(o)
+    base = Path(o.o).as_posix()  # as written in STAR files: relative to the project dir (cwd)
     out = prepare_output_dir(o.o, o.overwrite, SUB_PRODUCTS)
+    check_not_input(
+        [out / "references" / f"{structure_label(s)}.mrc" for s in structures],
+        [structure_path(s) for s in structures],
+    )
     sim = simulate_subtomogram_set(
         structures, o.n_per_class, o.box, o.angpix, o.snr, imaging, o.seed, max_shift_px=o.max_shift
     )
     n = len(sim)
-    names = [f"{o.o}/Subtomograms/sub_{i + 1:06d}.mrc" for i in range(n)]
+    names = [f"{base}/Subtomograms/sub_{i + 1:06d}.mrc" for i in range(n)]
     sub_dir = out / "Subtomograms"
     sub_dir.mkdir(exist_ok=True)
     for i in progress(range(n), total=n, desc="write subtomograms", unit="file"):
         write_volume(sub_dir / f"sub_{i + 1:06d}.mrc", sim.volumes[i], o.angpix, overwrite=True)
+    for stale in sub_dir.glob("sub_*.mrc"):  # left by an earlier, larger run (--overwrite)
+        if stale.name[4:10].isdigit() and int(stale.name[4:10]) > n:
+            stale.unlink()
     store = out / "subtomograms.npy"
     with atomic_path(store) as tmp, open(tmp, "wb") as fh:
         np.save(fh, sim.volumes.astype(np.float16 if o.float16 else np.float32, copy=False))
@@ -221,7 +257,7 @@ def run_subtomograms(o: Options) -> dict:
         write_volume(out / "references" / f"{name}.mrc", ref, o.angpix, overwrite=True)
     _classes_tsv(out / "classes.tsv", structures, sim.class_names)
     write_relion31(
-        out / "particles.star", subtomogram_star_table(sim, o.o, names, imaging), overwrite=True
+        out / "particles.star", subtomogram_star_table(sim, base, names, imaging), overwrite=True
     )
     logger.info("wrote %d subtomograms of %d classes to %s", n, len(structures), out)
     return {
@@ -305,7 +341,7 @@ def run_tomogram(o: Options) -> dict:
     sim = simulate_tomogram(
         structures, shape, o.n_particles, o.angpix, o.snr, imaging, o.seed, o.min_separation
     )
-    tomo_path = f"{o.o}/tomogram.mrc"
+    tomo_path = f"{Path(o.o).as_posix()}/tomogram.mrc"
     write_volume(out / "tomogram.mrc", sim.volume_zyx, o.angpix, overwrite=True)
     write_volume(out / "tomogram_noisefree.mrc", sim.clean_zyx, o.angpix, overwrite=True)
     table = tomogram_star_table(sim, tomo_path, o.box, imaging)
@@ -323,8 +359,13 @@ def run_tomogram(o: Options) -> dict:
 
 
 def run(o: Options) -> dict:
+    if o.mode and o.mode_option and o.mode != o.mode_option:
+        raise UserError(f"mode: {o.mode} and --mode {o.mode_option} disagree")
+    mode = o.mode or o.mode_option
+    if mode is None:
+        raise UserError("mode: say what to simulate: subtomograms or tomogram")
     _validate_common(o)
-    return run_subtomograms(o) if o.mode == "subtomograms" else run_tomogram(o)
+    return run_subtomograms(o) if mode == "subtomograms" else run_tomogram(o)
 
 
 SPEC = ToolSpec(

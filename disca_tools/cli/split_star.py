@@ -34,19 +34,30 @@ from ..runtime.cli import CommonOptions, ToolSpec, opt, run_tool
 from ..runtime.errors import UserError, file_error, require_file
 from ..runtime.log import logger
 from ..runtime.outputs import atomic_path, check_not_input, prepare_output_dir, write_text_atomic
-from ..split import averages_available, class_averages, next_steps, parse_class_list, parse_merges, split_blocks
+from ..split import (
+    averages_available,
+    class_averages,
+    next_steps,
+    parse_class_list,
+    parse_merges,
+    split_blocks,
+)
 
 
 @dataclass(kw_only=True)
 class Options(CommonOptions):
-    i: str = opt("--i", "--input", help="clustered particle STAR file (rlnClassNumber, e.g. clusters.star)")
+    i: str = opt(
+        "--i", "--input", help="clustered particle STAR file (rlnClassNumber, e.g. clusters.star)"
+    )
     o: str = opt("--o", "--output-dir", help="output folder")
-    classes: str = opt("--classes", default="", help="only these classes, e.g. 1,4 or 2-5")
-    exclude: str = opt("--exclude", default="", help="drop these classes, e.g. 3,7")
-    merge: list[str] = opt("--merge", default=[], nargs="*", help="merge groups, e.g. 2+5 3+7")
+    classes: str = opt("--classes", default=None, help="only these classes, e.g. 1,4 or 2-5")
+    exclude: str = opt("--exclude", default=None, help="drop these classes, e.g. 3,7")
+    merge: list[str] = opt("--merge", default=None, nargs="*", help="merge groups, e.g. 2+5 3+7")
     min_size: int = opt("--min-size", default=0, help="drop classes with fewer particles")
     min_probability: float = opt(
-        "--min-probability", default=0.0, help="drop particles with rlnMaxValueProbDistribution below this"
+        "--min-probability",
+        default=0.0,
+        help="drop particles with rlnMaxValueProbDistribution below this",
     )
     averages: bool = opt(
         "--averages",
@@ -55,10 +66,14 @@ class Options(CommonOptions):
         help="write class_NNN_average.mrc (default: when the subtomograms can be found)",
     )
     tomograms: str = opt(
-        "--tomograms", default="", help="RELION 5 tomograms.star for the optimisation sets (default: found beside --i)"
+        "--tomograms",
+        default=None,
+        help="RELION 5 tomograms.star for the optimisation sets (default: found beside --i)",
     )
     particle_diameter: float = opt(
-        "--particle-diameter", default=0.0, help="Å, for the suggested relion_refine (default: 0.8 × box)"
+        "--particle-diameter",
+        default=None,
+        help="Å, for the suggested relion_refine (default: 0.8 × box)",
     )
 
 
@@ -76,10 +91,20 @@ def _relion5_tomograms(o: Options, blocks_dir: Path) -> tuple[dict, str] | None:
             if isinstance(block, dict) and "rlnTomoTomogramsFile" in block:
                 # project-relative as RELION reads it; else relative to the optimisation set
                 tf = str(block["rlnTomoTomogramsFile"])
-                path = tf if Path(tf).is_file() else str(cand.parent / tf) if (cand.parent / tf).is_file() else None
+                path = (
+                    tf
+                    if Path(tf).is_file()
+                    else str(cand.parent / tf)
+                    if (cand.parent / tf).is_file()
+                    else None
+                )
                 if path is None:
                     continue
-                entries = {k: v for k, v in block.items() if k not in ("rlnTomoParticlesFile", "rlnTomoTomogramsFile")}
+                entries = {
+                    k: v
+                    for k, v in block.items()
+                    if k not in ("rlnTomoParticlesFile", "rlnTomoTomogramsFile")
+                }
                 return entries, path
     cand = blocks_dir / "tomograms.star"
     if cand.is_file():
@@ -96,7 +121,7 @@ def run(o: Options) -> dict:
         blocks,
         classes=parse_class_list(o.classes or None, "--classes"),
         exclude=parse_class_list(o.exclude or None, "--exclude"),
-        merges=parse_merges(o.merge),
+        merges=parse_merges(o.merge or []),
         min_size=o.min_size,
         min_probability=o.min_probability,
         source=src,
@@ -111,7 +136,10 @@ def run(o: Options) -> dict:
     if result.flavour == "relion5":
         found = _relion5_tomograms(o, src.parent)
         if found is None:
-            logger.warning("%s: no tomograms.star found beside it (pass --tomograms); no optimisation sets written", src)
+            logger.warning(
+                "%s: no tomograms.star found beside it (pass --tomograms); no optimisation sets written",
+                src,
+            )
         else:
             opt_entries, tomo_file = found
 
@@ -133,7 +161,7 @@ def run(o: Options) -> dict:
             products.append(f"{stem}_average.mrc")
         if tomo_file:
             products.append(f"{stem}_optimisation_set.star")
-    check_not_input([out_dir / p for p in products], [src, *( [o.tomograms] if o.tomograms else [])])
+    check_not_input([out_dir / p for p in products], [src, *([o.tomograms] if o.tomograms else [])])
     # compute everything that can fail on the inputs before writing anything
     averages = class_averages(particles, result.members, src) if do_avg else {}
     prepare_output_dir(out_dir, o.overwrite, products)
@@ -148,7 +176,11 @@ def run(o: Options) -> dict:
             write_volume(avg_paths[c], averages[c], angpix or 1.0, overwrite=o.overwrite)
         if tomo_file:
             opt_sets[c] = str(out_dir / f"{names[c]}_optimisation_set.star")
-            entry = {"rlnTomoParticlesFile": star_paths[c], "rlnTomoTomogramsFile": tomo_file, **opt_entries}
+            entry = {
+                "rlnTomoParticlesFile": star_paths[c],
+                "rlnTomoTomogramsFile": tomo_file,
+                **opt_entries,
+            }
             write_star_blocks(opt_sets[c], {"optimisation_set": entry}, overwrite=o.overwrite)
 
     summary = result.summary.copy()
@@ -157,7 +189,13 @@ def run(o: Options) -> dict:
     box = _image_size(blocks)
     diameter = o.particle_diameter or (0.8 * box * angpix if box and angpix else 200.0)
     lines = next_steps(
-        star_paths, avg_paths, result.flavour, diameter, CTF_IMAGE in particles.columns, opt_sets or None, max(o.j, 1)
+        star_paths,
+        avg_paths,
+        result.flavour,
+        diameter,
+        CTF_IMAGE in particles.columns,
+        opt_sets or None,
+        max(o.j, 1),
     )
     write_text_atomic(out_dir / "next_steps.txt", "\n".join(lines) + "\n")
     for c in result.classes:
@@ -167,7 +205,9 @@ def run(o: Options) -> dict:
     for line in lines:
         logger.info("  %s", line)
 
-    nodes = [(p, "particles") for p in star_paths.values()] + [(p, "map") for p in avg_paths.values()]
+    nodes = [(p, "particles") for p in star_paths.values()] + [
+        (p, "map") for p in avg_paths.values()
+    ]
     nodes += [(p, "optimisation_set") for p in opt_sets.values()]
     o._relion_nodes = nodes  # read by relion_nodes below (RELION External job)
     return {

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.linalg import solve_triangular
+from threadpoolctl import threadpool_limits
 
 _CHUNK = 65536
 
@@ -91,6 +92,19 @@ def ddbi(
     k = len(values)
     if len(means) != k or len(covariances) != k:
         raise ValueError(f"{k} clusters but {len(means)} means and {len(covariances)} covariances")
+    with threadpool_limits(limits=1):  # P × P algebra: threads only add overhead
+        t, d = _tightness_separation(x, labels, values, means, covariances)
+    return _index(t, d)
+
+
+def _tightness_separation(
+    x: np.ndarray,
+    labels: np.ndarray,
+    values: np.ndarray,
+    means: np.ndarray,
+    covariances: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    k = len(values)
     t = np.zeros(k)
     d = np.zeros((k, k))
     for i, v in enumerate(values):
@@ -104,7 +118,7 @@ def ddbi(
         t[i] = total / max(len(idx), 1)
         z = solve_triangular(chol, (means - means[i]).T, lower=True, check_finite=False)
         d[i] = np.sum(z * z, axis=0)
-    return _index(t, d)
+    return t, d
 
 
 def ddbi_naive(
@@ -134,4 +148,3 @@ def ddbi_naive(
         dm = means - means[i]
         d[i] = np.diag(dm @ prec @ dm.T)
     return _index(t, d)
-

@@ -81,7 +81,7 @@ class EMConfig:
     predict_batch_size: int = 64
     augment: bool = True
     head_agreement: float = 0.98
-    head_max_epochs: int = 300
+    head_max_iter: int = 300
 
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³."""
@@ -121,6 +121,9 @@ class IterationRecord:
     alpha: float
     eligible: bool
     inherited: bool
+    seconds_features: float = 0.0
+    seconds_mixture: float = 0.0
+    seconds_train: float = 0.0
 
 
 @dataclass
@@ -191,31 +194,47 @@ def _permute_posteriors(post: np.ndarray, mapping: dict[int, int]) -> tuple[np.n
 def warm_up_head(model, features: np.ndarray, labels: np.ndarray, cfg: EMConfig, seed: int) -> float:
     """Train the softmax head alone on fixed ``features`` until it agrees with ``labels``.
 
+    The head is a multinomial logistic regression on the features; it is fitted by L-BFGS
+    (scikit-learn, on standardised features, weakening the L2 penalty until the agreement reaches
+    ``cfg.head_agreement``) and the solution is written into the head's kernel and bias.
     Returns the agreement reached (fraction of argmax equal to the labels).
     """
-    import keras
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
 
     head = Y.head_layer(model)
     k = int(head.units)
-    inp = keras.Input((features.shape[1],))
-    hm = keras.Model(inp, head(inp))
-    hm.compile(optimizer=keras.optimizers.Nadam(1e-2), loss="categorical_crossentropy")
-    y = np.eye(k, dtype=np.float32)[labels]
-    x = np.asarray(features, dtype=np.float32)
-    scale = float(np.std(x)) or 1.0
-    # the head sees raw features; scale the learning problem, then fold the scale into the kernel
-    xs = x / scale
-    agreement = 0.0
-    epochs = 0
-    while epochs < cfg.head_max_epochs:
-        hm.fit(xs, y, batch_size=256, epochs=10, verbose=0, shuffle=True)
-        epochs += 10
-        agreement = float(np.mean(np.argmax(hm.predict(xs, verbose=0, batch_size=1024), 1) == labels))
+    x = np.asarray(features, dtype=np.float64)
+    mu = x.mean(axis=0)
+    sd = x.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+    xs = (x - mu) / sd
+    agreement, c = 0.0, 0.1
+    kernel = np.zeros((x.shape[1], k))
+    bias = np.zeros(k)
+    for _ in range(5):
+        clf = LogisticRegression(C=c, max_iter=cfg.head_max_iter, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(xs, labels)
+        coef, icpt = clf.coef_, clf.intercept_
+        if coef.shape[0] == 1:  # binary: one logit difference, split symmetrically
+            coef = np.vstack([-coef / 2, coef / 2])
+            icpt = np.array([-icpt[0] / 2, icpt[0] / 2])
+        full_coef = np.zeros((k, x.shape[1]))
+        full_icpt = np.full(k, -1e3)
+        full_coef[clf.classes_] = coef
+        full_icpt[clf.classes_] = icpt
+        kernel = (full_coef / sd).T
+        bias = full_icpt - mu @ kernel
+        agreement = float(np.mean(np.argmax(x @ kernel + bias, axis=1) == labels))
         if agreement >= cfg.head_agreement:
             break
-    kernel, bias = head.get_weights()
-    head.set_weights([kernel / scale, bias])
-    logger.debug("head warm-up: %d epochs, agreement %.3f", epochs, agreement)
+        c *= 10.0
+    head.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    logger.debug("head warm-up: C=%g, agreement %.3f", c, agreement)
     return agreement
 
 
@@ -235,7 +254,7 @@ class _Trainer:
         for v, init in zip(opt.variables, self.initial, strict=True):
             v.assign(init)
         opt.learning_rate.assign(lr)
-        hist = self.model.fit(dataset, epochs=epochs, verbose=0)
+        hist = self.model.fit(dataset, epochs=epochs, verbose=0, shuffle=False)
         return float(hist.history["loss"][-1])
 
 
@@ -345,6 +364,7 @@ def run_em(
         seed_it = iteration_seed(cfg.seed, it)
         _set_seeds(seed_it)
         feats = predict_features(extractor, store, rows, cfg.predict_batch_size)
+        t1 = time.time()
         if not np.all(np.isfinite(feats)):
             raise UserError("features: the network produced NaN/inf (try a lower --lr)")
         pca = fit_pca(feats, cfg.pca_dim, seed_it)
@@ -358,6 +378,7 @@ def run_em(
         post, comp_to_label = _permute_posteriors(sel.posteriors, mapping)
         frac = float(np.mean(labels != prev_labels)) if prev_labels is not None and k == prev_k else 1.0
         score = ddbi(x, labels)
+        t2 = time.time()
         eligible = (it >= 1 or pretrained) and math.isfinite(score)
         if eligible and score < best_ddbi:
             best_it, best_ddbi = it, score
@@ -390,6 +411,7 @@ def run_em(
             Y.reset_dropout_seed(model, seed_it)
             ds = train_dataset(store, rows, smooth_targets(labels, k, alpha), cfg.batch_size, seed_it, cfg.augment)
             loss = trainer.fit(ds, cfg.epochs_per_iter, lr)
+        t3 = time.time()
         rec = IterationRecord(
             iteration=it,
             k=k,
@@ -402,11 +424,14 @@ def run_em(
             alpha=alpha,
             eligible=bool(eligible),
             inherited=bool(sel.inherited),
+            seconds_features=round(t1 - t0, 3),
+            seconds_mixture=round(t2 - t1, 3),
+            seconds_train=round(t3 - t2, 3),
         )
         history.append(rec)
         logger.info(
-            "iteration %d: K=%d DDBI=%.4g changed=%.3f loss=%.4g (%.1f s)%s",
-            it, k, score, frac, loss, rec.seconds, " *" if best_it == it else "",
+            "iteration %d: K=%d DDBI=%.4g changed=%.3f loss=%.4g (%.1f s: features %.1f, mixtures %.1f, training %.1f)%s",
+            it, k, score, frac, loss, rec.seconds, t1 - t0, t2 - t1, t3 - t2, " *" if best_it == it else "",
         )
         prev_labels, prev_k = labels, k
         if ckpt is not None:

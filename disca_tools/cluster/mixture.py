@@ -11,7 +11,9 @@ parameter, ``K·P(P+1)/2 + K·P + K − 1`` (covariances, means and weights), so
 
 Cost. Every candidate is fitted by EM on at most ``max_fit_points`` points (a seeded random subset)
 and then refined by a few EM iterations on all N points, where its BIC is computed. Both steps are
-O(N·K·P²) per candidate, so selection is linear in N (Theorem 1 of the paper).
+O(N·K·P²) per candidate, so selection is linear in N (Theorem 1 of the paper). The linear algebra is
+on P × P matrices, where multi-threaded BLAS only adds overhead (30× slower measured on the 2-core
+machine when other processes compete), so fitting runs with one BLAS/OpenMP thread.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
 
 from ..runtime.errors import UserError
 from ..runtime.log import check_abort, logger
@@ -143,10 +146,31 @@ def _reduce(gmm: GaussianMixture, keep: np.ndarray) -> GaussianMixture:
     return out
 
 
+def drop_empty(
+    gmm: GaussianMixture, x: np.ndarray
+) -> tuple[GaussianMixture, np.ndarray, np.ndarray, list[int]]:
+    """Remove components that no point of ``x`` chooses (argmax posterior).
+
+    Returns ``(gmm, labels, posteriors, dropped)``: the reduced mixture (weights renormalised), the
+    contiguous 0-based labels, the posteriors under the reduced mixture, the dropped component indices.
+    """
+    labels = gmm.predict(x)
+    used = np.unique(labels)
+    dropped: list[int] = []
+    if len(used) < gmm.n_components:
+        keep = set(used.tolist())
+        dropped = [c for c in range(gmm.n_components) if c not in keep]
+        gmm = _reduce(gmm, used)
+    posteriors = gmm.predict_proba(x)
+    return gmm, np.argmax(posteriors, axis=1).astype(np.int64), posteriors, dropped
+
+
 class _Fitter:
     """Fits one K: EM on a subset, then refinement on all points."""
 
-    def __init__(self, x, seed, covariance, reg, n_init, max_iter, tol, max_fit_points, refine_iter):
+    def __init__(
+        self, x, seed, covariance, reg, n_init, max_iter, tol, max_fit_points, refine_iter
+    ):
         self.x = x
         self.seed = seed
         self.covariance = covariance
@@ -201,7 +225,12 @@ class _Fitter:
     def inherited(self, prev_labels: np.ndarray) -> GaussianMixture:
         w, m, prec = _params_from_labels(self.x, prev_labels, self.covariance, self.reg)
         gmm = self._gmm(
-            len(w), max_iter=self.max_iter, n_init=1, weights_init=w, means_init=m, precisions_init=prec
+            len(w),
+            max_iter=self.max_iter,
+            n_init=1,
+            weights_init=w,
+            means_init=m,
+            precisions_init=prec,
         )
         return self._fit(gmm, self.x)
 
@@ -235,6 +264,42 @@ def select_mixture(
     higher likelihood is kept. Clusters that no point chooses (argmax) are dropped and the labels made
     contiguous, with posteriors recomputed from the reduced mixture.
     """
+    with threadpool_limits(limits=1):
+        return _select_mixture(
+            x=x,
+            k_candidates=k_candidates,
+            seed=seed,
+            prev_labels=prev_labels,
+            prev_k=prev_k,
+            covariance=covariance,
+            reg_covar=reg_covar,
+            n_init=n_init,
+            criterion=criterion,
+            max_iter=max_iter,
+            tol=tol,
+            max_fit_points=max_fit_points,
+            refine_iter=refine_iter,
+            min_points_per_cluster=min_points_per_cluster,
+        )
+
+
+def _select_mixture(
+    x: np.ndarray,
+    k_candidates: list[int],
+    seed: int,
+    prev_labels: np.ndarray | None = None,
+    prev_k: int | None = None,
+    covariance: str = "full",
+    reg_covar: float = 1e-6,
+    n_init: int = 1,
+    criterion: str = "paper",
+    max_iter: int = 200,
+    tol: float = 1e-3,
+    max_fit_points: int = 20000,
+    refine_iter: int = 10,
+    min_points_per_cluster: int | None = None,
+) -> MixtureSelection:
+
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     x = np.asarray(x, dtype=np.float64)
@@ -257,10 +322,14 @@ def select_mixture(
         )
     skipped = [k for k in cands if k not in feasible]
     if skipped:
-        logger.warning("Skipping candidate K %s: too few particles (%d) for %d dimensions", skipped, n, p)
+        logger.warning(
+            "Skipping candidate K %s: too few particles (%d) for %d dimensions", skipped, n, p
+        )
     score = paper_bic if criterion == "paper" else sklearn_bic
 
-    fitter = _Fitter(x, int(seed), covariance, reg, int(n_init), max_iter, tol, max_fit_points, refine_iter)
+    fitter = _Fitter(
+        x, int(seed), covariance, reg, int(n_init), max_iter, tol, max_fit_points, refine_iter
+    )
     bic_by_k: dict[int, float] = {}
     best: tuple[float, int, GaussianMixture, bool] | None = None
     use_prev = prev_labels is not None and prev_k is not None and int(prev_k) in feasible
@@ -286,15 +355,9 @@ def select_mixture(
     assert best is not None
     _, k, gmm, inherited = best
 
-    labels = gmm.predict(x)
-    used = np.unique(labels)
-    dropped: list[int] = []
-    if len(used) < gmm.n_components:
-        dropped = [int(c) for c in range(gmm.n_components) if c not in set(used.tolist())]
-        logger.info("Dropping %d empty cluster(s) of K=%d", len(dropped), k)
-        gmm = _reduce(gmm, used)
-    posteriors = gmm.predict_proba(x)
-    labels = np.argmax(posteriors, axis=1).astype(np.int64)
+    gmm, labels, posteriors, dropped = drop_empty(gmm, x)
+    if dropped:
+        logger.info("Dropped %d empty cluster(s) of K=%d", len(dropped), k)
     loglik = float(np.sum(gmm.score_samples(x)))
     return MixtureSelection(
         k=int(gmm.n_components),

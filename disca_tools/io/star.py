@@ -8,20 +8,24 @@ write what RELION reads. :func:`read_tomograms` reads a RELION 5 tomograms.star 
 :func:`make_tomograms_table` builds one for tools that start from MRC tomograms.
 
 Flavours and where the coordinate voxel size comes from
-    ``relion30``  one ``data_`` block (Warp 1 export). Å/px = 1e4 · rlnDetectorPixelSize /
+    ``relion30``  one ``data_`` block (Warp export). Å/px = 1e4 · rlnDetectorPixelSize /
                   rlnMagnification, per row. Warp writes coordinates in pixels of the exported
-                  subtomograms, which is what Mag/DPS states (the ``_10.73Apx`` in the tomogram name
-                  is the reconstruction's voxel size, NOT the coordinates': at 10.73 Å the fixture's
-                  Z values would mean a 4.5 µm thick sample).
+                  subtomograms and sets Mag 10000, DPS = that pixel size (WarpTools
+                  ``ts_export_particles --3d``: ``X = x_Å / output_angpix``); the ``_10.73Apx`` in
+                  the tomogram name is the reconstruction's voxel size, not the coordinates'.
     ``relion31``  ``data_optics`` + ``data_particles``. Coordinates are in pixels of the optics
                   group's ``rlnMicrographPixelSize`` when the group has one (RELION 3.1's meaning,
-                  and what :func:`write_relion31` writes); otherwise, as in Warp 1's RELION 3.1
-                  exports, of the group's ``rlnImagePixelSize`` (the fixture's Z of 938 px is 2.3 µm
-                  at 2.446 Å but 11.5 µm at the 12.23 Å in the tomogram name). The second rule is an
-                  inference, so ``angpix`` overrides it (with a warning when they differ); a stated
+                  and what :func:`write_relion31` writes); otherwise, as in Warp's RELION 3.1
+                  exports, of the group's ``rlnImagePixelSize``. For the fixture (tomogram named
+                  ``_12.23Apx``, 2.446 Å subtomograms) X reaches 1999 px: 0.49 µm at 2.446 Å, about
+                  one 4k-pixel field of view at the 1.223 Å that 2.446 and 12.23 are bins 2 and 10
+                  of, but 2.4 µm (five fields of view) at 12.23 Å. The rule is an inference,
+                  so ``angpix`` overrides it (with a warning when they differ); a stated
                   ``rlnMicrographPixelSize`` that disagrees with ``angpix`` is an error.
     ``relion4``   pseudo-subtomograms (``rlnTomoName``, optics with rlnTomoTiltSeriesPixelSize):
                   coordinates in unbinned tilt-series pixels, coord_angpix = that pixel size.
+    (any flavour with optics) an optics ``rlnMicrographPixelSize`` states the coordinates' voxel
+                  size and takes precedence over the rules above and below.
     ``relion5``   ``rlnCenteredCoordinateX/Y/ZAngst`` + a tomograms.star. Converted to pixels of
                   the reconstructed tomogram: voxel = rlnTomoTiltSeriesPixelSize ·
                   rlnTomoTomogramBinning (bin 1 when the column is absent, or ``angpix`` when given
@@ -34,8 +38,19 @@ Flavours and where the coordinate voxel size comes from
     ``warp``      WarpTools 2 exports (``data_general`` + optics with rlnTomoSubtomogramBinning,
                   ``rlnTomoName`` ending in ``.tomostar``) carry ``rlnCoordinateX/Y/Z`` in pixels of
                   the export pixel size ``rlnImagePixelSize`` (= tilt-series pixel ·
-                  rlnTomoSubtomogramBinning): the fixtures' largest coordinates fill the tomogram
-                  (rlnTomoSize · tilt-series pixel / export pixel) at that size and only at it.
+                  rlnTomoSubtomogramBinning): in both fixtures the largest coordinates reach 87-95 %
+                  of the tomogram (rlnTomoSize · tilt-series pixel / export pixel) at that size.
+                  A tomograms.star found beside them is attached (and written back) when it lists
+                  their tomograms.
+
+Writers
+    :func:`write_relion31` states the coordinates' voxel size as rlnMicrographPixelSize in
+    every optics group (RELION 3.1.3's relion_reconstruct and relion_star_handler accept and keep
+    it). :func:`write_relion5` writes ``data_general`` (rlnTomoSubTomosAre2DStacks 0 for our 3D
+    subtomograms, as RELION assumes when the block is absent), ``data_optics`` with the
+    rlnTomoTiltSeriesPixelSize RELION requires, ``data_particles`` with centred Å and no pixel
+    coordinates (RELION 5 drops those itself), and adds rlnTomoTomogramBinning = coord_angpix /
+    tilt-series pixel to a tomograms table that lacks it so the pixels read back the same.
 
 When optics groups (or tomograms) have different voxel sizes, every row is rescaled to the first
 one's, which becomes ``coord_angpix`` (a warning says so); writers state it back explicitly.
@@ -43,9 +58,10 @@ one's, which becomes ``coord_angpix`` (a warning says so); writers state it back
 Centred coordinates (RELION 5)
     We write ``centred_Å = (px · voxel/tilt_px − rlnTomoSize/2) · tilt_px``, i.e. the centre is
     ``size/2`` in bin-1 tilt-series pixels, as RELION's C++ does (``particle_set.cpp``, centre from
-    ``tomogram_set.cpp``). Some tools (RELION's Python ``get_particle_poses``, pytom-match-pick)
-    use ``size/2 − 1`` instead (relion issue #1137): files from them may be off by one bin-1 pixel
-    (1/binning tomogram pixels). That ambiguity cannot be resolved from the file; we do not guess.
+    ``tomogram_set.cpp``). Other tools use other centres (RELION's Python ``get_particle_poses``:
+    ``size/2 − 1``, relion issue #1137; pytom-match-pick versions: ``size/2`` or ``(size − 1)/2`` of
+    the binned tomogram they matched): their files may be off by about one pixel. That ambiguity
+    cannot be resolved from the file; we read every centred file with RELION's ``size/2``.
 
 Paths inside STAR files
     RELION resolves relative paths (rlnImageName, rlnMicrographName, ...) against the project
@@ -530,6 +546,10 @@ def read_particles(
         elif flavour == "pytom":
             per_row = _legacy_row_angpix(df)
             what, stated = "rlnDetectorPixelSize (pytom: the tomogram voxel size)", True
+        elif _per_row(df, optics, MICROGRAPH_ANGPIX, p) is not None:
+            # stated explicitly (RELION 3.1 meaning; what write_relion31 writes): wins everywhere
+            per_row = _per_row(df, optics, MICROGRAPH_ANGPIX, p)
+            what, stated = MICROGRAPH_ANGPIX, True
         elif flavour == "relion4":
             per_row = _per_row(df, optics, TILT_SERIES_ANGPIX, p)
             what, stated = TILT_SERIES_ANGPIX, True
@@ -540,12 +560,9 @@ def read_particles(
                 b = _per_row(df, optics, SUBTOMO_BINNING, p)
                 per_row = None if ts is None or b is None else ts * b
             what, stated = f"export pixel size ({IMAGE_ANGPIX})", True
-        else:  # relion31
-            per_row = _per_row(df, optics, MICROGRAPH_ANGPIX, p)
-            what, stated = MICROGRAPH_ANGPIX, True
-            if per_row is None:
-                per_row = _per_row(df, optics, IMAGE_ANGPIX, p)
-                what, stated = IMAGE_ANGPIX, False
+        else:  # relion31 without rlnMicrographPixelSize: Warp 1's convention
+            per_row = _per_row(df, optics, IMAGE_ANGPIX, p)
+            what, stated = IMAGE_ANGPIX, False
         coord_angpix, factor = _common_angpix(per_row, angpix, stated, what, p)
         _rescale(df, factor)
 

@@ -305,6 +305,8 @@ def train_dataset(
         noise = tf.random.stateless_normal(tf.shape(x), seed=noise_seed)
         return rotate_volumes(x, m, noise)[..., None], y
 
+    n_batches = -(-(len(rows) * (2 if augment else 1)) // batch_size)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
     return ds.map(rotate, num_parallel_calls=1, deterministic=True).prefetch(2)
 
 
@@ -321,7 +323,9 @@ def inference_dataset(store: SubtomogramStore, rows: np.ndarray, batch_size: int
             yield gather(store, rows[start : start + batch_size])[..., None]
 
     sig = tf.TensorSpec((None, s, s, s, 1), tf.float32)
-    return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(2)
+    ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(rows) // batch_size)))
+    return ds.prefetch(2)
 
 
 def predict_features(extractor, store: SubtomogramStore, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -4,7 +4,9 @@ Architecture (METHOD.md, as in the reference): input S³×1 (S ≥ 21) → Gauss
 10 blocks [Conv3D 3×3×3 'valid' with widths 64, 80, …, 208, ELU, BatchNormalization], each block
 tapped by a GlobalMaxPooling3D → concatenate the 10 taps (1360 values) → BatchNormalization →
 Dense(1024), linear: the features → Dense(K, softmax): the training head. Orthogonal kernels,
-zero biases. About 6.3 M parameters at full width.
+zero biases. About 6.3 M parameters at full width. BatchNormalization uses momentum 0.9 (Keras'
+default 0.99 leaves the moving statistics, used to extract features in inference mode, mostly at
+their initial values after the few dozen steps of one EM iteration on a small data set).
 
 ``width_scale`` multiplies every convolution width (rounded, at least 1) so the network fits a CPU;
 ``feature_dim`` (1024 by default) is the width of the feature layer and is *not* scaled
@@ -31,6 +33,7 @@ MIN_BOX = 21
 FEATURES_LAYER = "features"
 HEAD_LAYER = "classifier"
 DROPOUT_LAYER = "input_dropout"
+BN_MOMENTUM = 0.9
 
 
 @dataclass(frozen=True)
@@ -125,10 +128,10 @@ def build_yopo(config: YopoConfig, seed: int = 0) -> keras.Model:
             name=f"conv_{i}",
             dtype=dtype,
         )(x)
-        x = layers.BatchNormalization(name=f"bn_{i}", dtype=dtype)(x)
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"bn_{i}", dtype=dtype)(x)
         taps.append(layers.GlobalMaxPooling3D(name=f"pool_{i}", dtype=dtype)(x))
     h = layers.Concatenate(name="taps", dtype=dtype)(taps)
-    h = layers.BatchNormalization(name="features_bn", dtype=dtype)(h)
+    h = layers.BatchNormalization(momentum=BN_MOMENTUM, name="features_bn", dtype=dtype)(h)
     feats = layers.Dense(
         int(config.feature_dim),
         kernel_initializer=keras.initializers.Orthogonal(seed=_seed(seed, 50)),

@@ -55,9 +55,25 @@ def plot_reembed(
     for ax, z in zip(axes[0], z_slices, strict=True):
         d = np.asarray(dens[int(z), ::step, ::step], dtype=np.float32)
         lab = np.asarray(labels[int(z), ::step, ::step])
-        ax.imshow(d, cmap="gray", origin="lower", interpolation="nearest")
+        lo, hi = (float(v) for v in np.percentile(d, [1, 99.8]))
+        ax.imshow(
+            d,
+            cmap="gray",
+            vmin=lo,
+            vmax=hi if hi > lo else lo + 1,
+            origin="lower",
+            interpolation="nearest",
+        )
         overlay = np.ma.masked_where(lab <= 0, lab.astype(np.float32) - 1)
-        ax.imshow(overlay, cmap=colours, vmin=-0.5, vmax=max(classes) - 0.5, alpha=0.45, origin="lower", interpolation="nearest")
+        ax.imshow(
+            overlay,
+            cmap=colours,
+            vmin=-0.5,
+            vmax=max(classes) - 0.5,
+            alpha=0.45,
+            origin="lower",
+            interpolation="nearest",
+        )
         ax.set_title(f"z = {int(z)}")
         ax.set_xticks([])
         ax.set_yticks([])

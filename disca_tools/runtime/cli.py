@@ -37,7 +37,9 @@ RELION_INPUT_FLAGS = ("--in_parts", "--in_mics", "--in_coords", "--in_3dref", "-
 # Node types for RELION_OUTPUT_NODES.star: (RELION 3.1 integer type, RELION 4/5 type label).
 NODE_TYPES = {
     "particles": (3, "ParticleGroupMetadata.star.relion"),
-    "coordinates": (2, "TomogramCoordinates.star.relion"),
+    # RELION 5 has no coordinate node type for tomograms: its pickers declare particle sets
+    # (ParticleGroupMetadata.star.relion.tomo.manualpick, ...); 3.1 has 2 = coordinates.
+    "coordinates": (2, "ParticleGroupMetadata.star.relion.tomo.coordinates"),
     "map": (6, "DensityMap.mrc"),
     "mask": (7, "Mask3D.mrc"),
     "tomograms": (1, "TomogramGroupMetadata.star.relion"),
@@ -160,6 +162,9 @@ def translate_relion_args(argv: Sequence[str], mapping: dict[str, str], options_
     while i < len(args):
         a = args[i]
         key = a.split("=")[0]
+        if key == "--pipeline_control":  # RELION's own programs get it; not an option of ours
+            i += 1 if "=" in a else 2
+            continue
         if key in RELION_INPUT_FLAGS:
             value = a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
             i += 1 if "=" in a else 2

@@ -2,8 +2,10 @@
 
 The model is the usual 3D approximation of tomographic imaging (as in the simulations of the DISCA
 paper, Supplementary Note 1): the density is multiplied in Fourier space by a CTF that depends on the
-spatial frequency magnitude and by a binary missing-wedge mask from the tilt range, then white
-Gaussian noise is added at a requested SNR.
+spatial frequency magnitude and by a binary missing-wedge mask from the tilt range (the continuous
+limit of projecting a tilt series and back-projecting it, by the Fourier slice theorem), then
+Gaussian noise is added at a requested SNR. Not modelled: discrete tilt sampling, the defocus
+gradient across tilted images, dose weighting, B-factor envelopes.
 
 Signs
     ``defocus_um`` follows the paper: −5 µm means 5 µm *underfocus* (the usual imaging condition).
@@ -13,6 +15,12 @@ Signs
     positive (white), so the weight returned here is the transfer applied to the *protein-positive*
     map, ``W = √(1−A²)·sin χ + A·cos χ`` (× wedge), positive in its first lobe. The same ``W`` written
     as ``rlnCtfImage`` lets RELION compensate it. Tomograms are made with ``W`` and then negated.
+
+Noise
+    SNR = signal variance / noise variance, both over the voxels of the volume (see :func:`add_noise`
+    and the set/tomogram functions for which voxels the signal variance is measured over). With
+    ``noise_in_wedge`` the noise is white noise filtered by the missing wedge (no CTF: the CTF acts
+    on the signal only), rescaled to exactly the requested variance in expectation.
 
 Missing wedge
     The beam is along z; tilting about ``tilt_axis`` (``"y"``: the usual single-axis tilt) by
@@ -36,7 +44,9 @@ class Imaging:
     """Imaging parameters (paper defaults: 300 kV, Cs 2.7 mm, defocus −5 µm, tilt ±60°).
 
     ``apply_ctf=False`` leaves out the CTF (the wedge still applies); ``tilt_range_deg >= 90`` leaves
-    out the wedge.
+    out the wedge. ``noise_in_wedge`` (default) limits the noise to the sampled Fourier region, as
+    noise added to the projections and back-projected is (the paper's simulation protocol); False
+    gives white 3D noise.
     """
 
     voltage_kv: float = 300.0
@@ -46,6 +56,7 @@ class Imaging:
     tilt_range_deg: float = 60.0
     tilt_axis: str = "y"
     apply_ctf: bool = True
+    noise_in_wedge: bool = True
 
     def __post_init__(self) -> None:
         if self.tilt_axis not in ("x", "y"):
@@ -69,15 +80,24 @@ def electron_wavelength_angst(voltage_kv: float) -> float:
 
 def ctf_1d(k_inv_angst: np.ndarray, imaging: Imaging) -> np.ndarray:
     """The protein-positive transfer ``√(1−A²)·sin χ + A·cos χ`` at spatial frequencies (1/Å)."""
-    k2 = np.asarray(k_inv_angst, dtype=np.float64) ** 2
+    k = np.asarray(k_inv_angst, dtype=np.float64)
+    return _ctf_k2(k * k, imaging)
+
+
+def _ctf_k2(k2: np.ndarray, imaging: Imaging) -> np.ndarray:
+    """The transfer as a function of ``k²`` (1/Å²), computed in the dtype of ``k2``."""
     if not imaging.apply_ctf:
         return np.ones_like(k2)
     lam = electron_wavelength_angst(imaging.voltage_kv)
     dz = -imaging.defocus_um * 1e4  # underfocus in Å (positive for the paper's −5 µm)
     cs = imaging.cs_mm * 1e7
-    chi = np.pi * lam * dz * k2 - 0.5 * np.pi * cs * lam**3 * k2 * k2
     a = imaging.amplitude_contrast
-    return math.sqrt(1.0 - a * a) * np.sin(chi) + a * np.cos(chi)
+    # sin(χ + φ) with φ = asin(A) equals √(1−A²)·sin χ + A·cos χ: one transcendental per voxel
+    c1 = k2.dtype.type(np.pi * lam * dz)
+    c2 = k2.dtype.type(0.5 * np.pi * cs * lam**3)
+    chi = k2 * (c1 - c2 * k2)
+    chi += k2.dtype.type(math.asin(a))
+    return np.sin(chi, out=chi)
 
 
 def _axis_freqs(n: int, angpix: float, half: bool = False) -> np.ndarray:
@@ -87,15 +107,23 @@ def _axis_freqs(n: int, angpix: float, half: bool = False) -> np.ndarray:
 
 
 def _weight_block(kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, imaging: Imaging) -> np.ndarray:
-    """Weight on the grid spanned by 1D frequency arrays (broadcast ``[z, y, x]``)."""
-    kz3, ky3, kx3 = kz[:, None, None], ky[None, :, None], kx[None, None, :]
-    w = ctf_1d(np.sqrt(kz3 * kz3 + ky3 * ky3 + kx3 * kx3), imaging).astype(np.float32)
+    """Weight on the grid spanned by 1D frequency arrays ``[z, y, x]`` (float32, possibly a
+    read-only broadcast view: the wedge-only weight does not depend on the tilt axis' frequency)."""
+    shape = (kz.size, ky.size, kx.size)
+    kz3 = kz.astype(np.float32)[:, None, None]
+    ky3 = ky.astype(np.float32)[None, :, None]
+    kx3 = kx.astype(np.float32)[None, None, :]
+    w = None
+    if imaging.apply_ctf:
+        w = _ctf_k2(kz3 * kz3 + ky3 * ky3 + kx3 * kx3, imaging)
     if imaging.tilt_range_deg < 90.0:
-        t = math.tan(math.radians(imaging.tilt_range_deg))
+        t = np.float32(math.tan(math.radians(imaging.tilt_range_deg)))
         perp = np.abs(kx3) if imaging.tilt_axis == "y" else np.abs(ky3)
-        sampled = np.abs(kz3) <= perp * t + 1e-9
-        w = w * sampled
-    return np.broadcast_to(w, (kz.size, ky.size, kx.size)).astype(np.float32)
+        sampled = np.abs(kz3) <= perp * t + np.float32(1e-9)
+        w = sampled.astype(np.float32) if w is None else w * sampled
+    if w is None:
+        w = np.ones((1, 1, 1), dtype=np.float32)
+    return np.broadcast_to(w, shape)
 
 
 def ctf_wedge_weight(
@@ -110,8 +138,10 @@ def ctf_wedge_weight(
     nz, ny, nx = (int(s) for s in shape_zyx)
     kz, ky = _axis_freqs(nz, angpix), _axis_freqs(ny, angpix)
     if layout == "rfft":
-        return _weight_block(kz, ky, _axis_freqs(nx, angpix, half=True), imaging)
-    w = _weight_block(kz, ky, _axis_freqs(nx, angpix), imaging)
+        return np.ascontiguousarray(
+            _weight_block(kz, ky, _axis_freqs(nx, angpix, half=True), imaging)
+        )
+    w = np.ascontiguousarray(_weight_block(kz, ky, _axis_freqs(nx, angpix), imaging))
     if layout == "fft":
         return w
     if layout == "centered":
@@ -124,22 +154,22 @@ def apply_imaging(
 ) -> np.ndarray:
     """Apply CTF and missing wedge to a protein-positive volume (any shape); returns float32.
 
-    Works on z slabs of the half spectrum so the weight never exists for the whole volume at once.
+    The last three axes are ``[z, y, x]``; leading axes are a batch. Works on z slabs of the half
+    spectrum so the weight never exists for the whole volume at once.
     """
     vol = np.asarray(volume_zyx, dtype=np.float32)
     if not imaging.apply_ctf and imaging.tilt_range_deg >= 90.0:
         return vol.copy()
-    nz, ny, nx = vol.shape
-    spec = scipy.fft.rfftn(vol, workers=_FFT_WORKERS)
-    kz, ky, kx = (
-        _axis_freqs(nz, angpix),
-        _axis_freqs(ny, angpix),
-        _axis_freqs(nx, angpix, half=True),
-    )
+    nz, ny, nx = vol.shape[-3:]
+    axes = (-3, -2, -1)
+    spec = scipy.fft.rfftn(vol, axes=axes, workers=_FFT_WORKERS)
+    kz, ky = _axis_freqs(nz, angpix), _axis_freqs(ny, angpix)
+    kx = _axis_freqs(nx, angpix, half=True)
     for z0 in range(0, nz, slab):
         z1 = min(nz, z0 + slab)
-        spec[z0:z1] *= _weight_block(kz[z0:z1], ky, kx, imaging)
-    return scipy.fft.irfftn(spec, s=vol.shape, workers=_FFT_WORKERS).astype(np.float32, copy=False)
+        spec[..., z0:z1, :, :] *= _weight_block(kz[z0:z1], ky, kx, imaging)
+    out = scipy.fft.irfftn(spec, s=(nz, ny, nx), axes=axes, workers=_FFT_WORKERS)
+    return out.astype(np.float32, copy=False)
 
 
 def signal_variance(volume_zyx: np.ndarray, signal_mask: np.ndarray | None = None) -> float:
@@ -153,17 +183,67 @@ def signal_variance(volume_zyx: np.ndarray, signal_mask: np.ndarray | None = Non
     return float(np.var(vol, dtype=np.float64))
 
 
+def _wedge_only(imaging: Imaging) -> Imaging | None:
+    """The wedge part of ``imaging`` (no CTF), or None when the noise stays white."""
+    if imaging is None or not imaging.noise_in_wedge or imaging.tilt_range_deg >= 90.0:
+        return None
+    return Imaging(
+        tilt_range_deg=imaging.tilt_range_deg, tilt_axis=imaging.tilt_axis, apply_ctf=False
+    )
+
+
+def wedge_fraction(shape_zyx: tuple[int, int, int], imaging: Imaging, slab: int = 32) -> float:
+    """Fraction of the full Fourier grid inside the sampled (non-missing) region."""
+    w = _wedge_only(imaging)
+    if w is None:
+        return 1.0
+    nz, ny, nx = (int(v) for v in shape_zyx)
+    kz, ky, kx = _axis_freqs(nz, 1.0), _axis_freqs(ny, 1.0), _axis_freqs(nx, 1.0)
+    inside = sum(
+        int(np.count_nonzero(_weight_block(kz[z : z + slab], ky, kx, w)))
+        for z in range(0, nz, slab)
+    )
+    return inside / float(nz * ny * nx)
+
+
+def unit_noise(
+    shape: tuple[int, ...], imaging: Imaging | None, rng: np.random.Generator, slab: int = 32
+) -> np.ndarray:
+    """Gaussian noise of unit expected variance over the last three axes ``[z, y, x]``.
+
+    White, or limited to the sampled Fourier region when ``imaging.noise_in_wedge`` (and a wedge).
+    Leading axes are a batch (e.g. ``(N, S, S, S)`` for a set of subtomograms).
+    """
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    w = _wedge_only(imaging)
+    if w is None:
+        return noise
+    nz, ny, nx = shape[-3:]
+    axes = (-3, -2, -1)
+    spec = scipy.fft.rfftn(noise, axes=axes, workers=_FFT_WORKERS)
+    kz, ky, kx = _axis_freqs(nz, 1.0), _axis_freqs(ny, 1.0), _axis_freqs(nx, 1.0, half=True)
+    for z0 in range(0, nz, slab):
+        spec[..., z0 : z0 + slab, :, :] *= _weight_block(kz[z0 : z0 + slab], ky, kx, w)
+    out = scipy.fft.irfftn(spec, s=(nz, ny, nx), axes=axes, workers=_FFT_WORKERS).astype(
+        np.float32, copy=False
+    )
+    out *= np.float32(1.0 / math.sqrt(wedge_fraction((nz, ny, nx), w, slab)))
+    return out
+
+
 def add_noise(
     volume_zyx: np.ndarray,
     snr: float,
     rng: np.random.Generator,
     signal_mask: np.ndarray | None = None,
     signal_var: float | None = None,
+    imaging: Imaging | None = None,
 ) -> np.ndarray:
-    """Add white Gaussian noise so that SNR = signal variance / noise variance.
+    """Add Gaussian noise so that SNR = signal variance / noise variance.
 
     The signal variance is that of the (imaged, noise-free) volume over all its voxels, or over the
     voxels of ``signal_mask`` when given, unless ``signal_var`` states it (e.g. a mean over a set).
+    The noise is white unless ``imaging`` has ``noise_in_wedge`` and a wedge (see :func:`unit_noise`).
     ``snr = inf`` returns a float32 copy without noise.
     """
     vol = np.asarray(volume_zyx, dtype=np.float32)
@@ -172,8 +252,7 @@ def add_noise(
     if not snr > 0:
         raise ValueError(f"snr must be positive (or inf), got {snr}")
     var = signal_variance(vol, signal_mask) if signal_var is None else float(signal_var)
-    sigma = math.sqrt(var / snr)
-    noise = rng.standard_normal(vol.shape, dtype=np.float32)
-    noise *= np.float32(sigma)
+    noise = unit_noise(vol.shape, imaging, rng)
+    noise *= np.float32(math.sqrt(var / snr))
     noise += vol
     return noise

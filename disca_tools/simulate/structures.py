@@ -14,6 +14,7 @@ import numpy as np
 from ..geometry import box_center, resample_volume
 from ..io.mrc import read_volume
 from ..runtime.errors import UserError, file_error
+from ..runtime.log import logger
 
 STRUCTURES_DIR = Path(__file__).resolve().parent / "structures"
 
@@ -61,6 +62,9 @@ def _load_cached(path: str, angpix: float, box: int | None) -> np.ndarray:
     vol = vol - np.float32(np.median(shell))
     # Protein positive: if the map is mostly negative (protein-dark maps), flip it.
     if abs(float(vol.min())) > abs(float(vol.max())):
+        logger.info(
+            "%s: density looks protein-dark (|min| > max); inverted to protein positive", path
+        )
         vol = -vol
     out = resample_volume(vol, src_angpix, float(angpix), box=box)
     out.setflags(write=False)

@@ -8,7 +8,8 @@ wedge, :mod:`.imaging`) and given white Gaussian noise at the requested SNR.
 Output values are the image-formation output, protein positive, *not* normalised: writers and the
 extractor normalise where they need to. The noise level is one for the whole set:
 ``noise variance = mean over the set of each noise-free imaged subtomogram's variance (whole box) / SNR``,
-so every subtomogram of a set has the same noise, as in a real data set.
+so every subtomogram of a set has the same noise level, as in a real data set. The noise is limited
+to the sampled Fourier region (``Imaging.noise_in_wedge``, default) or white.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..geometry import random_euler, rotate_volume
+from ..geometry import pad_or_crop, random_euler, rotate_volume
 from ..runtime.log import progress
-from .imaging import Imaging, apply_imaging
-from .structures import load_structure, structure_label
+from .imaging import Imaging, apply_imaging, unit_noise
+from .structures import load_structure, structure_label, structure_radius_px
 
 
 @dataclass
@@ -65,17 +66,22 @@ def simulate_subtomogram_set(
     seed: int,
     max_shift_px: float = 1.0,
     return_clean: bool = False,
+    image_box: int | None = None,
 ) -> SubtomogramSet | tuple[SubtomogramSet, np.ndarray]:
     """Simulate ``n_per_class`` subtomograms (box ``box``) of each structure, shuffled.
 
     ``structures`` are shipped names or MRC paths (one class each, in order). Shifts are uniform in
     ``[−max_shift_px, max_shift_px]`` per axis. ``snr = inf`` adds no noise. With ``return_clean``
-    also returns the noise-free imaged volumes (to measure the SNR).
+    also returns the noise-free imaged volumes (to measure the SNR). Each particle is imaged in a
+    box of ``image_box`` (default ``box + 2·⌈box/4⌉``: room for the CTF's delocalisation, no
+    wrap-around) and cropped to ``box``.
     """
     if not structures:
         raise ValueError("no structures given")
     if n_per_class < 1 or box < 4 or angpix <= 0:
         raise ValueError(f"bad sizes: n_per_class={n_per_class}, box={box}, angpix={angpix}")
+    if snr is not None and not (snr > 0):
+        raise ValueError(f"snr must be positive (or inf), got {snr}")
     rng = np.random.default_rng(seed)
     names = [structure_label(s) for s in structures]
     if len(set(names)) != len(names):
@@ -91,30 +97,44 @@ def simulate_subtomogram_set(
         if max_shift_px > 0
         else np.zeros((n, 3))
     )
+    # image a larger box around each particle and crop: the CTF and wedge spread density beyond
+    # the box as they do in a tomogram, and nothing wraps around (periodic FFT) into the crop
+    big = max(int(image_box or box + 2 * math.ceil(box / 4)), box)
+    lo = big // 2 - box // 2
+    # rotate each map only into the box its density can reach, then zero-pad to ``big``
+    reach = [
+        min(big, 2 * math.ceil(structure_radius_px(m, 0.01) + abs(max_shift_px) * math.sqrt(3)) + 3)
+        for m in maps
+    ]
     clean = np.empty((n, box, box, box), dtype=np.float32)
-    for i in progress(range(n), total=n, desc="simulate subtomograms", unit="subtomo"):
-        sub = rotate_volume(
-            maps[labels[i]],
-            angles_deg=angles[i],
-            center_offset_xyz=shifts[i],
-            order=1,
-            output_shape_zyx=(box, box, box),
-        )
-        clean[i] = apply_imaging(sub, angpix, imaging)
+    chunk = max(1, min(n, (64 * 48**3) // big**3))
+    batch = np.empty((chunk, big, big, big), dtype=np.float32)
+    for i0 in progress(range(0, n, chunk), total=-(-n // chunk), desc="simulate subtomograms"):
+        i1 = min(n, i0 + chunk)
+        for j, i in enumerate(range(i0, i1)):
+            r = reach[labels[i]]
+            sub = rotate_volume(
+                maps[labels[i]],
+                angles_deg=angles[i],
+                center_offset_xyz=shifts[i],
+                order=1,
+                output_shape_zyx=(r, r, r),
+            )
+            batch[j] = sub if r == big else pad_or_crop(sub, (big, big, big))
+        imaged = apply_imaging(batch[: i1 - i0], angpix, imaging)
+        clean[i0:i1] = imaged[:, lo : lo + box, lo : lo + box, lo : lo + box]
 
     sig_var = float(np.mean(np.var(clean.reshape(n, -1), axis=1, dtype=np.float64)))
     if snr is None or math.isinf(snr):
         volumes, sigma = (clean.copy() if return_clean else clean), 0.0
     else:
-        if not snr > 0:
-            raise ValueError(f"snr must be positive (or inf), got {snr}")
         sigma = math.sqrt(sig_var / snr)
         # without return_clean the noise goes into the same buffer (memory: one copy of the set)
         volumes = clean.copy() if return_clean else clean
         for i0 in range(0, n, 256):
-            chunk = rng.standard_normal(volumes[i0 : i0 + 256].shape, dtype=np.float32)
-            chunk *= np.float32(sigma)
-            volumes[i0 : i0 + 256] += chunk
+            noise = unit_noise(volumes[i0 : i0 + 256].shape, imaging, rng)
+            noise *= np.float32(sigma)
+            volumes[i0 : i0 + 256] += noise
     result = SubtomogramSet(
         volumes=volumes,
         labels=labels.astype(np.int64),

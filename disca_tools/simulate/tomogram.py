@@ -26,7 +26,7 @@ import pandas as pd
 from ..geometry import random_euler, rotate_volume
 from ..runtime.errors import UserError
 from ..runtime.log import logger, progress
-from .imaging import Imaging, apply_imaging, signal_variance
+from .imaging import Imaging, apply_imaging, signal_variance, unit_noise
 from .structures import load_structure, structure_label, structure_radius_px
 
 PARTICLE_COLUMNS = ("x_px", "y_px", "z_px", "class_number", "class_name", "rot", "tilt", "psi")
@@ -123,6 +123,8 @@ def simulate_tomogram(
         raise ValueError(
             f"bad sizes: shape={shape_xyz}, n_particles={n_particles}, angpix={angpix}"
         )
+    if snr is not None and not (snr > 0):
+        raise ValueError(f"snr must be positive (or inf), got {snr}")
     rng = np.random.default_rng(seed)
     names = [structure_label(s) for s in structures]
     maps = [load_structure(s, angpix) for s in structures]
@@ -133,7 +135,9 @@ def simulate_tomogram(
 
     clean = np.zeros((nz, ny, nx), dtype=np.float32)
     mask = np.zeros((nz, ny, nx), dtype=bool)
-    boxes = [int(2 * math.ceil(r) + 3) for r in radii]
+    # rotate into boxes reaching the maps' faint outskirts (1% of max); separation and the SNR mask
+    # use the extent radius (10% of max)
+    boxes = [int(2 * math.ceil(structure_radius_px(m, 0.01)) + 3) for m in maps]
     spheres = []
     for b, r in zip(boxes, radii, strict=True):
         g = np.arange(b) - b // 2
@@ -159,10 +163,8 @@ def simulate_tomogram(
     if snr is None or math.isinf(snr):
         noisy, sigma = clean.copy(), 0.0
     else:
-        if not snr > 0:
-            raise ValueError(f"snr must be positive (or inf), got {snr}")
         sigma = math.sqrt(sig_var / snr)
-        noisy = rng.standard_normal(clean.shape, dtype=np.float32)
+        noisy = unit_noise(clean.shape, imaging, rng)
         noisy *= np.float32(sigma)
         noisy += clean
     np.negative(clean, out=clean)  # protein dark, as in real tomograms

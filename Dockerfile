@@ -1,0 +1,31 @@
+# disca_tools: the whole tool chain (disca_simulate, disca_pick, disca_extract, disca_cluster,
+# disca_evaluate, disca_split_star, disca_reembed) on PATH, CPU TensorFlow.
+#
+#   docker build -t disca_tools .
+#   docker run --rm -v "$PWD":/project -w /project disca_tools disca_pick --help
+#
+# Build with --build-arg WITH_RELION=1 to add Debian's RELION 3.1 (relion_reconstruct,
+# relion_refine, relion_pipeliner) for the RELION round-trip tests and `make demo`.
+FROM python:3.11-slim
+
+ARG WITH_RELION=0
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    MPLBACKEND=Agg
+
+RUN if [ "$WITH_RELION" = "1" ]; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends relion \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+
+WORKDIR /opt/disca_tools
+COPY pyproject.toml README.md ./
+COPY disca_tools ./disca_tools
+RUN pip install . && disca_split_star --help > /dev/null && disca_reembed --help > /dev/null
+
+# Run from the RELION project directory: every path inside STAR files is relative to it.
+WORKDIR /project
+CMD ["disca_pick", "--help"]

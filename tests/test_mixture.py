@@ -1,0 +1,138 @@
+"""PCA, Gaussian mixtures and the paper's BIC (disca_tools.cluster.mixture)."""
+
+import numpy as np
+import pytest
+from scipy.stats import multivariate_normal
+from sklearn.mixture import GaussianMixture
+
+from disca_tools.cluster import mixture
+from disca_tools.cluster.matching import accuracy_after_matching
+from disca_tools.runtime.errors import UserError
+
+
+def blobs(k=4, n=200, p=6, spread=12.0, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, spread, (k, p))
+    x = np.concatenate([rng.normal(c, 1.0, (n, p)) for c in centers])
+    y = np.repeat(np.arange(k), n)
+    order = rng.permutation(len(y))
+    return x[order], y[order]
+
+
+def test_paper_bic_equals_direct_loglik():
+    x, _ = blobs(k=3, n=80, p=4)
+    gmm = GaussianMixture(3, covariance_type="full", random_state=0).fit(x)
+    # direct log-likelihood from the fitted parameters, independent of score_samples
+    dens = sum(
+        w * multivariate_normal(m, c).pdf(x)
+        for w, m, c in zip(gmm.weights_, gmm.means_, gmm.covariances_, strict=True)
+    )
+    loglik = np.sum(np.log(dens))
+    n, p, k = len(x), x.shape[1], 3
+    expected = k * (p * p + p) / 2 * np.log(n) - 2 * loglik
+    assert mixture.paper_bic(gmm, x) == pytest.approx(expected, rel=1e-9)
+    # sklearn counts the means and weights too: the difference is exactly (K·P + K − 1) ln N
+    diff = mixture.sklearn_bic(gmm, x) - mixture.paper_bic(gmm, x)
+    assert diff == pytest.approx((k * p + k - 1) * np.log(n), rel=1e-9)
+
+
+@pytest.mark.parametrize("criterion", ["paper", "sklearn"])
+def test_select_finds_true_k(criterion):
+    x, y = blobs(k=4)
+    sel = mixture.select_mixture(x, list(range(2, 9)), seed=0, criterion=criterion)
+    assert sel.k == 4
+    assert min(sel.bic_by_k, key=sel.bic_by_k.get) == 4
+    assert set(sel.bic_by_k) == set(range(2, 9))
+    assert accuracy_after_matching(y, sel.labels) == 1.0
+    assert sel.posteriors.shape == (len(x), 4)
+    np.testing.assert_allclose(sel.posteriors.sum(axis=1), 1.0)
+    assert np.array_equal(np.unique(sel.labels), np.arange(4))
+    assert sel.loglik == pytest.approx(np.sum(sel.gmm.score_samples(x)))
+    assert not sel.inherited
+
+
+def test_subsampled_fit_still_finds_k():
+    x, y = blobs(k=4, n=400)
+    sel = mixture.select_mixture(x, [2, 3, 4, 5, 6], seed=1, max_fit_points=300)
+    assert sel.k == 4
+    assert accuracy_after_matching(y, sel.labels) == 1.0
+
+
+def test_inherited_fit_keeps_label_numbers():
+    x, _ = blobs(k=4)
+    first = mixture.select_mixture(x, [3, 4, 5], seed=0)
+    perm = np.array([2, 0, 3, 1])
+    prev = perm[first.labels]  # same partition, different numbering
+    second = mixture.select_mixture(x, [3, 4, 5], seed=7, prev_labels=prev, prev_k=4)
+    assert second.k == 4
+    assert second.inherited
+    assert np.array_equal(second.labels, prev)
+
+
+def test_inherited_loses_to_better_de_novo_fit():
+    x, y = blobs(k=4)
+    bad_prev = np.random.default_rng(3).integers(0, 4, len(x))  # random partition: poor start
+    sel = mixture.select_mixture(x, [4], seed=0, prev_labels=bad_prev, prev_k=4)
+    # whichever fit is kept, it has the higher likelihood; the result must recover the blobs
+    assert accuracy_after_matching(y, sel.labels) == 1.0
+
+
+def test_empty_clusters_dropped():
+    x, y = blobs(k=3, n=100, p=3)
+    gmm = GaussianMixture(3, random_state=0).fit(x)
+    # add a fourth component far away that no point chooses
+    big = GaussianMixture(4)
+    big.weights_ = np.append(gmm.weights_ * 0.99, 0.01)
+    big.means_ = np.vstack([gmm.means_, np.full(3, 1e3)])
+    big.covariances_ = np.concatenate([gmm.covariances_, np.eye(3)[None]])
+    big.precisions_cholesky_ = np.concatenate([gmm.precisions_cholesky_, np.eye(3)[None]])
+    big.precisions_ = np.concatenate([gmm.precisions_, np.eye(3)[None]])
+    big.covariance_type, big.n_features_in_ = "full", 3
+    big.converged_, big.n_iter_, big.lower_bound_ = True, 1, 0.0
+    # make the empty one component 1 (not the last) to check relabelling is contiguous
+    order = [0, 3, 1, 2]
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_"):
+        setattr(big, name, getattr(big, name)[order])
+    assert len(np.unique(big.predict(x))) == 3
+    reduced, labels, post, dropped = mixture.drop_empty(big, x)
+    assert dropped == [1]
+    assert reduced.n_components == 3
+    assert np.array_equal(np.unique(labels), np.arange(3))
+    assert post.shape == (len(x), 3)
+    np.testing.assert_allclose(post.sum(axis=1), 1.0)
+    # the surviving components keep their points: labels are gmm's own, renumbered 0, 2, 3 -> 0, 1, 2
+    assert np.array_equal(labels, gmm.predict(x))
+    np.testing.assert_allclose(reduced.weights_.sum(), 1.0)
+
+
+def test_infeasible_candidates_raise_and_are_skipped():
+    x, _ = blobs(k=2, n=10, p=4)  # N = 20, full covariance needs 5 points per cluster
+    with pytest.raises(UserError, match="too few particles"):
+        mixture.select_mixture(x, [5, 6], seed=0)
+    sel = mixture.select_mixture(x, [2, 3, 4, 5, 6], seed=0)
+    assert set(sel.bic_by_k) == {2, 3, 4}
+
+
+def test_bad_features_raise():
+    x, _ = blobs(k=2, n=20, p=2)
+    x[3, 1] = np.nan
+    with pytest.raises(UserError):
+        mixture.select_mixture(x, [2], seed=0)
+    with pytest.raises(UserError):
+        mixture.select_mixture(np.ones((30, 2)), [2], seed=0)
+
+
+def test_scale_invariance():
+    x, _ = blobs(k=3, n=60, p=3)
+    a = mixture.select_mixture(x, [2, 3, 4], seed=0)
+    b = mixture.select_mixture(x * 1e-4, [2, 3, 4], seed=0)
+    assert a.k == b.k == 3
+    assert np.array_equal(a.labels, b.labels)
+
+
+def test_fit_pca_caps_dimension():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(10, 40))
+    assert mixture.fit_pca(f, 16, seed=0).n_components_ == 9
+    assert mixture.fit_pca(f[:, :5], 16, seed=0).n_components_ == 5
+    assert mixture.fit_pca(rng.normal(size=(100, 40)), 16, seed=0).n_components_ == 16
