@@ -197,3 +197,23 @@ def test_output_nodes_file_format_for_reembed(relion_project: Path) -> None:
         "output_nodes"
     ]
     assert all(Path(n).exists() and "//" not in n for n in split_nodes["rlnPipeLineNodeName"])
+
+
+def test_abort_during_reembed_leaves_no_partial_volume(relion_project: Path) -> None:
+    assert (
+        split_main(
+            ["--o", "Split/", "--classes", "1", "-q", "--no-averages"]
+            + ["--i", "Sim/clusters.star"]
+        )
+        == 0
+    )
+    job = Path("External/job006")
+    job.mkdir(parents=True)
+    (job / "RELION_JOB_ABORT_NOW").touch()
+    args = ["--o", "External/job006/", "--in_parts", "Split/class_001.star", "--in_3dref"]
+    args += ["Sim/references/1bxn.mrc", "--tomo-shape", "400,100,40", "--angpix", "14", "--j", "1"]
+    assert reembed_main(args) != 0
+    assert (job / "RELION_JOB_EXIT_ABORTED").exists() and not (
+        job / "RELION_JOB_EXIT_SUCCESS"
+    ).exists()
+    assert not [p.name for p in job.iterdir() if p.suffix == ".mrc" or ".tmp" in p.name]

@@ -562,3 +562,22 @@ def test_rebinned_relion4_table_round_trips_through_relion31(tmp_path):
     back = read_particles(write_relion31(tmp_path / "bin4.star", binned))
     assert back.coord_angpix == pytest.approx(7.884)  # rlnMicrographPixelSize beats TS pixel
     np.testing.assert_allclose(back.coords_px[0], [425.0, 107.0, 236.0])
+
+
+def test_plain_coordinate_file_takes_voxel_size_from_the_tomogram_header(tmp_path, monkeypatch):
+    """A RELION 3.1 coordinate file without optics is in pixels of the tomogram it names."""
+    from disca_tools.io.mrc import write_volume
+
+    monkeypatch.chdir(tmp_path)
+    Path("Tomograms").mkdir()
+    write_volume("Tomograms/t1.mrc", np.zeros((8, 8, 8), np.float32), angpix=13.48)
+    Path("coords.star").write_text(
+        "data_particles\n\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n"
+        "_rlnCoordinateZ #4\nTomograms/t1.mrc 1.0 2.0 3.0\n"
+    )
+    table = read_particles("coords.star")
+    assert table.coord_angpix == pytest.approx(13.48)
+    assert table.coords_px.tolist() == [[1.0, 2.0, 3.0]]
+    # without the tomogram the size stays unknown rather than guessed
+    Path("Tomograms/t1.mrc").unlink()
+    assert read_particles("coords.star").coord_angpix is None

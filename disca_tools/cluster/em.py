@@ -57,6 +57,7 @@ CHECKPOINT_STATE = "state.json"
 CHECKPOINT_WEIGHTS = "weights.weights.h5"
 CHECKPOINT_LABELS = "labels.npy"
 BEST_DIR = "best"
+INACTIVE_BIAS = -1e4
 
 
 @dataclass
@@ -150,10 +151,13 @@ class EMResult:
 # ----------------------------------------------------------------------------- helpers
 
 
-def smooth_targets(labels: np.ndarray, k: int, alpha: float) -> np.ndarray:
-    """``(1 − α)·onehot + α/K`` as float32 (N, K)."""
-    onehot = np.eye(k, dtype=np.float32)[np.asarray(labels)]
-    return (1.0 - alpha) * onehot + alpha / k
+def smooth_targets(labels: np.ndarray, k: int, alpha: float, width: int | None = None) -> np.ndarray:
+    """``(1 − α)·onehot + α/K`` as float32 (N, width), zero beyond the K active classes."""
+    width = k if width is None else int(width)
+    out = np.zeros((len(labels), width), dtype=np.float32)
+    out[:, :k] = alpha / k
+    out[np.arange(len(labels)), np.asarray(labels)] += 1.0 - alpha
+    return out
 
 
 def iteration_seed(seed: int, iteration: int) -> int:
@@ -191,8 +195,13 @@ def _permute_posteriors(post: np.ndarray, mapping: dict[int, int]) -> tuple[np.n
     return out, comp_to_label
 
 
-def warm_up_head(model, features: np.ndarray, labels: np.ndarray, cfg: EMConfig, seed: int) -> float:
-    """Train the softmax head alone on fixed ``features`` until it agrees with ``labels``.
+def warm_up_head(model, features: np.ndarray, labels: np.ndarray, k: int, cfg: EMConfig, seed: int) -> float:
+    """Replace the head by one for ``k`` clusters trained alone on fixed ``features`` (``labels``).
+
+    The head layer has ``max(k_candidates)`` units; the first ``k`` are set here and the others are
+    switched off (zero kernel, bias −10⁴: their softmax output and gradients are exactly zero, so
+    training never revives them), which replaces the classification layer without rebuilding and
+    retracing the network.
 
     The head is a multinomial logistic regression on the features; it is fitted by L-BFGS
     (scikit-learn, on standardised features, weakening the L2 penalty until the agreement reaches
@@ -205,7 +214,9 @@ def warm_up_head(model, features: np.ndarray, labels: np.ndarray, cfg: EMConfig,
     from sklearn.linear_model import LogisticRegression
 
     head = Y.head_layer(model)
-    k = int(head.units)
+    units = int(head.units)
+    if k > units:
+        raise ValueError(f"head has {units} units, {k} clusters asked for")
     x = np.asarray(features, dtype=np.float64)
     mu = x.mean(axis=0)
     sd = x.std(axis=0)
@@ -223,8 +234,8 @@ def warm_up_head(model, features: np.ndarray, labels: np.ndarray, cfg: EMConfig,
         if coef.shape[0] == 1:  # binary: one logit difference, split symmetrically
             coef = np.vstack([-coef / 2, coef / 2])
             icpt = np.array([-icpt[0] / 2, icpt[0] / 2])
-        full_coef = np.zeros((k, x.shape[1]))
-        full_icpt = np.full(k, -1e3)
+        full_coef = np.zeros((units, x.shape[1]))
+        full_icpt = np.full(units, INACTIVE_BIAS)
         full_coef[clf.classes_] = coef
         full_icpt[clf.classes_] = icpt
         kernel = (full_coef / sd).T
@@ -239,7 +250,7 @@ def warm_up_head(model, features: np.ndarray, labels: np.ndarray, cfg: EMConfig,
 
 
 class _Trainer:
-    """The training model compiled once per head size, with its optimizer reset each iteration."""
+    """The training model compiled once, with its optimizer state reset each iteration."""
 
     def __init__(self, model, lr: float):
         import keras
@@ -304,16 +315,18 @@ def run_em(
 ) -> EMResult:
     """Run DISCA on the subtomograms ``store[rows]`` and return the best-DDBI iteration.
 
-    ``checkpoint_dir`` receives, after every iteration, the network weights, the labels and the
-    state (atomically); ``resume`` continues from there. ``init_extractor_weights`` (a trained
-    run's ``model.keras`` / weights) starts from a trained feature extractor (fine-tuning): then
-    iteration 0 is eligible to be reported.
+    ``checkpoint_dir`` receives, after every trained iteration, the network weights, the labels and
+    the state (atomically), and the best iteration so far in ``best/``; ``resume`` continues from
+    the last trained iteration (a final, untrained iteration is recomputed: it is deterministic).
+    ``init_extractor_weights`` (a trained run's ``model.keras``) starts from a trained feature
+    extractor (fine-tuning): then iteration 0 is eligible to be reported.
     """
     from .ddbi import ddbi
 
     rows = np.asarray(rows, dtype=np.int64)
     n, box = len(rows), store.box
     cfg.check(n, box)
+    kmax = max(cfg.k_candidates)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
         (ckpt / BEST_DIR).mkdir(parents=True, exist_ok=True)
@@ -328,12 +341,16 @@ def run_em(
     pretrained = init_extractor_weights is not None
 
     _set_seeds(iteration_seed(cfg.seed, -1))
+    model = Y.build_yopo(cfg.yopo(box, kmax), seed=cfg.seed)
     if resume:
         if ckpt is None:
             raise ValueError("resume needs a checkpoint directory")
         state = load_checkpoint(ckpt)
-        if int(state["box"]) != box:
-            raise UserError(f"{ckpt / CHECKPOINT_STATE}: checkpoint is for box {state['box']}, data has {box}")
+        if int(state["box"]) != box or int(state["kmax"]) != kmax:
+            raise UserError(
+                f"{ckpt / CHECKPOINT_STATE}: checkpoint is for box {state['box']} and K ≤ {state['kmax']}; "
+                f"this run has box {box} and K ≤ {kmax}"
+            )
         history = _history_from(state["history"])
         start = int(state["iteration"]) + 1
         prev_k = int(state["k"])
@@ -343,42 +360,39 @@ def run_em(
         stable = int(state["stable"])
         best_it, best_ddbi = int(state["best_iteration"]), float(state["best_ddbi"])
         pretrained = bool(state.get("pretrained", False))
-        model = Y.build_yopo(cfg.yopo(box, prev_k), seed=cfg.seed)
         model.load_weights(ckpt / CHECKPOINT_WEIGHTS)
         logger.info("Continuing after iteration %d (K=%d)", start - 1, prev_k)
-    else:
-        model = Y.build_yopo(cfg.yopo(box, min(cfg.k_candidates)), seed=cfg.seed)
-        if init_extractor_weights is not None:
-            ext = Y.feature_extractor(model)
-            try:
-                ext.load_weights(init_extractor_weights)
-            except Exception as exc:
-                raise UserError(f"{init_extractor_weights}: cannot load into this network ({type(exc).__name__}: {exc})") from None
-    trainer = _Trainer(model, cfg.lr) if resume else None
+    elif init_extractor_weights is not None:
+        try:
+            Y.feature_extractor(model).load_weights(init_extractor_weights)
+        except Exception as exc:
+            raise UserError(
+                f"{init_extractor_weights}: cannot load into this network ({type(exc).__name__}: {exc})"
+            ) from None
+    trainer = _Trainer(model, cfg.lr)
     extractor = Y.feature_extractor(model)
     converged = False
-    it = start
     for it in range(start, cfg.max_iter + 1):
         check_abort()
         t0 = time.time()
         seed_it = iteration_seed(cfg.seed, it)
         _set_seeds(seed_it)
         feats = predict_features(extractor, store, rows, cfg.predict_batch_size)
-        t1 = time.time()
         if not np.all(np.isfinite(feats)):
             raise UserError("features: the network produced NaN/inf (try a lower --lr)")
+        t1 = time.time()
         pca = fit_pca(feats, cfg.pca_dim, seed_it)
         x = pca.transform(feats)
         sel = select_mixture(x, cfg.k_candidates, seed_it, prev_labels=prev_labels, prev_k=prev_k)
         k = sel.k
         mapping = {c: c for c in range(k)}
         labels = sel.labels
-        if prev_labels is not None and k == prev_k:
+        same_k = prev_labels is not None and k == prev_k
+        if same_k:
             labels, mapping = match_labels(prev_labels, sel.labels)
         post, comp_to_label = _permute_posteriors(sel.posteriors, mapping)
-        frac = float(np.mean(labels != prev_labels)) if prev_labels is not None and k == prev_k else 1.0
+        frac = float(np.mean(labels != prev_labels)) if same_k else 1.0
         score = ddbi(x, labels)
-        t2 = time.time()
         eligible = (it >= 1 or pretrained) and math.isfinite(score)
         if eligible and score < best_ddbi:
             best_it, best_ddbi = it, score
@@ -387,7 +401,7 @@ def run_em(
                 "posteriors": post,
                 "features": feats,
                 "mixture": {"pca": pca, "gmm": sel.gmm, "component_to_label": comp_to_label},
-                "weights": extractor.get_weights(),
+                "weights": [np.array(w) for w in extractor.get_weights()],
             }
             if ckpt is not None:
                 b = ckpt / BEST_DIR
@@ -396,20 +410,19 @@ def run_em(
                 _save_npy(b / "features.npy", feats)
                 _save_pickle(b / "mixture.pkl", best["mixture"])
                 _save_weights(extractor, b / "extractor.weights.h5")
-        stable = stable + 1 if (k == prev_k and frac <= 1.0 - cfg.stable_fraction) else 0
+        stable = stable + 1 if (same_k and frac <= 1.0 - cfg.stable_fraction) else 0
         converged = stable >= cfg.patience
+        t2 = time.time()
         lr = cfg.lr * cfg.lr_decay**it
         alpha = cfg.label_smoothing * cfg.smoothing_decay**it
         loss = float("nan")
-        if it < cfg.max_iter and not converged:
-            if trainer is None or k != Y.n_classes_of(model):
-                if k != Y.n_classes_of(model):
-                    model = Y.replace_head(model, k, seed=seed_it)
-                warm_up_head(model, feats, labels, cfg, seed_it)
-                trainer = _Trainer(model, cfg.lr)
-                extractor = Y.feature_extractor(model)
+        trained = it < cfg.max_iter and not converged
+        if trained:
+            if not same_k:  # new K (or first iteration): a fresh head, warmed up on fixed features
+                warm_up_head(model, feats, labels, k, cfg, seed_it)
             Y.reset_dropout_seed(model, seed_it)
-            ds = train_dataset(store, rows, smooth_targets(labels, k, alpha), cfg.batch_size, seed_it, cfg.augment)
+            targets = smooth_targets(labels, k, alpha, kmax)
+            ds = train_dataset(store, rows, targets, cfg.batch_size, seed_it, cfg.augment)
             loss = trainer.fit(ds, cfg.epochs_per_iter, lr)
         t3 = time.time()
         rec = IterationRecord(
@@ -419,7 +432,7 @@ def run_em(
             ddbi=float(score),
             frac_changed=frac,
             loss=loss,
-            seconds=round(time.time() - t0, 3),
+            seconds=round(t3 - t0, 3),
             lr=lr,
             alpha=alpha,
             eligible=bool(eligible),
@@ -430,15 +443,17 @@ def run_em(
         )
         history.append(rec)
         logger.info(
-            "iteration %d: K=%d DDBI=%.4g changed=%.3f loss=%.4g (%.1f s: features %.1f, mixtures %.1f, training %.1f)%s",
-            it, k, score, frac, loss, rec.seconds, t1 - t0, t2 - t1, t3 - t2, " *" if best_it == it else "",
-        )
+            "iteration %d: K=%d DDBI=%.4g changed=%.3f loss=%.4g "
+            "(%.1f s: features %.1f, mixtures %.1f, training %.1f)%s",
+            it, k, score, frac, loss, rec.seconds, t1 - t0, t2 - t1, t3 - t2,
+            " *" if best_it == it else "",
+        )  # fmt: skip
         prev_labels, prev_k = labels, k
-        if ckpt is not None:
+        if ckpt is not None and trained:
             _save_weights(model, ckpt / CHECKPOINT_WEIGHTS)
             _save_npy(ckpt / CHECKPOINT_LABELS, labels)
             state = _state_dict(cfg, it, k, stable, best_it, best_ddbi, history, box)
-            state["pretrained"] = pretrained
+            state.update(pretrained=pretrained, kmax=kmax)
             write_text_atomic(ckpt / CHECKPOINT_STATE, json.dumps(state, indent=1))
         if converged:
             logger.info("Converged at iteration %d", it)
@@ -446,10 +461,10 @@ def run_em(
 
     if best is None:
         if ckpt is not None and best_it >= 0:
-            best = _load_best(ckpt)
+            best = _load_best(ckpt, cfg, box)
         else:
             raise UserError("clustering: no iteration produced a valid clustering (K ≥ 2)")
-    ext_model = Y.feature_extractor(Y.build_yopo(cfg.yopo(box, 2), seed=cfg.seed))
+    ext_model = Y.feature_extractor(Y.build_yopo(cfg.yopo(box, kmax), seed=cfg.seed))
     ext_model.set_weights(best["weights"])
     return EMResult(
         labels=np.asarray(best["labels"]),
@@ -466,13 +481,11 @@ def run_em(
     )
 
 
-def _load_best(ckpt: Path) -> dict[str, Any]:
+def _load_best(ckpt: Path, cfg: EMConfig, box: int) -> dict[str, Any]:
     b = ckpt / BEST_DIR
     with open(b / "mixture.pkl", "rb") as fh:
         mixture = pickle.load(fh)
-    state = load_checkpoint(ckpt)
-    cfg = EMConfig(**state["config"])
-    ext = Y.feature_extractor(Y.build_yopo(cfg.yopo(int(state["box"]), 2), seed=cfg.seed))
+    ext = Y.feature_extractor(Y.build_yopo(cfg.yopo(box, max(cfg.k_candidates)), seed=cfg.seed))
     ext.load_weights(b / "extractor.weights.h5")
     return {
         "labels": np.load(b / "labels.npy"),

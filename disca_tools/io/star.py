@@ -224,6 +224,36 @@ def _resolve_reference(ref: str | Path, referring: Path) -> Path | None:
     return None
 
 
+def _angpix_from_tomogram_headers(df: pd.DataFrame, star: Path) -> float | None:
+    """Coordinate voxel size from the MRC headers of the tomograms a coordinate file names.
+
+    A plain RELION 3.1 coordinate file (rlnMicrographName + rlnCoordinateX/Y/Z, no optics) states no
+    pixel size: its coordinates are in pixels of the tomogram it names, so that tomogram's header
+    tells. Returns None when a tomogram cannot be found or the headers disagree.
+    """
+    if TOMO_FILE not in df.columns or not len(df):
+        return None
+    from .mrc import read_info  # local: star.py must not need mrcfile for plain STAR work
+
+    sizes = set()
+    for name in pd.unique(df[TOMO_FILE].astype(str)):
+        found = _resolve_reference(name, star)
+        if found is None:
+            return None
+        try:
+            size = read_info(found).angpix
+        except UserError:
+            return None
+        if size <= 0:
+            return None
+        sizes.add(round(size, 4))
+    if len(sizes) != 1:
+        return None
+    value = sizes.pop()
+    logger.info("%s: coordinates taken to be in pixels of the tomograms (%.4g Å)", star, value)
+    return float(value)
+
+
 def _close(a, b) -> np.ndarray:
     """Element-wise: do pixel sizes ``a`` and ``b`` agree within :data:`ANGPIX_RTOL`?"""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -565,6 +595,8 @@ def read_particles(
             what, stated = IMAGE_ANGPIX, False
         coord_angpix, factor = _common_angpix(per_row, angpix, stated, what, p)
         _rescale(df, factor)
+        if coord_angpix is None:
+            coord_angpix = _angpix_from_tomogram_headers(df, p)
 
     if tomos is not None and TOMO_FILE not in df.columns and TOMO_RECONSTRUCTION in tomos.columns:
         files = dict(zip(tomos[TOMO_NAME], _as_names(tomos[TOMO_RECONSTRUCTION]), strict=True))
