@@ -9,6 +9,9 @@
 FROM python:3.11-slim
 
 ARG WITH_RELION=0
+# --build-arg WITH_CUDA=1 installs TensorFlow's CUDA libraries for GPU nodes (run with --gpus all,
+# or `apptainer exec --nv`).
+ARG WITH_CUDA=0
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -24,7 +27,10 @@ RUN if [ "$WITH_RELION" = "1" ]; then \
 WORKDIR /opt/disca_tools
 COPY pyproject.toml README.md ./
 COPY disca_tools ./disca_tools
-RUN pip install . && disca_split_star --help > /dev/null && disca_reembed --help > /dev/null
+RUN pip install . \
+    && if [ "$WITH_CUDA" = "1" ]; then pip install "tensorflow[and-cuda]"; fi \
+    && for t in disca_simulate disca_pick disca_extract disca_cluster disca_evaluate disca_split_star disca_reembed; \
+       do "$t" --help > /dev/null || exit 1; done
 
 # Run from the RELION project directory: every path inside STAR files is relative to it.
 WORKDIR /project

@@ -104,6 +104,7 @@ def run_disca(volumes, args, seed):
     """DISCA through engineer D's core API (disca_tools.cluster.em.run_em on an in-memory store)."""
     from disca_tools.cluster.em import EMConfig, run_em
     from disca_tools.model.data import SubtomogramStore
+    from disca_tools.model.yopo import resolve_precision
 
     store = SubtomogramStore(
         volumes=volumes, names=[f"sim_{i:06d}" for i in range(len(volumes))], path=Path("<memory>")
@@ -114,7 +115,7 @@ def run_disca(volumes, args, seed):
         max_iter=args.max_iter,
         width_scale=args.width_scale,
         seed=seed,
-        **({"precision": args.precision} if args.precision else {}),
+        precision=resolve_precision(args.precision),
         **({"epochs_per_iter": args.epochs_per_iter} if args.epochs_per_iter else {}),
         **({"lr": args.lr} if args.lr else {}),
     )
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-iter", type=int, default=20)
     ap.add_argument("--epochs-per-iter", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--precision", default=None, help="DISCA --precision (default: em.py's)")
+    ap.add_argument("--precision", default="auto", help="float32, mixed_bfloat16 or auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)

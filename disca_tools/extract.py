@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .io.mrc import release_pages
 from .runtime.errors import UserError
 from .runtime.log import progress
 
@@ -155,8 +156,11 @@ def iter_boxes(
     """Yield ``(index, box)`` for every start, visiting them in z/y order for memory-map locality."""
     s = np.asarray(starts_zyx).reshape(-1, 3)
     order = np.lexsort((s[:, 2], s[:, 1], s[:, 0]))
-    for i in progress(order, total=len(order), desc=desc, unit="particle"):
+    for n, i in enumerate(progress(order, total=len(order), desc=desc, unit="particle")):
         yield int(i), read_box(volume_zyx, s[i], params, rng)
+        if n % 4096 == 4095:  # keep the memory map's resident pages bounded on huge tomograms
+            release_pages(volume_zyx)
+    release_pages(volume_zyx)
 
 
 def write_store_names(path: str | Path, names: list[str]) -> Path:

@@ -22,7 +22,7 @@ Speed
 from __future__ import annotations
 
 import math
-import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .io.mrc import check_angpix, open_volume
+from .io.mrc import check_angpix, open_volume, release_pages
 from .runtime.errors import UserError, file_error
 from .runtime.log import logger, progress
 
@@ -128,7 +128,11 @@ def sigmas_for_diameter(diameter_angst: float, angpix: float) -> tuple[float, fl
 class BinnedVolume:
     """A lazy, block-averaged float32 view of a (memory-mapped) ``[z, y, x]`` array.
 
-    Slicing with three ``slice`` objects reads only the needed part of the source.
+    Slicing with three ``slice`` objects reads only the needed part of the source. A whole-file
+    ``np.memmap`` (what :func:`~disca_tools.io.mrc.open_volume` returns) is read with ``os.pread``,
+    one z slice of the needed rows at a time, so the file's pages never join this process's
+    resident memory (reading through the mapping would keep them there and peak memory would grow
+    with the tomogram, not the block).
     """
 
     def __init__(self, data: np.ndarray, binning: int = 1) -> None:
@@ -137,11 +141,47 @@ class BinnedVolume:
         self.shape = tuple(int(s) // self.b for s in data.shape)
         if min(self.shape) < 1:
             raise UserError(f"--bin {self.b}: larger than the volume {data.shape[::-1]}")
+        self._file = None
+        mm = getattr(data, "_mmap", None)
+        if (
+            isinstance(data, np.memmap)
+            and data.filename
+            and mm is not None
+            and data.base is mm
+            and data.ndim == 3
+            and data.flags["C_CONTIGUOUS"]
+        ):
+            self._file = (str(data.filename), int(data.offset))
+
+    def _read(self, src: tuple[slice, slice, slice]) -> np.ndarray:
+        if self._file is None:
+            out = np.array(self.data[src], dtype=np.float32)  # always a private copy
+            release_pages(self.data)
+            return out
+        path, offset = self._file
+        nz, ny, nx = self.data.shape
+        dt = self.data.dtype
+        z0, z1 = src[0].start, src[0].stop
+        y0, y1 = src[1].start, src[1].stop
+        x0, x1 = src[2].start, src[2].stop
+        out = np.empty((z1 - z0, y1 - y0, x1 - x0), dtype=np.float32)
+        row = nx * dt.itemsize
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for k, z in enumerate(range(z0, z1)):
+                start = offset + (z * ny + y0) * row
+                buf = os.pread(fd, (y1 - y0) * row, start)
+                if len(buf) != (y1 - y0) * row:
+                    raise UserError(f"{path}: truncated volume (short read at z={z})")
+                out[k] = np.frombuffer(buf, dtype=dt).reshape(y1 - y0, nx)[:, x0:x1]
+        finally:
+            os.close(fd)
+        return out
 
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
         b = self.b
         src = tuple(slice(k.start * b, k.stop * b) for k in key)
-        block = np.array(self.data[src], dtype=np.float32)  # always a private copy
+        block = self._read(src)
         if b == 1:
             return block
         nz, ny, nx = (s // b for s in block.shape)
@@ -257,7 +297,6 @@ def _block_peaks(
     lo = [max(0, a - h) for a, _ in block]
     hi = [min(n, b + h) for (_, b), n in zip(block, shape, strict=True)]
     data = source[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
-    _release(source)
     dog = dog_map(data, params)
     del data
     inner = tuple(slice(a - l0, b - l0) for (a, b), l0 in zip(block, lo, strict=True))
@@ -267,24 +306,6 @@ def _block_peaks(
     zyx = (idx + np.asarray(lo)).astype(np.int64)
     count = int(np.prod([b - a for a, b in block]))
     return zyx, scores, total, total2, count
-
-
-def _release(source: BinnedVolume | np.ndarray) -> None:
-    """Drop the memory map's pages from this process's resident set (Linux; no-op elsewhere).
-
-    Pages read from a file mapping count as resident memory until unmapped; telling the kernel we
-    no longer need them keeps peak memory bounded by the block size on huge tomograms.
-    """
-    obj = source.data if isinstance(source, BinnedVolume) else source
-    while obj is not None:
-        mm = getattr(obj, "_mmap", None)
-        if mm is not None:
-            try:
-                mm.madvise(mmap.MADV_DONTNEED)
-            except (AttributeError, OSError, ValueError):
-                pass
-            return
-        obj = getattr(obj, "base", None)
 
 
 def non_maximum_suppression(

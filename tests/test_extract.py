@@ -265,12 +265,12 @@ def test_bad_input_exits_2_and_writes_nothing(project, capsys):
     for what, (args, message) in cases.items():
         extra = ["--seed", "0"] if "--box" in args else ["--box", "8"]
         capsys.readouterr()
-        assert extract_main([*args, "--o", f"E_{what}", *extra]) == 2, what
+        assert extract_main([*args, "--o", f"E_{what}", *extra, "-q"]) == 2, what
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (what, err)
         assert not Path(f"E_{what}").exists() or not any(Path(f"E_{what}").iterdir()), what
     # the installed entry point: one line on stderr, exit status 2
-    r = _run_cli(["--i", "out.star", "--o", "E_cli", "--box", "8"])
+    r = _run_cli(["--i", "out.star", "--o", "E_cli", "--box", "8", "-q"])
     assert r.returncode == 2 and "outside" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     # an empty coordinate file (a pick run with zero picks) is an error for extraction
     write_star_blocks(

@@ -136,3 +136,15 @@ def test_fit_pca_caps_dimension():
     assert mixture.fit_pca(f, 16, seed=0).n_components_ == 9
     assert mixture.fit_pca(f[:, :5], 16, seed=0).n_components_ == 5
     assert mixture.fit_pca(rng.normal(size=(100, 40)), 16, seed=0).n_components_ == 16
+
+
+def test_select_not_trapped_by_single_kmeans_start():
+    # a case where one k-means start merges two blobs and the K=5 fit loses to K=4 (seen before
+    # the k-means restarts): 5 blobs, 8 dimensions, 100 points each, two centres only 7σ apart
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 1, (5, 8)) * 8 / np.sqrt(2)
+    x = np.concatenate([rng.normal(c, 1, (100, 8)) for c in centers])
+    y = np.repeat(np.arange(5), 100)
+    sel = mixture.select_mixture(x, list(range(2, 9)), seed=0)
+    assert sel.k == 5
+    assert accuracy_after_matching(y, sel.labels) == 1.0

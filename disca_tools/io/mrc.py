@@ -212,3 +212,23 @@ def create_volume_memmap(path: str | Path, shape_zyx: tuple[int, int, int], angp
         fh.write(header.tobytes())
         fh.truncate(1024 + int(np.prod(shape_zyx)) * dtype.itemsize)
     return np.memmap(p, dtype=dtype, mode="r+", offset=1024, shape=tuple(int(s) for s in shape_zyx))
+
+
+def release_pages(data: np.ndarray) -> None:
+    """Drop a memory-mapped volume's pages from this process's resident memory (Linux).
+
+    Pages read through a file mapping count as resident until unmapped; long passes over a huge
+    tomogram call this now and then so memory stays bounded. A no-op for ordinary arrays.
+    """
+    import mmap
+
+    obj = data
+    while obj is not None:
+        mm = getattr(obj, "_mmap", None)
+        if isinstance(mm, mmap.mmap):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):
+                pass
+            return
+        obj = getattr(obj, "base", None)

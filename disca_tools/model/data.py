@@ -163,13 +163,22 @@ def build_store(paths: list[Path], names: list[str], folder: str | Path, float16
     return store
 
 
-def load_particle_volumes(
-    table: ParticleTable, star_path: str | Path, work_dir: str | Path
-) -> tuple[SubtomogramStore, np.ndarray]:
-    """The store holding a particle table's subtomograms and the store row of each particle.
+@dataclass
+class ParticleVolumes:
+    """Where a particle table's subtomograms are: a store covering them, or the .mrc files."""
 
-    Uses the fast store beside the STAR file when it covers every particle, else a store already
-    built in ``work_dir`` for the same images, else builds one there from the .mrc files.
+    box: int
+    store: SubtomogramStore | None = None
+    rows: np.ndarray | None = None
+    paths: list[Path] | None = None
+    names: list[str] | None = None
+
+
+def locate_particle_volumes(table: ParticleTable, star_path: str | Path, work_dir: str | Path) -> ParticleVolumes:
+    """Find the subtomograms of a particle table without writing anything.
+
+    The fast store beside the STAR file when it covers every particle, else a store already built
+    in ``work_dir`` for the same images, else the rlnImageName .mrc files (all must exist).
     """
     if IMAGE not in table.particles.columns:
         raise file_error(star_path, f"no {IMAGE} column: which subtomogram belongs to each particle?")
@@ -181,13 +190,30 @@ def load_particle_volumes(
         if store is not None:
             rows = store_rows(store, names)
             if rows is not None:
-                logger.info("Reading subtomograms from %s", store.path)
-                validate_store(store, rows)
-                return store, rows
+                return ParticleVolumes(store.box, store=store, rows=rows)
     paths = resolve_image_paths(names, star_path)
-    logger.info("Building a subtomogram store in %s from %d MRC files", work_dir, len(paths))
-    store = build_store(paths, names, work_dir)
-    return store, np.arange(len(names), dtype=np.int64)
+    shape = read_info(paths[0]).shape_zyx
+    if len(set(shape)) != 1:
+        raise file_error(paths[0], f"subtomogram is not cubic: {shape}")
+    return ParticleVolumes(int(shape[0]), paths=paths, names=names)
+
+
+def load_particle_volumes(
+    table: ParticleTable, star_path: str | Path, work_dir: str | Path, located: ParticleVolumes | None = None
+) -> tuple[SubtomogramStore, np.ndarray]:
+    """The store holding a particle table's subtomograms and the store row of each particle.
+
+    See :func:`locate_particle_volumes`; .mrc files are streamed into ``work_dir/subtomograms.npy``
+    once (checked for size, NaN and constant volumes). A store's used rows are checked too.
+    """
+    loc = located or locate_particle_volumes(table, star_path, work_dir)
+    if loc.store is not None:
+        logger.info("Reading subtomograms from %s", loc.store.path)
+        validate_store(loc.store, loc.rows)
+        return loc.store, loc.rows
+    logger.info("Building a subtomogram store in %s from %d MRC files", work_dir, len(loc.paths))
+    store = build_store(loc.paths, loc.names, work_dir)
+    return store, np.arange(len(loc.names), dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- batches

@@ -1,0 +1,362 @@
+"""disca_cluster: DISCA — sort subtomograms into structurally homogeneous classes, no template, no K.
+
+  disca_cluster --i particles.star --o Cluster/run1 [--seed 0] [--k-candidates 2-20]
+  disca_cluster --i particles.star --o Cluster/run1 --continue          (resume after a stop)
+  disca_cluster --i new.star --o Cluster/assign --model Cluster/run1     (assign with a trained run)
+  disca_cluster --i new.star --o Cluster/tuned --init-model Cluster/run1 (fine-tune a trained run)
+
+The generalized EM loop of the DISCA paper: YOPO features (inference) → PCA (--pca-dim) →
+full-covariance Gaussian mixtures for every candidate K, lowest BIC (paper's formula) → labels
+(Hungarian-matched between iterations) → YOPO trained on the particles plus rotated copies with
+smoothed labels (categorical hinge loss, Nadam). The iteration with the best (lowest) DDBI after at
+least one round of training is reported. Stops when K and ≥ 99 % of labels are unchanged for 3
+iterations, or at --max-iter.
+
+Subtomograms come from the fast store beside the STAR file (subtomograms.npy +
+subtomograms_names.txt, as written by disca_extract / disca_simulate) or from the rlnImageName .mrc
+files (relative to the working directory, then to the STAR file's folder), which are copied once
+into DIR/subtomograms.npy so that training streams from a memmap. Each volume is normalised to zero
+mean and unit variance.
+
+Outputs in DIR:
+  clusters.star       the input table (every column, same STAR flavour) + rlnClassNumber (1-based)
+                      and rlnMaxValueProbDistribution (posterior of the chosen class)
+  history.tsv         per iteration: K, BIC per candidate K, DDBI, fraction of labels changed,
+                      loss, seconds (and whether it was eligible / reported)
+  model.keras         the feature extractor of the reported iteration (subtomogram → features)
+  features.npy        the features (N, F) of the reported iteration
+  mixture.pkl         pickled dict: fitted PCA, Gaussian mixture, component → class mapping
+  run_config.json     what is needed to reuse the run (--model, --init-model)
+  plots/              bic.png, iterations.png, embedding.png, montage.png, sizes.png
+  checkpoint/         weights, labels and state after every iteration (for --continue)
+  decoded/            with --decode-centers: class_NNN.mrc per cluster centre + montage.png
+
+The full network (--width-scale 1) wants a GPU; on a CPU use e.g. --width-scale 0.25
+--feature-dim 256. --precision auto computes in bfloat16 where the hardware supports it.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..io.particles import CLASS, POSTERIOR
+from ..io.star import read_particles, relion5_paths, write_particles
+from ..runtime.cli import CommonOptions, ToolSpec, opt, run_tool
+from ..runtime.errors import UserError, file_error
+from ..runtime.log import logger
+from ..runtime.outputs import atomic_path, check_not_input, prepare_output_dir, write_text_atomic
+
+RUN_CONFIG = "run_config.json"
+MODEL_FILE = "model.keras"
+MIXTURE_FILE = "mixture.pkl"
+FEATURES_FILE = "features.npy"
+PLOTS = ("bic.png", "iterations.png", "embedding.png", "montage.png", "sizes.png")
+
+
+@dataclass(kw_only=True)
+class Options(CommonOptions):
+    i: str = opt("--i", "--input", help="particles STAR file (RELION 3.1 / 4 / 5, Warp)")
+    o: str = opt("--o", "--output-dir", help="output folder")
+    seed: int = opt("--seed", default=0, help="random seed (runs with one seed are reproducible)")
+    k_candidates: str = opt("--k-candidates", default="2-20", help="candidate numbers of classes: '2-20', '2,3,5' or '2-6,8'")
+    pca_dim: int = opt("--pca-dim", default=16, help="PCA dimension before the mixtures")
+    max_iter: int = opt("--max-iter", default=20, help="maximum EM iterations")
+    epochs_per_iter: int = opt("--epochs-per-iter", default=2, help="training epochs per EM iteration")
+    batch_size: int = opt("--batch-size", default=32, help="training batch size")
+    lr: float = opt("--lr", default=1e-3, help="Nadam learning rate at iteration 0")
+    lr_decay: float = opt("--lr-decay", default=0.95, help="learning rate factor per iteration")
+    label_smoothing: float = opt("--label-smoothing", default=0.2, help="label smoothing α at iteration 0 (×0.9 per iteration)")
+    width_scale: float = opt("--width-scale", default=1.0, help="multiplies every YOPO convolution width (1 = the paper's network)")
+    feature_dim: int = opt("--feature-dim", default=1024, help="feature vector length")
+    precision: str = opt("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16"], help="compute precision")
+    resume: bool = opt("--continue", default=False, help="continue the interrupted run in --o")
+    model: str | None = opt("--model", default=None, help="assign particles with this trained run's folder (no training)")
+    init_model: str | None = opt("--init-model", default=None, help="fine-tune starting from this trained run's folder")
+    decode_centers: bool = opt("--decode-centers", default=False, help="train a decoder and write each cluster centre's decoding")
+    decoder_epochs: int = opt("--decoder-epochs", default=10, help="decoder training epochs (--decode-centers)")
+    angpix: float | None = opt("--angpix", default=None, help="coordinate pixel size where the STAR file does not state it")
+
+
+def parse_k_candidates(text: str) -> list[int]:
+    """'2-20' → [2..20]; '2,3,5' → [2, 3, 5]; '2-4,8' → [2, 3, 4, 8]."""
+    out: set[int] = set()
+    try:
+        for part in str(text).replace(" ", "").split(","):
+            if not part:
+                continue
+            if "-" in part:
+                a, b = (int(v) for v in part.split("-", 1))
+                out.update(range(a, b + 1))
+            else:
+                out.add(int(part))
+    except ValueError:
+        raise UserError(f"--k-candidates: cannot read {text!r} (use e.g. 2-20 or 2,3,5)") from None
+    if not out or min(out) < 2:
+        raise UserError(f"--k-candidates: need numbers ≥ 2, got {text!r}")
+    return sorted(out)
+
+
+def _output_names(o: Options, table) -> list[str]:
+    star = Path(o.o) / "clusters.star"
+    names = ["clusters.star", FEATURES_FILE] + [f"plots/{p}" for p in PLOTS]
+    if table.flavour == "relion5":
+        names += [str(p.relative_to(o.o)) for k, p in relion5_paths(star).items() if k != "particles"]
+    if o.model is None:
+        names += ["history.tsv", MODEL_FILE, MIXTURE_FILE, RUN_CONFIG]
+    return names
+
+
+def _read_run_config(folder: str | Path, flag: str) -> dict:
+    d = Path(folder)
+    if not d.is_dir():
+        raise file_error(d, f"{flag}: not a folder")
+    for name in (RUN_CONFIG, MODEL_FILE, MIXTURE_FILE):
+        if not (d / name).is_file():
+            raise file_error(d, f"{flag}: not a finished disca_cluster run (missing {name})")
+    try:
+        return json.loads((d / RUN_CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise file_error(d / RUN_CONFIG, f"unreadable ({exc})") from None
+
+
+def _setup_tf(seed: int) -> None:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    keras.utils.set_random_seed(int(seed))
+    try:
+        tf.config.experimental.enable_op_determinism()
+    except Exception:  # pragma: no cover - older TF
+        logger.debug("op determinism not available")
+
+
+def _write_history(path: Path, history, best_it: int, ks: list[int]) -> None:
+    cols = ["iteration", "K"] + [f"BIC_K{k}" for k in ks] + [
+        "DDBI", "fraction_changed", "loss", "seconds", "lr", "label_smoothing", "eligible", "reported",
+        "seconds_features", "seconds_mixtures", "seconds_training",
+    ]  # fmt: skip
+    lines = ["\t".join(cols)]
+    for h in history:
+        bic = [f"{h.bic_by_k[k]:.3f}" if k in h.bic_by_k else "nan" for k in ks]
+        vals = [str(h.iteration), str(h.k), *bic, f"{h.ddbi:.6g}", f"{h.frac_changed:.4f}", f"{h.loss:.6g}",
+                f"{h.seconds:.2f}", f"{h.lr:.3g}", f"{h.alpha:.4g}", str(int(h.eligible)),
+                str(int(h.iteration == best_it)), f"{h.seconds_features:.2f}", f"{h.seconds_mixture:.2f}",
+                f"{h.seconds_train:.2f}"]  # fmt: skip
+        lines.append("\t".join(vals))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _write_table(o: Options, table, labels: np.ndarray, posteriors: np.ndarray) -> Path:
+    df = table.particles.copy()
+    if CLASS in df.columns:
+        logger.info("Replacing the input's %s with the clustering", CLASS)
+    df[CLASS] = np.asarray(labels, dtype=np.int64) + 1
+    df[POSTERIOR] = np.max(posteriors, axis=1).astype(np.float64)
+    out = Path(o.o) / "clusters.star"
+    write_particles(out, table.with_particles(df), overwrite=True)
+    return out
+
+
+def _plots(out: Path, store, rows, labels, features, pca, history=None, best_it=None) -> None:
+    from ..plots import clustering as P
+
+    pd_ = out / "plots"
+    pd_.mkdir(exist_ok=True)
+    x = pca.transform(features)
+    x2 = x[:, :2] if x.shape[1] >= 2 else np.column_stack([x[:, 0], np.zeros(len(x))])
+    P.plot_embedding(x2, labels, pd_ / "embedding.png")
+    P.plot_cluster_sizes(labels, pd_ / "sizes.png")
+    P.plot_class_montage(store.volumes, rows, labels, pd_ / "montage.png")
+    if history is not None:
+        P.plot_bic(history, pd_ / "bic.png")
+        P.plot_iterations(history, pd_ / "iterations.png", best_it)
+
+
+def _decode(o: Options, out: Path, store, rows, features, labels, box: int, angpix: float, width_scale: float) -> dict:
+    try:
+        from ..cluster import decoder as D
+    except ImportError:
+        raise UserError("--decode-centers: the decoder module is not available in this installation") from None
+    from ..io.mrc import write_volume
+    from ..model.data import gather
+
+    dec = D.train_decoder(
+        features, lambda idx: gather(store, rows[np.asarray(idx)]), box, seed=o.seed,
+        epochs=o.decoder_epochs, width_scale=width_scale,
+    )  # fmt: skip
+    vols = D.decode_centers(dec, features, labels)
+    d = out / "decoded"
+    d.mkdir(exist_ok=True)
+    for c, v in zip(np.unique(labels), vols, strict=True):
+        write_volume(d / f"class_{int(c) + 1:03d}.mrc", v, angpix, overwrite=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(vols), figsize=(1.5 * len(vols), 1.8), squeeze=False)
+    for j, v in enumerate(vols):
+        axes[0, j].imshow(v[box // 2], cmap="gray")
+        axes[0, j].set_title(f"class {j + 1}", fontsize=7)
+        axes[0, j].set_xticks([])
+        axes[0, j].set_yticks([])
+    with atomic_path(d / "montage.png") as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return {"decoded_classes": len(vols)}
+
+
+def run(o: Options) -> dict:
+    from ..model.data import load_particle_volumes, locate_particle_volumes
+
+    if o.model and o.init_model:
+        raise UserError("--model and --init-model: give one (assign with a run, or fine-tune it)")
+    if o.model and o.resume:
+        raise UserError("--continue: nothing to continue when assigning with --model")
+    ks = parse_k_candidates(o.k_candidates)
+    for name, v in (("--pca-dim", o.pca_dim), ("--max-iter", o.max_iter), ("--epochs-per-iter", o.epochs_per_iter),
+                    ("--batch-size", o.batch_size), ("--feature-dim", o.feature_dim)):  # fmt: skip
+        if v < 1:
+            raise UserError(f"{name}: must be at least 1 (got {v})")
+    if not (o.lr > 0 and 0 < o.lr_decay <= 1 and 0 <= o.label_smoothing < 1 and o.width_scale > 0):
+        raise UserError("--lr, --lr-decay, --label-smoothing, --width-scale: out of range")
+    table = read_particles(o.i, angpix=o.angpix)
+    n = len(table)
+    if n == 0:
+        raise file_error(o.i, "no particles")
+    out = Path(o.o)
+    names = _output_names(o, table)
+    check_not_input([out / p for p in names], [o.i])
+    ref_cfg = None
+    if o.model:
+        ref_cfg = _read_run_config(o.model, "--model")
+    elif o.init_model:
+        ref_cfg = _read_run_config(o.init_model, "--init-model")
+    if o.resume and not (out / "checkpoint" / "state.json").is_file():
+        raise file_error(out / "checkpoint" / "state.json", "--continue: no checkpoint of an interrupted run")
+
+    located = locate_particle_volumes(table, o.i, out)
+    box = located.box
+    if o.model is None:
+        from ..cluster.em import EMConfig
+
+        EMConfig(k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, feature_dim=o.feature_dim).check(n, box)
+    if ref_cfg is not None and int(ref_cfg["box"]) != box:
+        flag, folder = ("--model", o.model) if o.model else ("--init-model", o.init_model)
+        raise file_error(folder, f"{flag}: trained on box {ref_cfg['box']}, these subtomograms are {box}")
+
+    created = not out.exists()
+    try:
+        prepare_output_dir(out, o.overwrite or o.resume, names)
+        store, rows = load_particle_volumes(table, o.i, out, located)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    angpix = table.image_angpix() or 1.0
+
+    from ..model import yopo as Y
+
+    precision = Y.resolve_precision(o.precision)
+    _setup_tf(o.seed)
+
+    if o.model:
+        return _assign(o, out, table, store, rows, ref_cfg, precision)
+
+    from ..cluster.em import EMConfig, run_em
+
+    width, fdim = o.width_scale, o.feature_dim
+    init_weights = None
+    if ref_cfg is not None:
+        width, fdim = float(ref_cfg["width_scale"]), int(ref_cfg["feature_dim"])
+        init_weights = Path(o.init_model) / MODEL_FILE
+    cfg = EMConfig(
+        k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, epochs_per_iter=o.epochs_per_iter,
+        batch_size=o.batch_size, lr=o.lr, lr_decay=o.lr_decay, label_smoothing=o.label_smoothing,
+        width_scale=width, feature_dim=fdim, precision=precision, seed=o.seed,
+    )  # fmt: skip
+    logger.info("%d particles, box %d, precision %s, YOPO widths %s, features %d", n, box, precision, Y.conv_widths(width), fdim)
+    ckpt = out / "checkpoint"
+    if not o.resume and ckpt.exists():
+        shutil.rmtree(ckpt)  # a new run (with --overwrite): stale checkpoints must not be continued
+    result = run_em(store, rows, cfg, checkpoint_dir=ckpt, resume=o.resume, init_extractor_weights=init_weights)
+
+    _write_table(o, table, result.labels, result.posteriors)
+    _write_history(out / "history.tsv", result.history, result.best_iteration, ks)
+    with atomic_path(out / FEATURES_FILE) as tmp:
+        np.save(tmp, result.features)
+    mixture = {"pca": result.pca, "gmm": result.gmm, "component_to_label": result.component_to_label}
+    with atomic_path(out / MIXTURE_FILE) as tmp, open(tmp, "wb") as fh:
+        pickle.dump(mixture, fh)
+    with atomic_path(out / MODEL_FILE) as tmp:
+        result.extractor.save(tmp)
+    run_cfg = {
+        "box": box, "width_scale": width, "feature_dim": fdim, "kmax": max(ks), "k": result.k,
+        "pca_dim": o.pca_dim, "best_iteration": result.best_iteration, "precision": precision,
+        "seed": o.seed, "n_particles": n,
+    }  # fmt: skip
+    write_text_atomic(out / RUN_CONFIG, json.dumps(run_cfg, indent=1) + "\n")
+    _plots(out, store, rows, result.labels, result.features, result.pca, result.history, result.best_iteration)
+    extra = {}
+    if o.decode_centers:
+        extra = _decode(o, out, store, rows, result.features, result.labels, box, angpix, width)
+    sizes = np.bincount(result.labels).tolist()
+    logger.info("K = %d (iteration %d); class sizes %s", result.k, result.best_iteration, sizes)
+    return {
+        "n_particles": n, "k": result.k, "best_iteration": result.best_iteration,
+        "iterations": len(result.history), "converged": result.converged, "class_sizes": sizes,
+        "precision": precision, **extra,
+    }  # fmt: skip
+
+
+def _assign(o: Options, out: Path, table, store, rows, ref_cfg: dict, precision: str) -> dict:
+    from ..cluster.em import assign
+    from ..model import yopo as Y
+
+    box = store.box
+    if int(ref_cfg["box"]) != box:
+        raise file_error(o.model, f"--model: trained on box {ref_cfg['box']}, these subtomograms are {box}")
+    cfg = Y.YopoConfig(box, int(ref_cfg["kmax"]), float(ref_cfg["width_scale"]), int(ref_cfg["feature_dim"]), precision)
+    extractor = Y.feature_extractor(Y.build_yopo(cfg))
+    try:
+        extractor.load_weights(Path(o.model) / MODEL_FILE)
+        with open(Path(o.model) / MIXTURE_FILE, "rb") as fh:
+            mixture = pickle.load(fh)
+    except Exception as exc:
+        raise file_error(o.model, f"--model: cannot load the trained run ({type(exc).__name__}: {exc})") from None
+    a = assign(extractor, mixture, store, rows)
+    _write_table(o, table, a.labels, a.posteriors)
+    with atomic_path(out / FEATURES_FILE) as tmp:
+        np.save(tmp, a.features)
+    _plots(out, store, rows, a.labels, a.features, mixture["pca"])
+    sizes = np.bincount(a.labels, minlength=a.posteriors.shape[1]).tolist()
+    return {"n_particles": len(table), "k": int(a.posteriors.shape[1]), "class_sizes": sizes, "model": str(o.model)}
+
+
+SPEC = ToolSpec(
+    name="disca_cluster",
+    doc=__doc__,
+    options=Options,
+    run=run,
+    output_dir=lambda o: o.o,
+    relion_inputs={"in_parts": "i"},
+    relion_nodes=lambda o: [(f"{o.o.rstrip('/')}/clusters.star", "particles")],
+)
+
+
+def main(argv=None) -> int:
+    return run_tool(SPEC, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

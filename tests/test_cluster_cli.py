@@ -1,0 +1,149 @@
+"""disca_cluster end to end on simulated subtomograms of real structures, and its bad inputs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json
+import shutil
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+
+from disca_tools.cli import cluster as C
+from disca_tools.cli import simulate as S
+from disca_tools.cluster.matching import accuracy_after_matching
+from disca_tools.io.star import read_particles, read_star_blocks, write_star_blocks
+
+TINY = ["--k-candidates", "2-5", "--pca-dim", "4", "--width-scale", "0.1", "--feature-dim", "32",
+        "--precision", "float32", "--seed", "3", "-q"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project folder with 3 very different structures (ribosome, small, elongated) at SNR 10."""
+    root = tmp_path_factory.mktemp("project")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        assert S.main(["subtomograms", "--o", "Sim", "--structures", "4v4r", "1s3x", "3d2f",
+                       "--n-per-class", "50", "--box", "24", "--angpix", "10", "--snr", "10",
+                       "--seed", "1", "-q"]) == 0  # fmt: skip
+        assert C.main(["--i", "Sim/particles.star", "--o", "Full", "--max-iter", "3", *TINY]) == 0
+        yield root
+    finally:
+        os.chdir(old)
+
+
+def _classes(path: str | Path) -> np.ndarray:
+    return read_particles(path).particles["rlnClassNumber"].to_numpy()
+
+
+def test_finds_three_classes_and_writes_everything(project):
+    truth = _classes("Sim/particles.star")
+    table = read_particles("Full/clusters.star").particles
+    inp = read_particles("Sim/particles.star").particles
+    assert set(inp.columns) | {"rlnMaxValueProbDistribution"} == set(table.columns)
+    assert (table["rlnImageName"] == inp["rlnImageName"]).all()
+    labels = table["rlnClassNumber"].to_numpy()
+    assert sorted(set(labels)) == [1, 2, 3]
+    assert accuracy_after_matching(truth, labels) >= 0.9
+    post = table["rlnMaxValueProbDistribution"].to_numpy()
+    assert np.all((post > 0.33) & (post <= 1.0))
+    hist = pd.read_csv("Full/history.tsv", sep="\t")
+    assert hist["iteration"].tolist()[0] == 0 and {"K", "BIC_K2", "BIC_K5", "DDBI", "fraction_changed", "loss", "seconds"} <= set(hist.columns)
+    assert hist["reported"].sum() == 1 and hist.loc[hist["reported"] == 1, "iteration"].item() >= 1
+    cfg = json.loads(Path("Full/run_config.json").read_text())
+    assert cfg["box"] == 24 and cfg["k"] == 3
+    assert np.load("Full/features.npy").shape == (150, 32)
+    for p in C.PLOTS:
+        assert Path("Full/plots", p).stat().st_size > 1000
+    assert Path("Full/model.keras").is_file() and Path("Full/mixture.pkl").is_file()
+    # refuses to overwrite without --overwrite, and leaves the outputs alone
+    before = Path("Full/clusters.star").read_bytes()
+    assert C.main(["--i", "Sim/particles.star", "--o", "Full", "--max-iter", "1", *TINY]) == 2
+    assert Path("Full/clusters.star").read_bytes() == before
+
+
+def test_continue_after_interruption_equals_uninterrupted_run(project):
+    assert C.main(["--i", "Sim/particles.star", "--o", "Cut", "--max-iter", "1", *TINY]) == 0
+    assert json.loads(Path("Cut/checkpoint/state.json").read_text())["iteration"] == 0
+    assert C.main(["--i", "Sim/particles.star", "--o", "Cut", "--max-iter", "3", "--continue", *TINY]) == 0
+    np.testing.assert_array_equal(_classes("Cut/clusters.star"), _classes("Full/clusters.star"))
+    a = pd.read_csv("Cut/history.tsv", sep="\t")
+    b = pd.read_csv("Full/history.tsv", sep="\t")
+    same = [c for c in b.columns if not c.startswith("seconds")]
+    pd.testing.assert_frame_equal(a[same], b[same])
+    np.testing.assert_array_equal(np.load("Cut/features.npy"), np.load("Full/features.npy"))
+
+
+def test_model_assigns_new_particles_from_mrc_files(project):
+    # a STAR in another folder (no fast store there): the .mrc files are streamed into a store
+    Path("Other").mkdir(exist_ok=True)
+    shutil.copy("Sim/particles.star", "Other/particles.star")
+    assert C.main(["--i", "Other/particles.star", "--o", "Assign", "--model", "Full", "-q"]) == 0
+    assert Path("Assign/subtomograms.npy").is_file()
+    np.testing.assert_array_equal(_classes("Assign/clusters.star"), _classes("Full/clusters.star"))
+    np.testing.assert_allclose(np.load("Assign/features.npy"), np.load("Full/features.npy"), rtol=1e-4, atol=1e-4)
+
+
+def _star_with(path: str, edit) -> str:
+    blocks = read_star_blocks("Sim/particles.star")
+    blocks["particles"] = edit(blocks["particles"].copy())
+    write_star_blocks(path, blocks, overwrite=True)
+    return path
+
+
+def _mrc(path: str, data: np.ndarray) -> str:
+    with mrcfile.new(path, overwrite=True) as m:
+        m.set_data(data.astype(np.float32))
+        m.voxel_size = 10.0
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "mixed", "nan", "constant", "few", "model_dir", "model_box", "continue"])
+def test_bad_inputs_exit_2_and_write_nothing(project, case, capsys):
+    Path("Bad").mkdir(exist_ok=True)
+    star = "Bad/particles.star"
+    args = ["--i", star, "--o", f"Out_{case}", *TINY]
+    vol = np.asarray(mrcfile.read("Sim/Subtomograms/sub_000001.mrc"))
+
+    def replace_first(name):
+        return lambda df: df.assign(rlnImageName=[name] + df["rlnImageName"].tolist()[1:])
+
+    if case == "missing":
+        _star_with(star, replace_first("Bad/nothere.mrc"))
+    elif case == "mixed":
+        _star_with(star, replace_first(_mrc("Bad/small.mrc", vol[:20, :20, :20])))
+    elif case == "nan":
+        v = vol.copy()
+        v[3, 4, 5] = np.nan
+        _star_with(star, replace_first(_mrc("Bad/nan.mrc", v)))
+    elif case == "constant":
+        _star_with(star, replace_first(_mrc("Bad/flat.mrc", np.full_like(vol, 2.0))))
+    elif case == "few":
+        _star_with(star, lambda df: df.iloc[:12])
+        args = ["--i", star, "--o", f"Out_{case}", "--pca-dim", "16", "-q"]
+    elif case == "model_dir":
+        _star_with(star, lambda df: df)
+        Path("NotARun").mkdir(exist_ok=True)
+        args = ["--i", star, "--o", f"Out_{case}", "--model", "NotARun", "-q"]
+    elif case == "model_box":
+        _star_with(star, lambda df: df)
+        shutil.copytree("Full", "Box32", dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint"))
+        cfg = json.loads(Path("Box32/run_config.json").read_text())
+        Path("Box32/run_config.json").write_text(json.dumps(dict(cfg, box=32)))
+        args = ["--i", star, "--o", f"Out_{case}", "--model", "Box32", "-q"]
+    elif case == "continue":
+        _star_with(star, lambda df: df)
+        args.append("--continue")
+    capsys.readouterr()
+    assert C.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("disca_cluster: error:")
+    assert not Path(f"Out_{case}").exists()

@@ -1,0 +1,94 @@
+"""The generalized EM loop: targets, head replacement, reproducibility, resuming."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from disca_tools.cluster import em
+from disca_tools.model import yopo as Y
+from disca_tools.model.data import SubtomogramStore
+from disca_tools.runtime.errors import UserError
+from disca_tools.simulate.imaging import Imaging
+from disca_tools.simulate.subtomograms import simulate_subtomogram_set
+
+TINY = dict(
+    k_candidates=[2, 3, 4], pca_dim=4, max_iter=2, epochs_per_iter=1, batch_size=16,
+    width_scale=0.05, feature_dim=16, precision="float32", seed=7,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_store():
+    sim = simulate_subtomogram_set(["4v4r", "1s3x", "3d2f"], 20, 24, 10.0, 10.0, Imaging(), seed=2)
+    return SubtomogramStore(sim.volumes, [f"p{i}" for i in range(len(sim.volumes))], Path("mem"))
+
+
+def test_smooth_targets():
+    t = em.smooth_targets(np.array([0, 2, 1]), 3, 0.2, width=5)
+    np.testing.assert_allclose(t[0], [0.8 + 0.2 / 3, 0.2 / 3, 0.2 / 3, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(t.sum(axis=1), 1.0, rtol=1e-6)
+    assert np.argmax(t, axis=1).tolist() == [0, 2, 1]
+
+
+def test_head_replacement_agrees_with_labels_and_switches_off_unused_units():
+    rng = np.random.default_rng(0)
+    model = Y.build_yopo(Y.YopoConfig(24, 6, 0.05, 16))
+    centres = rng.normal(0, 3, size=(3, 16))
+    labels = np.repeat(np.arange(3), 40)
+    feats = (centres[labels] + rng.normal(size=(120, 16))).astype(np.float32)
+    cfg = em.EMConfig(k_candidates=[2, 3, 6])
+    agreement = em.warm_up_head(model, feats, labels, 3, cfg, seed=0)
+    assert agreement >= 0.98
+    head = Y.head_layer(model)
+    inp = Y.keras.Input((16,))
+    probs = Y.keras.Model(inp, head(inp)).predict(feats, verbose=0)
+    assert np.mean(np.argmax(probs, 1) == labels) >= 0.98
+    assert np.all(probs[:, 3:] == 0.0)  # inactive units: exactly zero probability (and gradient)
+
+
+def test_bad_settings_are_user_errors():
+    with pytest.raises(UserError, match="too few"):
+        em.EMConfig(k_candidates=[2, 3], pca_dim=16).check(20, 24)
+    with pytest.raises(UserError, match="box"):
+        em.EMConfig().check(1000, 16)
+    with pytest.raises(UserError, match="max-iter"):
+        em.EMConfig(max_iter=0).check(1000, 24)
+
+
+def _same(a: em.EMResult, b: em.EMResult) -> None:
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.features, b.features)
+    assert a.best_iteration == b.best_iteration
+    np.testing.assert_array_equal(  # NaN (untrained last iteration) compares equal here
+        [(h.k, h.ddbi, h.loss, h.frac_changed) for h in a.history],
+        [(h.k, h.ddbi, h.loss, h.frac_changed) for h in b.history],
+    )
+    for wa, wb in zip(a.extractor.get_weights(), b.extractor.get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_seeded_runs_agree_and_continue_equals_uninterrupted(tiny_store, tmp_path):
+    rows = np.arange(len(tiny_store))
+    full = em.run_em(tiny_store, rows, em.EMConfig(**TINY), checkpoint_dir=tmp_path / "a")
+    again = em.run_em(tiny_store, rows, em.EMConfig(**TINY))
+    _same(full, again)
+    assert len(full.history) == 3 and full.best_iteration >= 1  # never the random network alone
+    assert not full.history[0].eligible and np.isfinite(full.history[-1].ddbi)
+    assert np.isfinite(full.history[0].loss) and np.isnan(full.history[-1].loss)
+
+    # "killed" after iteration 0's training: a run capped at max_iter=1 leaves that checkpoint
+    cut = dict(TINY, max_iter=1)
+    em.run_em(tiny_store, rows, em.EMConfig(**cut), checkpoint_dir=tmp_path / "b")
+    state = json.loads((tmp_path / "b" / em.CHECKPOINT_STATE).read_text())
+    assert state["iteration"] == 0  # iteration 1 was clustered but not trained: it is redone
+    resumed = em.run_em(tiny_store, rows, em.EMConfig(**TINY), checkpoint_dir=tmp_path / "b", resume=True)
+    _same(full, resumed)
+
