@@ -145,6 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
+    from disca_tools.runtime.log import configure
+
+    configure()  # DISCA's per-iteration log lines on stderr
 
     from disca_tools.simulate.imaging import Imaging
     from disca_tools.simulate.subtomograms import simulate_subtomogram_set

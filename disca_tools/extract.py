@@ -89,7 +89,8 @@ def box_centres_px(coords_px_xyz: np.ndarray, binning: int) -> np.ndarray:
 def normalise(sub: np.ndarray) -> np.ndarray:
     """Zero mean, unit standard deviation (a constant box becomes zeros), in place on float32."""
     sub -= np.float32(sub.mean(dtype=np.float64))
-    sd = float(sub.std(dtype=np.float64))
+    flat = sub.reshape(-1)
+    sd = float(np.sqrt(np.dot(flat, flat) / flat.size))  # BLAS dot: fast, float32 is plenty here
     if sd > 0:
         sub *= np.float32(1.0 / sd)
     return sub
@@ -156,8 +157,9 @@ def iter_boxes(
     """Yield ``(index, box)`` for every start, visiting them in z/y order for memory-map locality."""
     s = np.asarray(starts_zyx).reshape(-1, 3)
     order = np.lexsort((s[:, 2], s[:, 1], s[:, 0]))
+    plain = np.asarray(volume_zyx)  # an ndarray view: slicing a np.memmap subclass is slower
     for n, i in enumerate(progress(order, total=len(order), desc=desc, unit="particle")):
-        yield int(i), read_box(volume_zyx, s[i], params, rng)
+        yield int(i), read_box(plain, s[i], params, rng)
         if n % 4096 == 4095:  # keep the memory map's resident pages bounded on huge tomograms
             release_pages(volume_zyx)
     release_pages(volume_zyx)
@@ -240,36 +242,49 @@ class VolumeFileWriter:
         """Where ``relative`` (a path below the final folder) is being written now."""
         return self.staging / relative
 
-    def write(self, relative: str | Path, sub: np.ndarray) -> None:
-        """Queue one volume for writing (its header carries its min, max, mean and rms)."""
+    def write(self, relative: str | Path, sub: np.ndarray, also=None) -> None:
+        """Queue one volume for writing (its header carries its min, max, mean and rms).
+
+        ``sub`` must not be modified afterwards (it is written later, by a worker thread).
+        ``also(array)``, if given, runs in the same worker after the file is written (used to put
+        the same volume into the fast store with ``os.pwrite``).
+        """
         target = self.staging / relative
         if target.parent not in self._made:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._made.add(target.parent)
-        arr = np.array(sub, dtype=self.dtype)  # a private copy: the caller may reuse its buffer
+        arr = np.asarray(sub, dtype=self.dtype)
         if self.pool is None:
-            self._write(target, arr)
+            self._write(target, arr, also)
             return
-        self.pending.append(self.pool.submit(self._write, target, arr))
+        self.pending.append(self.pool.submit(self._write, target, arr, also))
         if len(self.pending) > 512:  # bound the memory held by queued volumes
             for f in self.pending[:256]:
                 f.result()
             del self.pending[:256]
 
-    def _drain(self) -> None:
+    def flush(self) -> None:
+        """Wait for every queued write (errors in workers are raised here)."""
         for f in self.pending:
             f.result()
         self.pending.clear()
 
-    def _write(self, target: Path, arr: np.ndarray) -> None:
+    def _write(self, target: Path, arr: np.ndarray, also=None) -> None:
         h = self.header.copy()
-        h["dmin"], h["dmax"] = float(arr.min()), float(arr.max())
-        h["dmean"], h["rms"] = float(arr.mean(dtype=np.float64)), float(arr.std(dtype=np.float64))
+        flat = arr.reshape(-1).astype(np.float32, copy=False)
+        mean = float(flat.mean(dtype=np.float64))
+        h["dmin"], h["dmax"] = float(flat.min()), float(flat.max())
+        h["dmean"], h["rms"] = (
+            mean,
+            float(np.sqrt(max(np.dot(flat, flat) / flat.size - mean**2, 0))),
+        )
         with open(target, "wb") as fh:
             fh.write(h.tobytes() + arr.tobytes())
+        if also is not None:
+            also(arr)
 
     def commit(self) -> Path:
-        self._drain()
+        self.flush()
         if self.pool is not None:
             self.pool.shutdown()
         old = None

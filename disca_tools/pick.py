@@ -11,6 +11,10 @@ Out of core
     exactly the input the whole-volume computation sees: picks and scores are bit-identical to
     processing the whole volume at once (``tests/test_pick.py`` proves it), while memory is bounded
     by the block size. Blocks span the whole z extent when that fits the budget (tomograms are thin).
+    Blocks are read with ``os.pread`` (not through the mapping, whose pages would stay resident).
+    With ``threshold_sd`` on a volume much larger than a block, candidates are pruned with a
+    conservative floor estimated from a few sample regions; if that estimate turns out above the
+    exact threshold the volume is scanned again, so the result is still exact.
 
 Speed
     Both Gaussians are separable float32 filters; the wider one is applied as a cascade on the

@@ -89,6 +89,7 @@ def test_seeded_runs_agree_and_continue_equals_uninterrupted(tiny_store, tmp_pat
     em.run_em(tiny_store, rows, em.EMConfig(**cut), checkpoint_dir=tmp_path / "b")
     state = json.loads((tmp_path / "b" / em.CHECKPOINT_STATE).read_text())
     assert state["iteration"] == 0  # iteration 1 was clustered but not trained: it is redone
-    resumed = em.run_em(tiny_store, rows, em.EMConfig(**TINY), checkpoint_dir=tmp_path / "b", resume=True)
+    resumed = em.run_em(
+        tiny_store, rows, em.EMConfig(**TINY), checkpoint_dir=tmp_path / "b", resume=True
+    )
     _same(full, resumed)
-

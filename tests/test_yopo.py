@@ -114,7 +114,9 @@ def test_augmentation_rotations_are_uniform_on_so3():
     targets = np.eye(2, dtype=np.float32)[np.arange(1500) % 2]
     mats = []
     n_identity = 0
-    for _x, m, _seed, _y in train_batches(store, np.arange(1500), targets, 250, np.random.default_rng(5)):
+    for _x, m, _seed, _y in train_batches(
+        store, np.arange(1500), targets, 250, np.random.default_rng(5)
+    ):
         ident = np.all(np.abs(m - np.eye(3)) < 1e-7, axis=(1, 2))
         n_identity += int(ident.sum())
         mats.append(m[~ident])
@@ -125,12 +127,18 @@ def test_augmentation_rotations_are_uniform_on_so3():
     assert stats.kstest(theta, lambda t: (t - np.sin(t)) / np.pi).pvalue > 1e-3
     z = mats[:, :, 2]  # image of the z axis: uniform on the sphere
     assert stats.kstest(z[:, 2], "uniform", args=(-1, 2)).pvalue > 1e-3
-    assert stats.kstest(np.arctan2(z[:, 1], z[:, 0]), "uniform", args=(-np.pi, 2 * np.pi)).pvalue > 1e-3
+    assert (
+        stats.kstest(np.arctan2(z[:, 1], z[:, 0]), "uniform", args=(-np.pi, 2 * np.pi)).pvalue
+        > 1e-3
+    )
     # the test has power: the reference code's SVD of a uniform random matrix is rejected
     rng = np.random.default_rng(1)
     svd = np.stack([np.linalg.svd(rng.uniform(size=(3, 3)))[0] for _ in range(1500)])
     svd = svd * np.sign(np.linalg.det(svd))[:, None, None]
-    assert stats.kstest(np.radians(rotation_angle_deg(svd)), lambda t: (t - np.sin(t)) / np.pi).pvalue < 1e-6
+    assert (
+        stats.kstest(np.radians(rotation_angle_deg(svd)), lambda t: (t - np.sin(t)) / np.pi).pvalue
+        < 1e-6
+    )
 
 
 def test_training_batches_fill_with_unit_noise_and_keep_labels():

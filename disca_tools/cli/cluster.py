@@ -64,23 +64,56 @@ class Options(CommonOptions):
     i: str = opt("--i", "--input", help="particles STAR file (RELION 3.1 / 4 / 5, Warp)")
     o: str = opt("--o", "--output-dir", help="output folder")
     seed: int = opt("--seed", default=0, help="random seed (runs with one seed are reproducible)")
-    k_candidates: str = opt("--k-candidates", default="2-20", help="candidate numbers of classes: '2-20', '2,3,5' or '2-6,8'")
+    k_candidates: str = opt(
+        "--k-candidates",
+        default="2-20",
+        help="candidate numbers of classes: '2-20', '2,3,5' or '2-6,8'",
+    )
     pca_dim: int = opt("--pca-dim", default=16, help="PCA dimension before the mixtures")
     max_iter: int = opt("--max-iter", default=20, help="maximum EM iterations")
-    epochs_per_iter: int = opt("--epochs-per-iter", default=2, help="training epochs per EM iteration")
+    epochs_per_iter: int = opt(
+        "--epochs-per-iter", default=2, help="training epochs per EM iteration"
+    )
     batch_size: int = opt("--batch-size", default=32, help="training batch size")
     lr: float = opt("--lr", default=1e-3, help="Nadam learning rate at iteration 0")
     lr_decay: float = opt("--lr-decay", default=0.95, help="learning rate factor per iteration")
-    label_smoothing: float = opt("--label-smoothing", default=0.2, help="label smoothing α at iteration 0 (×0.9 per iteration)")
-    width_scale: float = opt("--width-scale", default=1.0, help="multiplies every YOPO convolution width (1 = the paper's network)")
+    label_smoothing: float = opt(
+        "--label-smoothing",
+        default=0.2,
+        help="label smoothing α at iteration 0 (×0.9 per iteration)",
+    )
+    width_scale: float = opt(
+        "--width-scale",
+        default=1.0,
+        help="multiplies every YOPO convolution width (1 = the paper's network)",
+    )
     feature_dim: int = opt("--feature-dim", default=1024, help="feature vector length")
-    precision: str = opt("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16"], help="compute precision")
+    precision: str = opt(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "mixed_bfloat16"],
+        help="compute precision",
+    )
     resume: bool = opt("--continue", default=False, help="continue the interrupted run in --o")
-    model: str | None = opt("--model", default=None, help="assign particles with this trained run's folder (no training)")
-    init_model: str | None = opt("--init-model", default=None, help="fine-tune starting from this trained run's folder")
-    decode_centers: bool = opt("--decode-centers", default=False, help="train a decoder and write each cluster centre's decoding")
-    decoder_epochs: int = opt("--decoder-epochs", default=10, help="decoder training epochs (--decode-centers)")
-    angpix: float | None = opt("--angpix", default=None, help="coordinate pixel size where the STAR file does not state it")
+    model: str | None = opt(
+        "--model",
+        default=None,
+        help="assign particles with this trained run's folder (no training)",
+    )
+    init_model: str | None = opt(
+        "--init-model", default=None, help="fine-tune starting from this trained run's folder"
+    )
+    decode_centers: bool = opt(
+        "--decode-centers",
+        default=False,
+        help="train a decoder and write each cluster centre's decoding",
+    )
+    decoder_epochs: int = opt(
+        "--decoder-epochs", default=10, help="decoder training epochs (--decode-centers)"
+    )
+    angpix: float | None = opt(
+        "--angpix", default=None, help="coordinate pixel size where the STAR file does not state it"
+    )
 
 
 def parse_k_candidates(text: str) -> list[int]:
@@ -106,7 +139,9 @@ def _output_names(o: Options, table) -> list[str]:
     star = Path(o.o) / "clusters.star"
     names = ["clusters.star", FEATURES_FILE] + [f"plots/{p}" for p in PLOTS]
     if table.flavour == "relion5":
-        names += [str(p.relative_to(o.o)) for k, p in relion5_paths(star).items() if k != "particles"]
+        names += [
+            str(p.relative_to(o.o)) for k, p in relion5_paths(star).items() if k != "particles"
+        ]
     if o.model is None:
         names += ["history.tsv", MODEL_FILE, MIXTURE_FILE, RUN_CONFIG]
     return names
@@ -182,11 +217,23 @@ def _plots(out: Path, store, rows, labels, features, pca, history=None, best_it=
         P.plot_iterations(history, pd_ / "iterations.png", best_it)
 
 
-def _decode(o: Options, out: Path, store, rows, features, labels, box: int, angpix: float, width_scale: float) -> dict:
+def _decode(
+    o: Options,
+    out: Path,
+    store,
+    rows,
+    features,
+    labels,
+    box: int,
+    angpix: float,
+    width_scale: float,
+) -> dict:
     try:
         from ..cluster import decoder as D
     except ImportError:
-        raise UserError("--decode-centers: the decoder module is not available in this installation") from None
+        raise UserError(
+            "--decode-centers: the decoder module is not available in this installation"
+        ) from None
     from ..io.mrc import write_volume
     from ..model.data import gather
 
@@ -243,17 +290,23 @@ def run(o: Options) -> dict:
     elif o.init_model:
         ref_cfg = _read_run_config(o.init_model, "--init-model")
     if o.resume and not (out / "checkpoint" / "state.json").is_file():
-        raise file_error(out / "checkpoint" / "state.json", "--continue: no checkpoint of an interrupted run")
+        raise file_error(
+            out / "checkpoint" / "state.json", "--continue: no checkpoint of an interrupted run"
+        )
 
     located = locate_particle_volumes(table, o.i, out)
     box = located.box
     if o.model is None:
         from ..cluster.em import EMConfig
 
-        EMConfig(k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, feature_dim=o.feature_dim).check(n, box)
+        EMConfig(
+            k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, feature_dim=o.feature_dim
+        ).check(n, box)
     if ref_cfg is not None and int(ref_cfg["box"]) != box:
         flag, folder = ("--model", o.model) if o.model else ("--init-model", o.init_model)
-        raise file_error(folder, f"{flag}: trained on box {ref_cfg['box']}, these subtomograms are {box}")
+        raise file_error(
+            folder, f"{flag}: trained on box {ref_cfg['box']}, these subtomograms are {box}"
+        )
 
     created = not out.exists()
     try:
@@ -285,17 +338,30 @@ def run(o: Options) -> dict:
         batch_size=o.batch_size, lr=o.lr, lr_decay=o.lr_decay, label_smoothing=o.label_smoothing,
         width_scale=width, feature_dim=fdim, precision=precision, seed=o.seed,
     )  # fmt: skip
-    logger.info("%d particles, box %d, precision %s, YOPO widths %s, features %d", n, box, precision, Y.conv_widths(width), fdim)
+    logger.info(
+        "%d particles, box %d, precision %s, YOPO widths %s, features %d",
+        n,
+        box,
+        precision,
+        Y.conv_widths(width),
+        fdim,
+    )
     ckpt = out / "checkpoint"
     if not o.resume and ckpt.exists():
         shutil.rmtree(ckpt)  # a new run (with --overwrite): stale checkpoints must not be continued
-    result = run_em(store, rows, cfg, checkpoint_dir=ckpt, resume=o.resume, init_extractor_weights=init_weights)
+    result = run_em(
+        store, rows, cfg, checkpoint_dir=ckpt, resume=o.resume, init_extractor_weights=init_weights
+    )
 
     _write_table(o, table, result.labels, result.posteriors)
     _write_history(out / "history.tsv", result.history, result.best_iteration, ks)
     with atomic_path(out / FEATURES_FILE) as tmp:
         np.save(tmp, result.features)
-    mixture = {"pca": result.pca, "gmm": result.gmm, "component_to_label": result.component_to_label}
+    mixture = {
+        "pca": result.pca,
+        "gmm": result.gmm,
+        "component_to_label": result.component_to_label,
+    }
     with atomic_path(out / MIXTURE_FILE) as tmp, open(tmp, "wb") as fh:
         pickle.dump(mixture, fh)
     with atomic_path(out / MODEL_FILE) as tmp:
@@ -306,7 +372,16 @@ def run(o: Options) -> dict:
         "seed": o.seed, "n_particles": n,
     }  # fmt: skip
     write_text_atomic(out / RUN_CONFIG, json.dumps(run_cfg, indent=1) + "\n")
-    _plots(out, store, rows, result.labels, result.features, result.pca, result.history, result.best_iteration)
+    _plots(
+        out,
+        store,
+        rows,
+        result.labels,
+        result.features,
+        result.pca,
+        result.history,
+        result.best_iteration,
+    )
     extra = {}
     if o.decode_centers:
         extra = _decode(o, out, store, rows, result.features, result.labels, box, angpix, width)
@@ -325,22 +400,37 @@ def _assign(o: Options, out: Path, table, store, rows, ref_cfg: dict, precision:
 
     box = store.box
     if int(ref_cfg["box"]) != box:
-        raise file_error(o.model, f"--model: trained on box {ref_cfg['box']}, these subtomograms are {box}")
-    cfg = Y.YopoConfig(box, int(ref_cfg["kmax"]), float(ref_cfg["width_scale"]), int(ref_cfg["feature_dim"]), precision)
+        raise file_error(
+            o.model, f"--model: trained on box {ref_cfg['box']}, these subtomograms are {box}"
+        )
+    cfg = Y.YopoConfig(
+        box,
+        int(ref_cfg["kmax"]),
+        float(ref_cfg["width_scale"]),
+        int(ref_cfg["feature_dim"]),
+        precision,
+    )
     extractor = Y.feature_extractor(Y.build_yopo(cfg))
     try:
         extractor.load_weights(Path(o.model) / MODEL_FILE)
         with open(Path(o.model) / MIXTURE_FILE, "rb") as fh:
             mixture = pickle.load(fh)
     except Exception as exc:
-        raise file_error(o.model, f"--model: cannot load the trained run ({type(exc).__name__}: {exc})") from None
+        raise file_error(
+            o.model, f"--model: cannot load the trained run ({type(exc).__name__}: {exc})"
+        ) from None
     a = assign(extractor, mixture, store, rows)
     _write_table(o, table, a.labels, a.posteriors)
     with atomic_path(out / FEATURES_FILE) as tmp:
         np.save(tmp, a.features)
     _plots(out, store, rows, a.labels, a.features, mixture["pca"])
     sizes = np.bincount(a.labels, minlength=a.posteriors.shape[1]).tolist()
-    return {"n_particles": len(table), "k": int(a.posteriors.shape[1]), "class_sizes": sizes, "model": str(o.model)}
+    return {
+        "n_particles": len(table),
+        "k": int(a.posteriors.shape[1]),
+        "class_sizes": sizes,
+        "model": str(o.model),
+    }
 
 
 SPEC = ToolSpec(

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..evaluate import PAPER_OVERLAP_ANGST, evaluate_clusters, evaluate_picks
+from ..evaluate import PAPER_OVERLAP_ANGST, evaluate_clusters, evaluate_picks, match_particles
 from ..io.particles import CLASS, IMAGE
 from ..io.star import read_particles
 from ..runtime.cli import CommonOptions, ToolSpec, opt, run_tool
@@ -45,7 +45,7 @@ class Options(CommonOptions):
         "--match",
         default="auto",
         choices=["auto", "image", "coords"],
-        help="pair particles by image name or by coordinates; auto: image when both files have one",
+        help="pair particles by image name or by coordinates; auto: image names where they pair up",
     )
     max_distance_angst: float = opt(
         "--max-distance-angst",
@@ -117,9 +117,9 @@ def run(o: Options) -> dict:
         ]
     else:
         by = o.match
-        if by == "auto":
+        if by == "auto":  # image names when both files have them and they pair up, else positions
             both = IMAGE in pred.particles.columns and IMAGE in truth.particles.columns
-            by = "image" if both else "coords"
+            by = "image" if both and len(match_particles(pred, truth, "image")[0]) else "coords"
         results = evaluate_clusters(
             pred, truth, by, o.max_distance_angst, o.angpix, o.pred_column, o.truth_column
         )

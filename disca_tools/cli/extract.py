@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -282,13 +283,14 @@ def run(o: Options) -> dict:
     # particle file names (relative to the project directory, as RELION resolves them)
     sub_dir = out / "Subtomograms"
     counters: dict[str, int] = {}
-    image_names, files = [], []
+    image_names: list[str] = []
+    rel_dir = _rel(sub_dir)
+    rels = []
     for k in idx:
         n = counters[names[k]] = counters.get(names[k], 0) + 1
-        f = sub_dir / names[k] / f"{names[k]}_{n:06d}.mrc"
-        files.append(f)
-        image_names.append(_rel(f))
-    rels = [f.relative_to(sub_dir) for f in files]
+        rel = f"{names[k]}/{names[k]}_{n:06d}.mrc"
+        rels.append(rel)
+        image_names.append(f"{rel_dir}/{rel}")
     writer = VolumeFileWriter(sub_dir, params.box, out_angpix, params.dtype, threads=max(4, o.j))
     row_of = {int(k): r for r, k in enumerate(idx)}
     rng = np.random.default_rng(o.seed)
@@ -318,8 +320,8 @@ def run(o: Options) -> dict:
             data, _ = open_volume(t.path)
             for j, sub in iter_boxes(data, starts[rows], params, rng, desc=name):
                 r = row_of[int(rows[j])]
-                store[r] = sub
-                writer.write(rels[r], sub)
+                writer.write(rels[r], sub, also=partial(store.__setitem__, r))
+        writer.flush()  # the workers also fill the store: finish them before closing it
         store.commit()
         writer.commit()
     except BaseException:

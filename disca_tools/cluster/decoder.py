@@ -32,6 +32,14 @@ def _take(volumes: VolumeSource, idx: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
+def _normalise(vols: np.ndarray) -> np.ndarray:
+    """Per-volume zero mean and unit standard deviation (as the network's input pipeline)."""
+    axes = tuple(range(1, vols.ndim))
+    m = vols.mean(axis=axes, keepdims=True)
+    s = vols.std(axis=axes, keepdims=True)
+    return (vols - m) / np.where(s > 0, s, 1.0)
+
+
 def build_decoder(feature_dim: int, box: int, width_scale: float = 1.0, seed: int = 0) -> Any:
     """The decoder network: ``(F,)`` features → ``(S, S, S, 1)`` volume."""
     import keras
@@ -66,12 +74,14 @@ def train_decoder(
     width_scale: float = 1.0,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
+    normalise: bool = True,
 ) -> Any:
     """Train a decoder from ``features`` (N, F) to ``volumes`` (N, S, S, S) and return it.
 
     ``volumes`` is an array-like indexed by particle (a memmap is streamed batch by batch) or a
     callable returning the volumes of an index array. Mean-squared-error loss, Adam, shuffled
-    batches (seeded). Memory beyond the features is one batch of volumes.
+    batches (seeded). With ``normalise`` every volume is brought to zero mean and unit standard
+    deviation first, so decodings are on that scale. Memory beyond the features is one batch.
     """
     import keras
 
@@ -93,6 +103,8 @@ def train_decoder(
         def __getitem__(self, i: int):
             idx = self.order[i * batch_size : (i + 1) * batch_size]
             vols = _take(volumes, idx)
+            if normalise:
+                vols = _normalise(vols)
             if vols.shape[1:] != (box, box, box):
                 raise ValueError(f"volumes have shape {vols.shape[1:]}, expected box {box}")
             return feats[idx], vols[..., None]

@@ -21,10 +21,14 @@ network unless a trained model was given: its DDBI is recorded but it can never 
 a random network's features may score well while carrying no learned structure (the reference code
 then saves nothing). The result is the eligible iteration with the lowest DDBI.
 
-Defaults, changed from the reference and why (tuned on simulated sets of real structures, 24³):
-lr 1e-3 (reference 1e-5, which barely moves the network in one epoch), 2 epochs per iteration
-(reference 1), batch 32 (reference 64: twice the steps per epoch), lr decay 0.95 and α₀ = 0.2 with
-decay 0.9 as in the reference; candidate K 2–20 and PCA 16 as in the paper.
+Defaults, changed from the reference and why: lr 1e-3 (reference 1e-5, which barely moves the
+network in one epoch, METHOD.md), 2 epochs per iteration (reference 1), batch 32 (reference 64:
+twice the steps per epoch), BatchNormalization momentum 0.9 (Keras' 0.99 leaves the moving
+statistics used for inference-mode features near their initial values after one iteration on a
+small set); lr decay 0.95 and α₀ = 0.2 with decay 0.9 as in the reference; candidate K 2–20 and
+PCA 16 as in the paper. These were checked on small simulated sets of three real structures
+(24³, SNR 1–10, width 0.1) only; they have not yet been tuned against the Table S1 benchmark.
+With few particles lower ``pca_dim`` (full covariances need ≫ P²/2 points per cluster).
 
 Reproducibility. Every random draw of iteration t is seeded from (seed, t): Keras/TF global seeds,
 the dropout layer's state, the data order and rotations, the mixtures. The optimizer state is
@@ -87,7 +91,9 @@ class EMConfig:
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³."""
         if box < Y.MIN_BOX:
-            raise UserError(f"subtomograms: box {box} is too small; YOPO needs at least {Y.MIN_BOX}³")
+            raise UserError(
+                f"subtomograms: box {box} is too small; YOPO needs at least {Y.MIN_BOX}³"
+            )
         if not self.k_candidates or min(self.k_candidates) < 2:
             raise UserError(f"--k-candidates: need values ≥ 2, got {self.k_candidates}")
         if self.max_iter < 1:
@@ -101,7 +107,9 @@ class EMConfig:
             )
         top = max(self.k_candidates) * (p + 1)
         if n < top:
-            logger.warning("Only %d particles: candidate K above %d will be skipped", n, n // (p + 1))
+            logger.warning(
+                "Only %d particles: candidate K above %d will be skipped", n, n // (p + 1)
+            )
 
     def yopo(self, box: int, k: int) -> Y.YopoConfig:
         return Y.YopoConfig(box, k, self.width_scale, self.feature_dim, self.precision)
@@ -151,7 +159,9 @@ class EMResult:
 # ----------------------------------------------------------------------------- helpers
 
 
-def smooth_targets(labels: np.ndarray, k: int, alpha: float, width: int | None = None) -> np.ndarray:
+def smooth_targets(
+    labels: np.ndarray, k: int, alpha: float, width: int | None = None
+) -> np.ndarray:
     """``(1 − α)·onehot + α/K`` as float32 (N, width), zero beyond the K active classes."""
     width = k if width is None else int(width)
     out = np.zeros((len(labels), width), dtype=np.float32)
@@ -195,7 +205,9 @@ def _permute_posteriors(post: np.ndarray, mapping: dict[int, int]) -> tuple[np.n
     return out, comp_to_label
 
 
-def warm_up_head(model, features: np.ndarray, labels: np.ndarray, k: int, cfg: EMConfig, seed: int) -> float:
+def warm_up_head(
+    model, features: np.ndarray, labels: np.ndarray, k: int, cfg: EMConfig, seed: int
+) -> float:
     """Replace the head by one for ``k`` clusters trained alone on fixed ``features`` (``labels``).
 
     The head layer has ``max(k_candidates)`` units; the first ``k`` are set here and the others are
@@ -269,7 +281,16 @@ class _Trainer:
         return float(hist.history["loss"][-1])
 
 
-def _state_dict(cfg: EMConfig, it: int, k: int, stable: int, best_it: int, best_ddbi: float, history: list[IterationRecord], box: int) -> dict:
+def _state_dict(
+    cfg: EMConfig,
+    it: int,
+    k: int,
+    stable: int,
+    best_it: int,
+    best_ddbi: float,
+    history: list[IterationRecord],
+    box: int,
+) -> dict:
     return {
         "config": asdict(cfg),
         "box": box,
@@ -356,11 +377,22 @@ def run_em(
         prev_k = int(state["k"])
         prev_labels = np.load(ckpt / CHECKPOINT_LABELS)
         if len(prev_labels) != n:
-            raise UserError(f"{ckpt / CHECKPOINT_LABELS}: checkpoint has {len(prev_labels)} particles, data {n}")
+            raise UserError(
+                f"{ckpt / CHECKPOINT_LABELS}: checkpoint has {len(prev_labels)} particles, data {n}"
+            )
         stable = int(state["stable"])
         best_it, best_ddbi = int(state["best_iteration"]), float(state["best_ddbi"])
         pretrained = bool(state.get("pretrained", False))
         model.load_weights(ckpt / CHECKPOINT_WEIGHTS)
+        changed = {
+            key: (old, asdict(cfg).get(key))
+            for key, old in state["config"].items()
+            if key != "max_iter" and asdict(cfg).get(key) != old
+        }
+        if changed:
+            logger.warning(
+                "Continuing with settings that differ from the checkpoint's: %s", changed
+            )
         logger.info("Continuing after iteration %d (K=%d)", start - 1, prev_k)
     elif init_extractor_weights is not None:
         try:
@@ -506,7 +538,9 @@ class Assignment:
     features: np.ndarray
 
 
-def assign(extractor, mixture: dict, store: SubtomogramStore, rows: np.ndarray, batch_size: int = 64) -> Assignment:
+def assign(
+    extractor, mixture: dict, store: SubtomogramStore, rows: np.ndarray, batch_size: int = 64
+) -> Assignment:
     """Assign subtomograms to a trained run's clusters: features → PCA → mixture posterior."""
     feats = predict_features(extractor, store, np.asarray(rows), batch_size)
     x = mixture["pca"].transform(feats)

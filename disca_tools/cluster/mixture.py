@@ -230,9 +230,11 @@ class _Fitter:
         data = self.x if self.sub is None else self.sub
         best: GaussianMixture | None = None
         for r in range(max(1, self.n_init)):
-            km = KMeans(n_clusters=k, n_init=10, random_state=self.seed + r).fit(data)
-            w, m, prec = _params_from_labels(data, km.labels_, self.covariance, self.reg)
-            if len(w) < k:  # k-means left a cluster empty: fall back to sklearn's initialisation
+            w: np.ndarray = np.zeros(0)
+            if self.covariance in ("full", "diag", "spherical"):
+                km = KMeans(n_clusters=k, n_init=10, random_state=self.seed + r).fit(data)
+                w, m, prec = _params_from_labels(data, km.labels_, self.covariance, self.reg)
+            if len(w) < k:  # empty k-means cluster or tied covariance: sklearn's initialisation
                 gmm = self._gmm(k, max_iter=self.max_iter, n_init=1, init_params="kmeans")
             else:
                 gmm = self._gmm(
@@ -283,8 +285,10 @@ def select_mixture(
 
     For the current K (``prev_k``, with ``prev_labels`` from the previous iteration) two fits are made:
     one initialised from the means/covariances of ``prev_labels`` and one de novo; the one with the
-    higher likelihood is kept. Clusters that no point chooses (argmax) are dropped and the labels made
-    contiguous, with posteriors recomputed from the reduced mixture.
+    higher likelihood is kept (ties go to the inherited fit, which keeps the previous numbering).
+    De-novo fits start from the best of 10 k-means runs (``n_init`` such starts, best kept). Clusters
+    that no point chooses (argmax) are dropped and the labels made contiguous, with posteriors
+    recomputed from the reduced mixture.
     """
     with threadpool_limits(limits=1):
         return _select_mixture(
@@ -355,6 +359,7 @@ def _select_mixture(
     bic_by_k: dict[int, float] = {}
     best: tuple[float, int, GaussianMixture, bool] | None = None
     use_prev = prev_labels is not None and prev_k is not None and int(prev_k) in feasible
+    use_prev = use_prev and covariance in ("full", "diag", "spherical")  # tied: de novo only
     if use_prev and len(prev_labels) != n:
         raise ValueError(f"prev_labels has {len(prev_labels)} entries for {n} points")
     fits: dict[int, tuple[GaussianMixture, bool, bool]] = {}  # k -> (gmm, inherited, refined)

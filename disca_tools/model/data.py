@@ -69,7 +69,9 @@ def open_store(folder: str | Path) -> SubtomogramStore | None:
     if vols.ndim != 4 or len(set(vols.shape[1:])) != 1:
         raise file_error(vol_path, f"expected an (N, S, S, S) array, got shape {vols.shape}")
     if len(names) != vols.shape[0]:
-        raise file_error(names_path, f"{len(names)} names for {vols.shape[0]} subtomograms in {vol_path.name}")
+        raise file_error(
+            names_path, f"{len(names)} names for {vols.shape[0]} subtomograms in {vol_path.name}"
+        )
     return SubtomogramStore(vols, names, vol_path)
 
 
@@ -89,14 +91,19 @@ def resolve_image_paths(image_names: list[str], star_path: str | Path) -> list[P
     for name in image_names:
         name = str(name)
         if "@" in name:
-            raise file_error(star_path, f"image {name!r} is a stack entry; 3D subtomograms must be one .mrc each")
+            raise file_error(
+                star_path, f"image {name!r} is a stack entry; 3D subtomograms must be one .mrc each"
+            )
         p = Path(name)
         if p.is_file():
             out.append(p)
         elif (base / p).is_file():
             out.append(base / p)
         else:
-            raise file_error(star_path, f"image file {name} not found (relative to the working directory or the STAR file's folder)")
+            raise file_error(
+                star_path,
+                f"image file {name} not found (relative to the working directory or the STAR file's folder)",
+            )
     return out
 
 
@@ -105,7 +112,9 @@ def _check_volumes(vols: np.ndarray, where: list[str]) -> None:
     flat = np.asarray(vols, dtype=np.float32).reshape(len(vols), -1)
     finite = np.isfinite(flat).all(axis=1)
     if not finite.all():
-        raise file_error(where[int(np.argmin(finite))], "subtomogram contains NaN or infinite values")
+        raise file_error(
+            where[int(np.argmin(finite))], "subtomogram contains NaN or infinite values"
+        )
     std = flat.std(axis=1)
     if not (std > 0).all():
         raise file_error(where[int(np.argmin(std > 0))], "subtomogram is constant (zero variance)")
@@ -115,12 +124,16 @@ def validate_store(store: SubtomogramStore, rows: np.ndarray) -> None:
     """Check the used rows for NaN/inf and constant volumes, streaming in chunks."""
     rows = np.asarray(rows)
     order = np.sort(np.unique(rows))
-    for start in progress(range(0, len(order), _CHUNK), total=-(-len(order) // _CHUNK), desc="checking"):
+    for start in progress(
+        range(0, len(order), _CHUNK), total=-(-len(order) // _CHUNK), desc="checking"
+    ):
         r = order[start : start + _CHUNK]
         _check_volumes(store.volumes[r], [f"{store.path} ({store.names[i]})" for i in r])
 
 
-def build_store(paths: list[Path], names: list[str], folder: str | Path, float16: bool = False) -> SubtomogramStore:
+def build_store(
+    paths: list[Path], names: list[str], folder: str | Path, float16: bool = False
+) -> SubtomogramStore:
     """Stream per-particle MRC files into ``folder/subtomograms.npy`` (+ names), atomically.
 
     Checks on the way that all volumes are cubic, of one size, finite and not constant.
@@ -138,13 +151,17 @@ def build_store(paths: list[Path], names: list[str], folder: str | Path, float16
     dtype = np.float16 if float16 else np.float32
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(paths), *shape))
     try:
-        for start in progress(range(0, len(paths), _CHUNK), total=-(-len(paths) // _CHUNK), desc="reading"):
+        for start in progress(
+            range(0, len(paths), _CHUNK), total=-(-len(paths) // _CHUNK), desc="reading"
+        ):
             chunk = paths[start : start + _CHUNK]
             vols = []
             for p in chunk:
                 v, _ = read_volume(p)
                 if v.shape != shape:
-                    raise file_error(p, f"subtomogram size {v.shape} differs from {shape} ({paths[0]})")
+                    raise file_error(
+                        p, f"subtomogram size {v.shape} differs from {shape} ({paths[0]})"
+                    )
                 vols.append(v)
             block = np.stack(vols)
             _check_volumes(block, [str(p) for p in chunk])
@@ -174,14 +191,18 @@ class ParticleVolumes:
     names: list[str] | None = None
 
 
-def locate_particle_volumes(table: ParticleTable, star_path: str | Path, work_dir: str | Path) -> ParticleVolumes:
+def locate_particle_volumes(
+    table: ParticleTable, star_path: str | Path, work_dir: str | Path
+) -> ParticleVolumes:
     """Find the subtomograms of a particle table without writing anything.
 
     The fast store beside the STAR file when it covers every particle, else a store already built
     in ``work_dir`` for the same images, else the rlnImageName .mrc files (all must exist).
     """
     if IMAGE not in table.particles.columns:
-        raise file_error(star_path, f"no {IMAGE} column: which subtomogram belongs to each particle?")
+        raise file_error(
+            star_path, f"no {IMAGE} column: which subtomogram belongs to each particle?"
+        )
     names = [str(n) for n in table.particles[IMAGE]]
     if not names:
         raise file_error(star_path, "no particles")
@@ -199,7 +220,10 @@ def locate_particle_volumes(table: ParticleTable, star_path: str | Path, work_di
 
 
 def load_particle_volumes(
-    table: ParticleTable, star_path: str | Path, work_dir: str | Path, located: ParticleVolumes | None = None
+    table: ParticleTable,
+    star_path: str | Path,
+    work_dir: str | Path,
+    located: ParticleVolumes | None = None,
 ) -> tuple[SubtomogramStore, np.ndarray]:
     """The store holding a particle table's subtomograms and the store row of each particle.
 
@@ -354,7 +378,9 @@ def inference_dataset(store: SubtomogramStore, rows: np.ndarray, batch_size: int
     return ds.prefetch(2)
 
 
-def predict_features(extractor, store: SubtomogramStore, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def predict_features(
+    extractor, store: SubtomogramStore, rows: np.ndarray, batch_size: int = 64
+) -> np.ndarray:
     """Features (N, F) float32 of the store ``rows``, in inference mode, streamed from the memmap."""
     ds = inference_dataset(store, rows, batch_size)
     out = extractor.predict(ds, verbose=0)

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..runtime.outputs import atomic_path  # noqa: E402
 
@@ -29,7 +30,14 @@ def plot_bic(history: Sequence, path: str | Path, iterations: Sequence[int] | No
     cmap = plt.get_cmap("viridis")
     for i, h in enumerate(recs):
         ks = sorted(h.bic_by_k)
-        ax.plot(ks, [h.bic_by_k[k] for k in ks], "-o", ms=3, color=cmap(i / max(len(recs) - 1, 1)), label=f"it {h.iteration}")
+        ax.plot(
+            ks,
+            [h.bic_by_k[k] for k in ks],
+            "-o",
+            ms=3,
+            color=cmap(i / max(len(recs) - 1, 1)),
+            label=f"it {h.iteration}",
+        )
     ax.set_xlabel("K (number of clusters)")
     ax.set_ylabel("BIC (paper's formula; lower is better)")
     if len(recs) <= 12:
@@ -45,13 +53,19 @@ def plot_iterations(history: Sequence, path: str | Path, best_iteration: int | N
     ax1.step(its, [h.k for h in history], where="mid", color="tab:blue", label="K")
     ax1.set_xlabel("iteration")
     ax1.set_ylabel("K", color="tab:blue")
+    ax1.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2 = ax1.twinx()
     dd = [h.ddbi if np.isfinite(h.ddbi) else np.nan for h in history]
     ax2.plot(its, dd, "-o", ms=3, color="tab:red", label="DDBI")
     ax2.set_ylabel("DDBI (lower is better)", color="tab:red")
     if best_iteration is not None and best_iteration in its:
         ax2.axvline(best_iteration, color="gray", ls="--", lw=1)
-        ax2.annotate("reported", (best_iteration, np.nanmax(dd) if np.isfinite(np.nanmax(dd)) else 0), fontsize=8)
+        ax2.annotate(
+            "reported",
+            (best_iteration, np.nanmax(dd) if np.isfinite(np.nanmax(dd)) else 0),
+            fontsize=8,
+        )
     ax1.set_title("K and DDBI per iteration")
     return _save(fig, path)
 
@@ -104,14 +118,21 @@ def plot_class_montage(
     s = volumes.shape[1]
     c = s // 2
     rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(len(classes), n_members + 1, figsize=(1.1 * (n_members + 1), 1.1 * len(classes)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(classes),
+        n_members + 1,
+        figsize=(1.1 * (n_members + 1), 1.1 * len(classes)),
+        squeeze=False,
+    )
     for ci, cls in enumerate(classes):
         idx = rows[labels == cls]
         total = np.zeros((s, s, s), dtype=np.float64)
         for start in range(0, len(idx), chunk):
             part = np.sort(idx[start : start + chunk])
             block = np.asarray(volumes[part], dtype=np.float32)
-            block = (block - block.mean(axis=(1, 2, 3), keepdims=True)) / (block.std(axis=(1, 2, 3), keepdims=True) + 1e-12)
+            block = (block - block.mean(axis=(1, 2, 3), keepdims=True)) / (
+                block.std(axis=(1, 2, 3), keepdims=True) + 1e-12
+            )
             total += block.sum(axis=0)
         avg = total / max(len(idx), 1)
         ax = axes[ci, 0]
