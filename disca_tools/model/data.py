@@ -271,14 +271,16 @@ def train_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """One epoch of training batches ``(volumes, rotations, noise_seed, targets)``.
 
-    The epoch covers the N originals and, with ``augment``, N rotated copies, in a random order.
-    Originals carry the identity matrix; copies a uniform random rotation.
+    The epoch covers the N originals and, with ``augment``, N rotated copies, in a random order
+    (within a batch, originals first). Originals carry the identity matrix; copies a uniform
+    random rotation.
     """
     n = len(rows)
     order = rng.permutation(2 * n if augment else n)
     for start in range(0, len(order), batch_size):
         check_abort()
         e = order[start : start + batch_size]
+        e = e[np.argsort(e >= n, kind="stable")]  # originals first: only the rest is rotated
         p = e % n
         rotated = e >= n
         mats = np.broadcast_to(np.eye(3, dtype=np.float32), (len(e), 3, 3)).copy()
@@ -351,9 +353,15 @@ def train_dataset(
     )
     ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
 
+    eye = tf.eye(3, dtype=tf.float32)
+
     def rotate(x, m, noise_seed, y):
-        noise = tf.random.stateless_normal(tf.shape(x), seed=noise_seed)
-        return rotate_volumes(x, m, noise)[..., None], y
+        # originals come first in a batch (identity matrices); rotate only the copies
+        k = tf.reduce_sum(tf.cast(tf.reduce_all(tf.abs(m - eye) < 1e-7, axis=[1, 2]), tf.int32))
+        xr = x[k:]
+        noise = tf.random.stateless_normal(tf.shape(xr), seed=noise_seed)
+        out = tf.concat([x[:k], rotate_volumes(xr, m[k:], noise)], axis=0)
+        return out[..., None], y
 
     n_batches = -(-(len(rows) * (2 if augment else 1)) // batch_size)
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
