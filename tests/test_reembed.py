@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import correlation as _cc  # noqa: E402
 
 from disca_tools.cli.reembed import main
 from disca_tools.geometry import euler_to_matrix
@@ -20,12 +21,6 @@ from disca_tools.simulate.tomogram import TomogramSimulation, simulate_tomogram
 ANGPIX = 14.0
 STRUCTURES = ["1bxn", "3j9i"]
 SHAPE_XYZ = (96, 96, 48)
-
-
-def _cc(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64) - a.mean()
-    b = b.astype(np.float64) - b.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
 @pytest.fixture(scope="module")

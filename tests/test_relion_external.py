@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import starfile
+from helpers import relion_exe  # noqa: E402
 
 from disca_tools.cli.reembed import main as reembed_main
 from disca_tools.cli.split_star import main as split_main
@@ -32,12 +33,7 @@ SUCCEEDED, FAILED = 2, 3
 
 
 def _pipeliner() -> str:
-    exe = shutil.which("relion_pipeliner")
-    if exe is None:
-        pytest.fail(
-            "relion_pipeliner not found on PATH: run `make test` (installs Debian's relion 3.1)"
-        )
-    return exe
+    return relion_exe("relion_pipeliner")
 
 
 def _job_star(path: Path, exe: Path, in_part: str, params: dict[str, str]) -> None:

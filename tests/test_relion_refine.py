@@ -12,13 +12,14 @@ RELION missing is a failure, never a skip: ``make test`` installs Debian's relio
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import correlation as _cc  # noqa: E402
+from helpers import relion_exe as _exe  # noqa: E402
 
 from disca_tools.cli.reembed import main as reembed_main
 from disca_tools.cli.simulate import main as simulate_main
@@ -30,21 +31,6 @@ pytestmark = pytest.mark.relion
 
 STRUCTURES = {1: "3j9i", 2: "1bxn"}
 BOX, ANGPIX = 24, 14.0
-
-
-def _exe(name: str) -> str:
-    exe = shutil.which(name)
-    if exe is None:
-        pytest.fail(
-            f"{name} not found on PATH: run `make test` (installs Debian's relion 3.1) or `apt-get install relion`"
-        )
-    return exe
-
-
-def _cc(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
 @pytest.fixture(scope="module")

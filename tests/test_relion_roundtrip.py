@@ -8,12 +8,12 @@ CTF weight ignored) must not reach it. ``make test`` installs RELION (Debian's `
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import correlation as _cc  # noqa: E402
+from helpers import relion_reconstruct as _relion_reconstruct  # noqa: E402
 
 from disca_tools.cli.simulate import main as simulate_main
 from disca_tools.geometry import euler_to_matrix, matrix_to_euler
@@ -24,26 +24,6 @@ from disca_tools.simulate.imaging import Imaging, ctf_wedge_weight
 pytestmark = pytest.mark.relion
 
 STRUCTURE = "3j9i"  # 20S proteasome: elongated, so a wrong rotation convention shows
-
-
-def _relion_reconstruct(star: str, out: str, ctf: bool = False) -> np.ndarray:
-    exe = shutil.which("relion_reconstruct")
-    if exe is None:
-        pytest.fail(
-            "relion_reconstruct not found on PATH: run `make test` (installs Debian's relion 3.1) "
-            "or `apt-get install relion`"
-        )
-    cmd = [exe, "--i", star, "--o", out] + (["--ctf"] if ctf else [])
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, f"relion_reconstruct failed: {res.stderr[-2000:]}"
-    vol, _ = read_volume(out)
-    return vol
-
-
-def _cc(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
 def _simulate(name: str, *extra: str) -> Path:

@@ -58,7 +58,12 @@ def test_aliases_provenance_and_refusal(tmp_path, capsys):
     src = tmp_path / "in.star"
     src.write_text("data_\n")
     out = tmp_path / "out"
-    assert run_tool(SPEC, ["--input", str(src), "--output-dir", str(out), "--box-size", "32", "--no-invert"]) == 0
+    assert (
+        run_tool(
+            SPEC, ["--input", str(src), "--output-dir", str(out), "--box-size", "32", "--no-invert"]
+        )
+        == 0
+    )
     assert (out / "result.txt").read_text() == "32 False\n"
     record = json.loads((out / "run.json").read_text())
     assert record["options"]["box"] == 32 and record["seed"] == 7 and record["status"] == "success"
@@ -72,7 +77,9 @@ def test_aliases_provenance_and_refusal(tmp_path, capsys):
     assert (out / "result.txt").read_text() == "32 False\n"
     assert run_tool(SPEC, ["--i", str(src), "--o", str(out), "--overwrite", "--invert"]) == 0
     assert (out / "result.txt").read_text() == "24 True\n"
-    assert (out / "note.txt").read_text().count("Executing new job") == 3 - 1  # refused run wrote nothing
+    assert (out / "note.txt").read_text().count(
+        "Executing new job"
+    ) == 3 - 1  # refused run wrote nothing
 
 
 def test_user_error_is_one_line_exit_2(tmp_path, capsys):
@@ -107,7 +114,12 @@ def test_relion_external_translation_and_markers(tmp_path, monkeypatch):
     Path("in.star").write_text("data_\n")
     argv = ["--o", "External/job003/", "--in_parts", "in.star", "--box", "16", "--j", "2"]
     assert is_relion_external(argv)
-    assert translate_relion_args(argv, SPEC.relion_inputs, _Options)[:4] == ["--o", "External/job003/", "--i", "in.star"]
+    assert translate_relion_args(argv, SPEC.relion_inputs, _Options)[:4] == [
+        "--o",
+        "External/job003/",
+        "--i",
+        "in.star",
+    ]
     assert run_tool(SPEC, argv) == 0
     job = Path("External/job003")
     assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
@@ -117,7 +129,9 @@ def test_relion_external_translation_and_markers(tmp_path, monkeypatch):
     assert nodes["rlnPipeLineNodeTypeLabel"].tolist() == ["ParticleGroupMetadata.star.relion"]
     # failure: success marker removed, failure marker written
     assert run_tool(SPEC, ["--o", "External/job003/", "--in_parts", "nope.star"]) == 2
-    assert (job / "RELION_JOB_EXIT_FAILURE").exists() and not (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    assert (job / "RELION_JOB_EXIT_FAILURE").exists() and not (
+        job / "RELION_JOB_EXIT_SUCCESS"
+    ).exists()
 
 
 def test_relion_external_abort(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import correlation as _cc  # noqa: E402
 
 from disca_tools.cli.simulate import main as simulate_main
 from disca_tools.geometry import euler_to_matrix, rotate_volume
@@ -29,12 +30,6 @@ from disca_tools.simulate.imaging import (
 from disca_tools.simulate.structures import list_structures, load_structure, structure_radius_px
 from disca_tools.simulate.subtomograms import simulate_subtomogram_set
 from disca_tools.simulate.tomogram import simulate_tomogram
-
-
-def _cc(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
 def _com_xyz(vol: np.ndarray) -> np.ndarray:
