@@ -37,9 +37,13 @@ The full network (--width-scale 1) wants a GPU; on a CPU use e.g. --width-scale 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pickle
+import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,12 +60,18 @@ RUN_CONFIG = "run_config.json"
 MODEL_FILE = "model.keras"
 MIXTURE_FILE = "mixture.pkl"
 FEATURES_FILE = "features.npy"
+SHARD_FILE = "shard.json"
 PLOTS = ("bic.png", "iterations.png", "embedding.png", "montage.png", "sizes.png")
 
 
 @dataclass(kw_only=True)
 class Options(CommonOptions):
-    i: str = opt("--i", "--input", help="particles STAR file (RELION 3.1 / 4 / 5, Warp)")
+    i: str | None = opt(
+        "--i",
+        "--input",
+        default=None,
+        help="particles STAR file (RELION 3.1 / 4 / 5, Warp); required except with --merge-shards",
+    )
     o: str = opt("--o", "--output-dir", help="output folder")
     seed: int = opt("--seed", default=0, help="random seed (runs with one seed are reproducible)")
     k_candidates: str = opt(
@@ -114,6 +124,25 @@ class Options(CommonOptions):
     angpix: float | None = opt(
         "--angpix", default=None, help="coordinate pixel size where the STAR file does not state it"
     )
+    distribute: str = opt(
+        "--distribute",
+        default="auto",
+        choices=["auto", "none", "mirrored", "multiworker"],
+        help="tf.distribute strategy for training (see above)",
+    )
+    shard: str | None = opt(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="with --model: assign only shard I of N (rows I-1, I-1+N, I-1+2N, ...)",
+    )
+    merge_shards: list[str] = opt(
+        "--merge-shards",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="merge the --shard runs in these folders into --o (no --i)",
+    )
 
 
 def parse_k_candidates(text: str) -> list[int]:
@@ -135,8 +164,81 @@ def parse_k_candidates(text: str) -> list[int]:
     return sorted(out)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'2/8' → (2, 8): shard I (1-based) of N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m:
+        raise UserError(f"--shard: cannot read {text!r} (use I/N, e.g. 2/8)")
+    i, n = int(m.group(1)), int(m.group(2))
+    if not 1 <= i <= n:
+        raise UserError(f"--shard: need 1 ≤ I ≤ N, got {text!r}")
+    return i, n
+
+
+def shard_rows(i: int, n_shards: int, n_rows: int) -> np.ndarray:
+    """Rows (0-based) of shard ``i`` of ``n_shards``: i−1, i−1+N, i−1+2N, … (interleaved)."""
+    return np.arange(i - 1, n_rows, n_shards, dtype=np.int64)
+
+
+def names_hash(names) -> str:
+    """SHA-256 of a table's rlnImageName column (order matters)."""
+    h = hashlib.sha256()
+    for n in names:
+        h.update(str(n).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """SHA-256 of a trained run's model, mixture and run_config files."""
+    h = hashlib.sha256()
+    for name in (RUN_CONFIG, MODEL_FILE, MIXTURE_FILE):
+        h.update(name.encode())
+        with open(Path(folder) / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _distribute_mode(o: Options) -> str:
+    """The distribute mode of a training run (``none`` when nothing is trained)."""
+    from ..model import yopo as Y
+
+    if o.model or o.merge_shards:
+        return "none"
+    return Y.resolve_distribute(o.distribute)
+
+
+def _output_dir(o: Options) -> str | None:
+    """--o for the chief; a fresh temporary folder for the other workers of a multiworker run.
+
+    Idempotent: the first call decides (and records the chief's folder in ``o._chief_output``).
+    """
+    from ..model import yopo as Y
+
+    if getattr(o, "_chief_output", None) is not None or o.o is None:
+        return o.o
+    o._chief_output = o.o
+    if o.model or o.merge_shards or o.distribute not in ("auto", "multiworker"):
+        return o.o
+    if o.distribute == "auto" and not (os.environ.get("TF_CONFIG") or Y._slurm_multitask()):
+        return o.o
+    task, chief = Y.worker_task("multiworker")
+    if not chief:
+        o.o = str(Path(tempfile.gettempdir()) / f"disca_cluster_worker{task}_{os.getpid()}")
+        logger.info("Worker %d (not the chief): writing to %s", task, o.o)
+    return o.o
+
+
 def _output_names(o: Options, table) -> list[str]:
     star = Path(o.o) / "clusters.star"
+    if o.shard:
+        names = ["clusters.star", FEATURES_FILE, SHARD_FILE]
+        if table.flavour == "relion5":
+            names += [
+                str(p.relative_to(o.o)) for k, p in relion5_paths(star).items() if k != "particles"
+            ]
+        return names
     names = ["clusters.star", FEATURES_FILE] + [f"plots/{p}" for p in PLOTS]
     if table.flavour == "relion5":
         names += [
@@ -266,6 +368,13 @@ def _decode(
 def run(o: Options) -> dict:
     from ..model.data import load_particle_volumes, locate_particle_volumes
 
+    _output_dir(o)
+    if o.merge_shards:
+        return merge_shards(o)
+    if not o.i:
+        raise UserError("--i: the particles STAR file is required")
+    if o.shard and not o.model:
+        raise UserError("--shard: only with --model (assigning with a trained run)")
     if o.model and o.init_model:
         raise UserError("--model and --init-model: give one (assign with a run, or fine-tune it)")
     if o.model and o.resume:
@@ -281,6 +390,19 @@ def run(o: Options) -> dict:
     n = len(table)
     if n == 0:
         raise file_error(o.i, "no particles")
+    shard_info = None
+    if o.shard:
+        si, sn = parse_shard(o.shard)
+        if sn > n:
+            raise UserError(
+                f"--shard: {sn} shards for {n} particles in {o.i} (some would be empty)"
+            )
+        idx = shard_rows(si, sn, n)
+        shard_info = {"shard": si, "n_shards": sn, "rows": idx.tolist(), "n_rows": n,
+                      "input": str(Path(o.i).resolve()),
+                      "image_names_sha256": names_hash(table.particles["rlnImageName"])
+                      if "rlnImageName" in table.particles.columns else None}  # fmt: skip
+        table = table.with_particles(table.particles.iloc[idx].reset_index(drop=True))
     out = Path(o.o)
     names = _output_names(o, table)
     check_not_input([out / p for p in names], [o.i])
@@ -289,6 +411,10 @@ def run(o: Options) -> dict:
         ref_cfg = _read_run_config(o.model, "--model")
     elif o.init_model:
         ref_cfg = _read_run_config(o.init_model, "--init-model")
+    chief_out = Path(getattr(o, "_chief_output", None) or o.o)
+    if o.resume and chief_out != out and (chief_out / "checkpoint").is_dir():
+        # a non-chief worker continues from the chief's checkpoint, in its own folder
+        shutil.copytree(chief_out / "checkpoint", out / "checkpoint", dirs_exist_ok=True)
     if o.resume and not (out / "checkpoint" / "state.json").is_file():
         raise file_error(
             out / "checkpoint" / "state.json", "--continue: no checkpoint of an interrupted run"
@@ -320,11 +446,13 @@ def run(o: Options) -> dict:
 
     from ..model import yopo as Y
 
+    mode = _distribute_mode(o)
+    strategy = Y.make_strategy(mode) if mode != "none" else None  # before any other TF op
     precision = Y.resolve_precision(o.precision)
     _setup_tf(o.seed)
 
     if o.model:
-        return _assign(o, out, table, store, rows, ref_cfg, precision)
+        return _assign(o, out, table, store, rows, ref_cfg, precision, shard_info)
 
     from ..cluster.em import EMConfig, run_em
 
@@ -349,9 +477,12 @@ def run(o: Options) -> dict:
     ckpt = out / "checkpoint"
     if not o.resume and ckpt.exists():
         shutil.rmtree(ckpt)  # a new run (with --overwrite): stale checkpoints must not be continued
+    replicas = int(strategy.num_replicas_in_sync) if strategy is not None else 1
+    logger.info("Distribution: %s (%d replica%s)", mode, replicas, "s" * (replicas != 1))
     result = run_em(
-        store, rows, cfg, checkpoint_dir=ckpt, resume=o.resume, init_extractor_weights=init_weights
-    )
+        store, rows, cfg, checkpoint_dir=ckpt, resume=o.resume, init_extractor_weights=init_weights,
+        strategy=strategy,
+    )  # fmt: skip
 
     _write_table(o, table, result.labels, result.posteriors)
     _write_history(out / "history.tsv", result.history, result.best_iteration, ks)
@@ -390,11 +521,20 @@ def run(o: Options) -> dict:
     return {
         "n_particles": n, "k": result.k, "best_iteration": result.best_iteration,
         "iterations": len(result.history), "converged": result.converged, "class_sizes": sizes,
-        "precision": precision, **extra,
+        "precision": precision, "distribute": mode, "replicas": replicas, **extra,
     }  # fmt: skip
 
 
-def _assign(o: Options, out: Path, table, store, rows, ref_cfg: dict, precision: str) -> dict:
+def _assign(
+    o: Options,
+    out: Path,
+    table,
+    store,
+    rows,
+    ref_cfg: dict,
+    precision: str,
+    shard_info: dict | None = None,
+) -> dict:
     from ..cluster.em import assign
     from ..model import yopo as Y
 
@@ -423,8 +563,16 @@ def _assign(o: Options, out: Path, table, store, rows, ref_cfg: dict, precision:
     _write_table(o, table, a.labels, a.posteriors)
     with atomic_path(out / FEATURES_FILE) as tmp:
         np.save(tmp, a.features)
-    _plots(out, store, rows, a.labels, a.features, mixture["pca"])
     sizes = np.bincount(a.labels, minlength=a.posteriors.shape[1]).tolist()
+    if shard_info is not None:
+        meta = dict(
+            shard_info, model=str(Path(o.model).resolve()), model_sha256=model_fingerprint(o.model),
+            k=int(a.posteriors.shape[1]), feature_dim=int(a.features.shape[1]),
+        )  # fmt: skip
+        write_text_atomic(out / SHARD_FILE, json.dumps(meta) + "\n")
+        return {"n_particles": len(table), "shard": f"{meta['shard']}/{meta['n_shards']}",
+                "k": meta["k"], "class_sizes": sizes, "model": str(o.model)}  # fmt: skip
+    _plots(out, store, rows, a.labels, a.features, mixture["pca"])
     return {
         "n_particles": len(table),
         "k": int(a.posteriors.shape[1]),
@@ -433,12 +581,105 @@ def _assign(o: Options, out: Path, table, store, rows, ref_cfg: dict, precision:
     }
 
 
+def _read_shard(folder: str) -> tuple[dict, object, np.ndarray]:
+    d = Path(folder)
+    if not d.is_dir():
+        raise file_error(d, "--merge-shards: not a folder")
+    for name in (SHARD_FILE, "clusters.star", FEATURES_FILE):
+        if not (d / name).is_file():
+            raise file_error(d, f"--merge-shards: not a finished --shard run (missing {name})")
+    try:
+        meta = json.loads((d / SHARD_FILE).read_text())
+        keys = ("shard", "n_shards", "rows", "n_rows", "model_sha256", "image_names_sha256")
+        missing = [k for k in keys if k not in meta]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+    except ValueError as exc:
+        raise file_error(d / SHARD_FILE, f"unreadable shard metadata ({exc})") from None
+    table = read_particles(d / "clusters.star")
+    feats = np.load(d / FEATURES_FILE, mmap_mode="r")
+    if not (len(table) == len(meta["rows"]) == len(feats)):
+        raise file_error(
+            d, f"shard has {len(meta['rows'])} rows in {SHARD_FILE}, {len(table)} in clusters.star, "
+            f"{len(feats)} in {FEATURES_FILE}"
+        )  # fmt: skip
+    return meta, table, feats
+
+
+def merge_shards(o: Options) -> dict:
+    """Merge ``--shard`` runs (``o.merge_shards``) into ``o.o`` in the input's original row order."""
+    import pandas as pd
+
+    if not o.o:
+        raise UserError("--o: the output folder is required")
+    if o.i or o.model or o.shard or o.init_model or o.resume:
+        raise UserError("--merge-shards: takes only the shard folders and --o")
+    shards = [_read_shard(d) for d in o.merge_shards]
+    first, first_dir = shards[0][0], o.merge_shards[0]
+    seen: dict[int, str] = {}
+    for d, (meta, _, feats) in zip(o.merge_shards, shards, strict=True):
+        for key, what in (("model_sha256", "model"), ("image_names_sha256", "input STAR file"),
+                          ("n_shards", "number of shards"), ("n_rows", "number of rows")):  # fmt: skip
+            if meta[key] != first[key]:
+                raise file_error(d, f"--merge-shards: a different {what} than {first_dir}")
+        if feats.shape[1:] != shards[0][2].shape[1:]:
+            raise file_error(d, f"--merge-shards: features of another size than {first_dir}")
+        i = int(meta["shard"])
+        if i in seen:
+            raise file_error(
+                d, f"--merge-shards: shard {i}/{meta['n_shards']} also given as {seen[i]}"
+            )
+        seen[i] = d
+    n_shards, n = int(first["n_shards"]), int(first["n_rows"])
+    missing = sorted(set(range(1, n_shards + 1)) - set(seen))
+    if missing:
+        raise UserError(
+            f"--merge-shards: shard{'s' * (len(missing) > 1)} "
+            f"{', '.join(f'{m}/{n_shards}' for m in missing)} missing (of {first.get('input')})"
+        )
+    rows = np.concatenate([np.asarray(m["rows"], dtype=np.int64) for m, _, _ in shards])
+    counts = np.bincount(rows, minlength=n) if rows.size and rows.min() >= 0 else None
+    if counts is None or len(counts) != n or not np.all(counts == 1):
+        raise UserError("--merge-shards: the shards do not cover every input row exactly once")
+    order = np.argsort(rows, kind="stable")
+    df = pd.concat([t.particles for _, t, _ in shards], ignore_index=True).iloc[order]
+    df = df.reset_index(drop=True)
+    if first["image_names_sha256"] is not None and (
+        names_hash(df["rlnImageName"]) != first["image_names_sha256"]
+    ):
+        raise UserError("--merge-shards: the merged image names do not match the input STAR file")
+    feats = np.concatenate([np.asarray(f) for _, _, f in shards])[order]
+    table = shards[0][1].with_particles(df)
+    out = Path(o.o)
+    names = ["clusters.star", FEATURES_FILE]
+    if table.flavour == "relion5":
+        names += [
+            str(p.relative_to(out))
+            for k, p in relion5_paths(out / "clusters.star").items()
+            if k != "particles"
+        ]
+    inputs = [
+        Path(d) / x for d in o.merge_shards for x in (SHARD_FILE, "clusters.star", FEATURES_FILE)
+    ]
+    check_not_input([out / p for p in names], inputs)
+    prepare_output_dir(out, o.overwrite, names)
+    write_particles(out / "clusters.star", table, overwrite=True)
+    with atomic_path(out / FEATURES_FILE) as tmp:
+        np.save(tmp, feats)
+    classes = df[CLASS].to_numpy(dtype=np.int64)
+    logger.info("Merged %d shards: %d particles", n_shards, n)
+    return {
+        "n_particles": n, "n_shards": n_shards, "input": first.get("input"),
+        "model": first.get("model"), "class_sizes": np.bincount(classes)[1:].tolist(),
+    }  # fmt: skip
+
+
 SPEC = ToolSpec(
     name="disca_cluster",
     doc=__doc__,
     options=Options,
     run=run,
-    output_dir=lambda o: o.o,
+    output_dir=_output_dir,
     relion_inputs={"in_parts": "i"},
     relion_nodes=lambda o: [(f"{o.o.rstrip('/')}/clusters.star", "particles")],
 )

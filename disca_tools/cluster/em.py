@@ -333,6 +333,7 @@ def run_em(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     init_extractor_weights: str | Path | None = None,
+    strategy=None,
 ) -> EMResult:
     """Run DISCA on the subtomograms ``store[rows]`` and return the best-DDBI iteration.
 
@@ -341,6 +342,12 @@ def run_em(
     the last trained iteration (a final, untrained iteration is recomputed: it is deterministic).
     ``init_extractor_weights`` (a trained run's ``model.keras``) starts from a trained feature
     extractor (fine-tuning): then iteration 0 is eligible to be reported.
+
+    ``strategy`` (a ``tf.distribute`` strategy, see :func:`disca_tools.model.yopo.make_strategy`):
+    the network, its optimizer and head are built and compiled in its scope and trained on global
+    batches of ``cfg.batch_size`` × replicas (Keras splits each batch among the replicas). With a
+    multi-worker strategy every worker computes all the features itself and repeats the same
+    deterministic mixture fits, so all workers agree on K and the labels.
     """
     from .ddbi import ddbi
 
@@ -361,8 +368,22 @@ def run_em(
     start = 0
     pretrained = init_extractor_weights is not None
 
+    import contextlib
+
+    def scope():
+        return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+    replicas = int(strategy.num_replicas_in_sync) if strategy is not None else 1
+    local_predict = strategy is not None and Y.is_multiworker(strategy)
+    global_batch = cfg.batch_size * replicas
+    if replicas > 1:
+        logger.info(
+            "Training on %d replicas: global batch %d (%d per replica)",
+            replicas, global_batch, cfg.batch_size,
+        )  # fmt: skip
     _set_seeds(iteration_seed(cfg.seed, -1))
-    model = Y.build_yopo(cfg.yopo(box, kmax), seed=cfg.seed)
+    with scope():
+        model = Y.build_yopo(cfg.yopo(box, kmax), seed=cfg.seed)
     if resume:
         if ckpt is None:
             raise ValueError("resume needs a checkpoint directory")
@@ -383,7 +404,8 @@ def run_em(
         stable = int(state["stable"])
         best_it, best_ddbi = int(state["best_iteration"]), float(state["best_ddbi"])
         pretrained = bool(state.get("pretrained", False))
-        model.load_weights(ckpt / CHECKPOINT_WEIGHTS)
+        with scope():
+            model.load_weights(ckpt / CHECKPOINT_WEIGHTS)
         changed = {
             key: (old, asdict(cfg).get(key))
             for key, old in state["config"].items()
@@ -396,20 +418,24 @@ def run_em(
         logger.info("Continuing after iteration %d (K=%d)", start - 1, prev_k)
     elif init_extractor_weights is not None:
         try:
-            Y.feature_extractor(model).load_weights(init_extractor_weights)
+            with scope():
+                Y.feature_extractor(model).load_weights(init_extractor_weights)
         except Exception as exc:
             raise UserError(
                 f"{init_extractor_weights}: cannot load into this network ({type(exc).__name__}: {exc})"
             ) from None
-    trainer = _Trainer(model, cfg.lr)
-    extractor = Y.feature_extractor(model)
+    with scope():
+        trainer = _Trainer(model, cfg.lr)
+        extractor = Y.feature_extractor(model)
     converged = False
     for it in range(start, cfg.max_iter + 1):
         check_abort()
         t0 = time.time()
         seed_it = iteration_seed(cfg.seed, it)
         _set_seeds(seed_it)
-        feats = predict_features(extractor, store, rows, cfg.predict_batch_size)
+        feats = predict_features(
+            extractor, store, rows, cfg.predict_batch_size * replicas, local=local_predict
+        )
         if not np.all(np.isfinite(feats)):
             raise UserError("features: the network produced NaN/inf (try a lower --lr)")
         t1 = time.time()
@@ -454,7 +480,7 @@ def run_em(
                 warm_up_head(model, feats, labels, k, cfg, seed_it)
             Y.reset_dropout_seed(model, seed_it)
             targets = smooth_targets(labels, k, alpha, kmax)
-            ds = train_dataset(store, rows, targets, cfg.batch_size, seed_it, cfg.augment)
+            ds = train_dataset(store, rows, targets, global_batch, seed_it, cfg.augment)
             loss = trainer.fit(ds, cfg.epochs_per_iter, lr)
         t3 = time.time()
         rec = IterationRecord(

@@ -365,7 +365,13 @@ def train_dataset(
 
     n_batches = -(-(len(rows) * (2 if augment else 1)) // batch_size)
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
-    return ds.map(rotate, num_parallel_calls=1, deterministic=True).prefetch(2)
+    ds = ds.map(rotate, num_parallel_calls=1, deterministic=True).prefetch(2)
+    # Under tf.distribute ``batch_size`` is the global batch: Keras splits each batch among the
+    # replicas. A generator has no files to shard: every worker runs the same seeded generator and
+    # keeps its part of each batch (DATA sharding), so workers never see the same sample.
+    opts = tf.data.Options()
+    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(opts)
 
 
 def inference_dataset(store: SubtomogramStore, rows: np.ndarray, batch_size: int):
@@ -387,9 +393,26 @@ def inference_dataset(store: SubtomogramStore, rows: np.ndarray, batch_size: int
 
 
 def predict_features(
-    extractor, store: SubtomogramStore, rows: np.ndarray, batch_size: int = 64
+    extractor,
+    store: SubtomogramStore,
+    rows: np.ndarray,
+    batch_size: int = 64,
+    local: bool = False,
 ) -> np.ndarray:
-    """Features (N, F) float32 of the store ``rows``, in inference mode, streamed from the memmap."""
+    """Features (N, F) float32 of the store ``rows``, in inference mode, streamed from the memmap.
+
+    ``local``: compute every row in this process with a plain compiled call instead of
+    ``model.predict`` (used by multi-worker training, where each worker needs all the features and
+    ``predict`` would split the rows among the workers).
+    """
     ds = inference_dataset(store, rows, batch_size)
-    out = extractor.predict(ds, verbose=0)
-    return np.asarray(out, dtype=np.float32)
+    if not local:
+        out = extractor.predict(ds, verbose=0)
+        return np.asarray(out, dtype=np.float32)
+    import tensorflow as tf
+
+    step = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+    parts = [np.asarray(step(x), dtype=np.float32) for x in ds]
+    if not parts:
+        return np.zeros((0, int(extractor.output.shape[-1])), dtype=np.float32)
+    return np.concatenate(parts)

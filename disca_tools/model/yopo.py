@@ -182,3 +182,99 @@ def reset_dropout_seed(model: keras.Model, seed: int) -> None:
     gen = getattr(layer, "seed_generator", None)
     if gen is not None:
         gen.state.assign(np.array([_seed(seed, 1), 0], dtype=gen.state.dtype))
+
+
+# ----------------------------------------------------------------------------- tf.distribute
+
+DISTRIBUTE = ("auto", "none", "mirrored", "multiworker")
+
+
+def _slurm_multitask() -> bool:
+    """True inside an ``srun`` step of several tasks (one process per task)."""
+    n = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or "1"
+    try:
+        return int(n) > 1 and "SLURM_PROCID" in os.environ
+    except ValueError:
+        return False
+
+
+def resolve_distribute(mode: str = "auto") -> str:
+    """``auto`` → ``multiworker`` when TF_CONFIG is set or inside a multi-task ``srun`` step,
+    ``mirrored`` when more than one GPU is visible, ``none`` otherwise."""
+    if mode not in DISTRIBUTE:
+        raise ValueError(f"distribute must be one of {DISTRIBUTE}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    if os.environ.get("TF_CONFIG") or _slurm_multitask():
+        return "multiworker"
+    import tensorflow as tf
+
+    return "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "none"
+
+
+def worker_task(mode: str) -> tuple[int, bool]:
+    """(task index, is chief) of this process for a resolved distribute ``mode``.
+
+    From TF_CONFIG when set (the chief is task ``chief`` 0, or ``worker`` 0 when the cluster has no
+    ``chief``), else from SLURM_PROCID (rank 0 is the chief); always (0, True) outside multiworker.
+    Reads only the environment, so it can be called before TensorFlow starts.
+    """
+    import json
+
+    if mode != "multiworker":
+        return 0, True
+    raw = os.environ.get("TF_CONFIG")
+    if raw:
+        try:
+            cfg = json.loads(raw)
+            task = cfg.get("task", {})
+            ttype, index = str(task.get("type", "worker")), int(task.get("index", 0))
+        except (ValueError, TypeError, AttributeError):
+            return 0, True  # TensorFlow reports the malformed TF_CONFIG itself
+        chief = ttype == "chief" or (
+            ttype == "worker" and index == 0 and "chief" not in cfg.get("cluster", {})
+        )
+        return index, chief
+    try:
+        rank = int(os.environ.get("SLURM_PROCID", "0"))
+    except ValueError:
+        rank = 0
+    return rank, rank == 0
+
+
+def make_strategy(mode: str):
+    """The tf.distribute strategy for a resolved ``mode`` (none / mirrored / multiworker).
+
+    ``mirrored``: MirroredStrategy over the visible logical GPUs, or, without GPUs, over the logical
+    CPU devices (one unless ``tf.config.set_logical_device_configuration`` made more).
+    ``multiworker``: MultiWorkerMirroredStrategy; the cluster comes from TF_CONFIG when it is set,
+    else from SLURM (``SlurmClusterResolver``: one task per worker, ports from
+    ``DISCA_PORT_BASE``, default 8888, GPUs shared out among a node's tasks).
+    Must be called before any other TensorFlow operation runs in a multiworker job.
+    """
+    import tensorflow as tf
+
+    if mode == "none":
+        return tf.distribute.get_strategy()
+    if mode == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if mode == "multiworker":
+        resolver = None
+        if not os.environ.get("TF_CONFIG") and "SLURM_PROCID" in os.environ:
+            from tensorflow.distribute.cluster_resolver import SlurmClusterResolver
+
+            port = int(os.environ.get("DISCA_PORT_BASE", "8888"))
+            try:
+                resolver = SlurmClusterResolver(port_base=port)
+            except RuntimeError:  # no nvidia-smi: a CPU node
+                resolver = SlurmClusterResolver(port_base=port, gpus_per_node=0, auto_set_gpu=False)
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    raise ValueError(f"resolve the distribute mode first, got {mode!r}")
+
+
+def is_multiworker(strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)

@@ -1,0 +1,201 @@
+"""disca_cluster scale-out: tf.distribute training, sharded prediction and the merge step."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from disca_tools.cli import cluster as C
+from disca_tools.cli import simulate as S
+from disca_tools.cluster.matching import accuracy_after_matching
+from disca_tools.io.star import read_particles, read_star_blocks, write_star_blocks
+from disca_tools.model import yopo as Y
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--k-candidates", "2-4", "--pca-dim", "4", "--width-scale", "0.1", "--feature-dim", "32",
+        "--precision", "float32", "--seed", "3", "--max-iter", "2", "-q"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """3 very different structures at SNR 10 (30 each), clustered once with --distribute none."""
+    root = tmp_path_factory.mktemp("dist")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        assert S.main(["subtomograms", "--o", "Sim", "--structures", "4v4r", "1s3x", "3d2f",
+                       "--n-per-class", "30", "--box", "24", "--angpix", "10", "--snr", "10",
+                       "--seed", "1", "-q"]) == 0  # fmt: skip
+        args = ["--i", "Sim/particles.star", "--o", "Plain", "--distribute", "none", *TINY]
+        assert C.main(args) == 0
+        yield root
+    finally:
+        os.chdir(old)
+
+
+def _classes(path: str | Path) -> np.ndarray:
+    return read_particles(path).particles["rlnClassNumber"].to_numpy()
+
+
+def _results(folder: str) -> dict:
+    return json.loads(Path(folder, "run.json").read_text())["results"]
+
+
+def _check_agrees_with_plain(folder: str, replicas: int) -> None:
+    res, plain = _results(folder), _results("Plain")
+    assert res["distribute"] == "mirrored" and res["replicas"] == replicas
+    assert plain["distribute"] == "none" and plain["replicas"] == 1
+    assert res["k"] == plain["k"] == 3
+    truth = _classes("Sim/particles.star")
+    assert (
+        accuracy_after_matching(
+            _classes("Plain/clusters.star"), _classes(f"{folder}/clusters.star")
+        )
+        >= 0.9
+    )
+    assert accuracy_after_matching(truth, _classes(f"{folder}/clusters.star")) >= 0.9
+    assert np.load(f"{folder}/features.npy").shape == (90, 32)
+
+
+def test_mirrored_on_the_single_cpu_device_matches_none(project):
+    args = ["--i", "Sim/particles.star", "--o", "Mirrored", "--distribute", "mirrored", *TINY]
+    assert C.main(args) == 0
+    _check_agrees_with_plain("Mirrored", replicas=1)
+
+
+def test_mirrored_over_two_logical_cpus_in_a_subprocess(project):
+    # logical devices must be configured before TensorFlow starts: a fresh interpreter
+    script = (
+        "import os, sys\n"
+        "import tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from disca_tools.cli.cluster import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
+    args = ["--i", "Sim/particles.star", "--o", "Mirrored2", "--distribute", "mirrored", *TINY]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    res = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    _check_agrees_with_plain("Mirrored2", replicas=2)
+
+
+def test_three_shards_merged_equal_one_unsharded_run(project):
+    base = ["--model", "Plain", "--precision", "float32", "-q"]
+    assert C.main(["--i", "Sim/particles.star", "--o", "Whole", *base]) == 0
+    for i in (1, 2, 3):
+        assert (
+            C.main(["--i", "Sim/particles.star", "--o", f"Shard{i}", "--shard", f"{i}/3", *base])
+            == 0
+        )
+    meta = json.loads(Path("Shard2/shard.json").read_text())
+    assert meta["shard"] == 2 and meta["n_shards"] == 3 and meta["n_rows"] == 90
+    assert meta["rows"] == list(range(1, 90, 3))
+    inp = read_particles("Sim/particles.star").particles
+    s2 = read_particles("Shard2/clusters.star").particles
+    assert list(s2.columns) == list(read_particles("Whole/clusters.star").particles.columns)
+    assert (s2["rlnImageName"].to_numpy() == inp["rlnImageName"].to_numpy()[1::3]).all()
+    assert np.load("Shard2/features.npy").shape == (30, 32)
+
+    assert C.main(["--merge-shards", "Shard3", "Shard1", "Shard2", "--o", "Merged", "-q"]) == 0
+    merged = read_particles("Merged/clusters.star").particles
+    whole = read_particles("Whole/clusters.star").particles
+    pd.testing.assert_frame_equal(merged.drop(columns="rlnMaxValueProbDistribution"),
+                                  whole.drop(columns="rlnMaxValueProbDistribution"))  # fmt: skip
+    np.testing.assert_allclose(merged["rlnMaxValueProbDistribution"],
+                               whole["rlnMaxValueProbDistribution"], rtol=1e-5, atol=1e-6)  # fmt: skip
+    np.testing.assert_array_equal(_classes("Merged/clusters.star"), _classes("Whole/clusters.star"))
+    np.testing.assert_allclose(
+        np.load("Merged/features.npy"), np.load("Whole/features.npy"), rtol=1e-5, atol=1e-5
+    )
+    # the merged run repeats the training run's own assignment of these particles
+    np.testing.assert_array_equal(_classes("Merged/clusters.star"), _classes("Plain/clusters.star"))
+
+
+@pytest.mark.parametrize(
+    "case", ["missing", "duplicate", "foreign_input", "foreign_model", "not_shard"]
+)
+def test_merge_refuses_bad_shard_sets(project, case, capsys):
+    if not Path("Shard3/shard.json").is_file():
+        test_three_shards_merged_equal_one_unsharded_run(project)
+    dirs = ["Shard1", "Shard2", "Shard3"]
+    if case == "missing":
+        dirs = ["Shard1", "Shard3"]
+    elif case == "duplicate":
+        dirs = ["Shard1", "Shard2", "Shard3", "Shard2"]
+    elif case == "foreign_input":
+        blocks = read_star_blocks("Sim/particles.star")
+        blocks["particles"] = blocks["particles"].iloc[::-1].reset_index(drop=True)
+        write_star_blocks("Sim/reversed.star", blocks, overwrite=True)
+        assert C.main(["--i", "Sim/reversed.star", "--o", "Foreign3", "--shard", "3/3",
+                       "--model", "Plain", "--precision", "float32", "-q"]) == 0  # fmt: skip
+        dirs = ["Shard1", "Shard2", "Foreign3"]
+    elif case == "foreign_model":
+        shutil.copytree("Shard3", "Other3", dirs_exist_ok=True)
+        meta = json.loads(Path("Other3/shard.json").read_text())
+        Path("Other3/shard.json").write_text(json.dumps(dict(meta, model_sha256="0" * 64)))
+        dirs = ["Shard1", "Shard2", "Other3"]
+    elif case == "not_shard":
+        dirs = ["Shard1", "Shard2", "Whole"]
+    capsys.readouterr()
+    assert C.main(["--merge-shards", *dirs, "--o", f"Bad_{case}", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("disca_cluster: error:"), err
+    assert not Path(f"Bad_{case}").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--shard", "4/3", "--model", "Plain"],
+        ["--shard", "two", "--model", "Plain"],
+        ["--shard", "1/2"],
+        ["--shard", "1/200", "--model", "Plain"],
+    ],
+)
+def test_bad_shard_options_exit_2_and_write_nothing(project, args, capsys):
+    capsys.readouterr()
+    assert C.main(["--i", "Sim/particles.star", "--o", "BadShard", *args, "-q"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not Path("BadShard").exists()
+
+
+def test_distribute_resolution_and_chief_from_environment(monkeypatch):
+    for var in ("TF_CONFIG", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert Y.resolve_distribute("auto") == "none"  # no GPU here
+    assert Y.resolve_distribute("mirrored") == "mirrored"
+    cluster = {"worker": ["host1:2222", "host2:2222"]}
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}})
+    )
+    assert Y.resolve_distribute("auto") == "multiworker"
+    assert Y.worker_task("multiworker") == (1, False)
+    opts = C.Options(i="in.star", o="Out")
+    out = C._output_dir(opts)
+    assert out != "Out" and "worker1" in out and C._output_dir(opts) == out  # idempotent
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})
+    )
+    assert Y.worker_task("multiworker") == (0, True)
+    assert C._output_dir(C.Options(i="in.star", o="Out")) == "Out"
+    monkeypatch.delenv("TF_CONFIG")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert Y.resolve_distribute("auto") == "multiworker"
+    assert Y.worker_task("multiworker") == (2, False)
+    # assigning with --model never trains: every task writes its own --o
+    assert C._output_dir(C.Options(i="in.star", o="Out", model="Run")) == "Out"
+    assert Y.worker_task("none") == (0, True)
