@@ -24,7 +24,7 @@ from disca_tools.model import yopo as Y
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--k-candidates", "2-4", "--pca-dim", "4", "--width-scale", "0.1", "--feature-dim", "32",
-        "--precision", "float32", "--seed", "3", "--max-iter", "2", "-q"]  # fmt: skip
+        "--precision", "float32", "--seed", "3", "--max-iter", "1", "-q"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@
   disca_cluster --i particles.star --o Cluster/run1 --continue          (resume after a stop)
   disca_cluster --i new.star --o Cluster/assign --model Cluster/run1     (assign with a trained run)
   disca_cluster --i new.star --o Cluster/tuned --init-model Cluster/run1 (fine-tune a trained run)
+  disca_cluster --i new.star --o Cluster/s2 --model Cluster/run1 --shard 2/8  (one shard of 8)
+  disca_cluster --merge-shards Cluster/s1 … Cluster/s8 --o Cluster/assign      (merge the shards)
 
 The generalized EM loop of the DISCA paper: YOPO features (inference) → PCA (--pca-dim) →
 full-covariance Gaussian mixtures for every candidate K, lowest BIC (paper's formula) → labels
@@ -33,6 +35,34 @@ Outputs in DIR:
 
 The full network (--width-scale 1) wants a GPU; on a CPU use e.g. --width-scale 0.25
 --feature-dim 256. --precision auto computes in bfloat16 where the hardware supports it.
+
+Several GPUs and nodes (--distribute, training and --init-model only). The network, its
+optimizer and head are built in a tf.distribute strategy; each batch of --batch-size is split
+among the replicas (global batch = --batch-size × replicas; scale --lr yourself if you wish).
+  auto         multiworker when TF_CONFIG is set or inside an `srun` step of several tasks;
+               mirrored when this machine sees more than one GPU; none otherwise
+  none         TensorFlow's default strategy (one device)
+  mirrored     MirroredStrategy over this machine's GPUs (without GPUs: its CPU device)
+  multiworker  MultiWorkerMirroredStrategy, one process per node. The cluster comes from
+               TF_CONFIG when set, else from SLURM (SlurmClusterResolver: SLURM_PROCID,
+               SLURM_STEP_NUM_TASKS, SLURM_STEP_NODELIST, SLURM_STEP_TASKS_PER_NODE; port
+               $DISCA_PORT_BASE, default 8888). By hand, per task:
+                 TF_CONFIG='{"cluster": {"worker": ["node1:8888", "node2:8888"]},
+                             "task": {"type": "worker", "index": '$SLURM_PROCID'}}'
+               Task 0 (or the "chief" task) writes --o; the other workers write to a temporary
+               folder. Every worker computes all features and the same mixture fits, so the
+               nodes must be identical hardware. --continue: workers start from the chief's
+               checkpoint.
+See examples/slurm_cluster.sh for sbatch recipes (one node, several nodes, shard arrays).
+
+Sharded assignment (--model with --shard I/N). Shard I takes the rows I−1, I−1+N, I−1+2N, …
+of --i (interleaved, so every shard sees all tomograms) and writes in --o: clusters.star (those
+rows only, every input column + rlnClassNumber and rlnMaxValueProbDistribution; no extra label),
+features.npy (those rows) and shard.json (I, N, the rows' original indices, the input's path and
+SHA-256 of its rlnImageName column, the model folder and SHA-256 of its files); no plots.
+--merge-shards DIR … --o OUT checks that the shards come from the same model and input and cover
+every row exactly once, and writes OUT/clusters.star in the input's original order and
+OUT/features.npy (a missing, duplicate or foreign shard is an error; nothing is written).
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ Reproducibility. Every random draw of iteration t is seeded from (seed, t): Kera
 the dropout layer's state, the data order and rotations, the mixtures. The optimizer state is
 reset each iteration, so a run resumed from the checkpoint of iteration t (weights, labels, state)
 repeats the uninterrupted run exactly on the same machine.
+
+Distribution. ``run_em(..., strategy=...)`` builds and compiles the network in a ``tf.distribute``
+strategy's scope and trains on global batches of ``batch_size`` × replicas. With a multi-worker
+strategy each worker computes every feature itself (no cross-worker gather) and repeats the same
+seeded mixture fits, so all workers take the same decisions; only the caller decides who writes.
 """
 
 from __future__ import annotations
