@@ -9,6 +9,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${DEMO_DIR:-$ROOT/demo_run}"
 SEED="${DEMO_SEED:-1}"
+SNR="${DEMO_SNR:-1}"                                # signal variance / noise variance, in 3D
 STRUCTURES="${DEMO_STRUCTURES:-4v4r 3j9i 1qvr}"     # 70S ribosome, 20S proteasome, ClpB
 export TF_CPP_MIN_LOG_LEVEL=2
 if [ -x "$ROOT/.venv/bin/python" ]; then export PATH="$ROOT/.venv/bin:$PATH"; fi
@@ -18,14 +19,14 @@ mkdir -p "$OUT"
 cd "$OUT"
 step() { printf '\n==> %s\n' "$*"; }
 
-step "1/8 disca_simulate: a crowded 320x320x128 tomogram (12 Å voxels, SNR 0.1, ±60° wedge, CTF)"
+step "1/8 disca_simulate: a crowded 320x320x128 tomogram (12 Å voxels, SNR $SNR, ±60° wedge, CTF)"
 # shellcheck disable=SC2086
 disca_simulate tomogram --o Simulate/tomogram --structures $STRUCTURES --shape 320,320,128 \
-  --n-particles 150 --angpix 12 --snr 0.1 --tilt-range 60 --seed "$SEED"
-step "    and a subtomogram set with ground truth (40 per class, 24³, SNR 0.1)"
+  --n-particles 150 --angpix 12 --snr "$SNR" --tilt-range 60 --seed "$SEED"
+step "    and a subtomogram set with ground truth (40 per class, 24³, SNR $SNR)"
 # shellcheck disable=SC2086
 disca_simulate subtomograms --o Simulate/subtomograms --structures $STRUCTURES --n-per-class 40 \
-  --box 24 --angpix 12 --snr 0.1 --tilt-range 60 --seed "$SEED"
+  --box 24 --angpix 12 --snr "$SNR" --tilt-range 60 --seed "$SEED"
 
 step "2/8 disca_pick: Difference-of-Gaussians picking (protein dark)"
 disca_pick --i Simulate/tomogram/tomogram.mrc --o Pick --particle-diameter 220 --max-picks 170
@@ -43,19 +44,30 @@ disca_evaluate --i Cluster/clusters.star --truth Simulate/tomogram/particles.sta
 step "6/8 disca_split_star: one STAR per class, ready for RELION, with unaligned class averages"
 disca_split_star --i Cluster/clusters.star --o Split --min-size 5
 
-step "7/8 RELION: reconstruct each class (ground-truth angles transferred, simulation only)"
-if command -v relion_reconstruct >/dev/null 2>&1; then
-  for star in Split/class_*.star; do
-    relion_reconstruct --i "$star" --o "${star%.star}_relion.mrc" >/dev/null 2>&1 \
+step "7/8 RELION: reconstruct each class, then a short 3D refinement of the largest class"
+if command -v relion_reconstruct >/dev/null 2>&1 && command -v relion_refine >/dev/null 2>&1; then
+  for star in Split/class_*[0-9].star; do
+    # picked particles carry no angles yet: this is each class's unaligned reconstruction
+    relion_reconstruct --i "$star" --o "${star%.star}_relion.mrc" --ctf >/dev/null 2>&1 \
       && echo "reconstructed ${star%.star}_relion.mrc" || echo "relion_reconstruct failed on $star"
   done
+  mkdir -p Refine3D/class_001
+  relion_refine --i Split/class_001.star --ref Split/class_001_average.mrc --firstiter_cc --ini_high 60 \
+    --iter 3 --K 1 --ctf --particle_diameter 240 --pool 10 --pad 1 --healpix_order 1 --offset_range 2 \
+    --offset_step 2 --sym C1 --norm --scale --j 2 --o Refine3D/class_001/run >Refine3D/class_001/run.log 2>&1 \
+    && echo "relion_refine: Refine3D/class_001/run_it003_data.star" || echo "relion_refine failed (see Refine3D/class_001/run.log)"
 else
-  echo "relion_reconstruct not on the PATH: skipped (apt-get install relion)"
+  echo "RELION not on the PATH: skipped (apt-get install relion)"
 fi
 
-step "8/8 disca_reembed: class averages placed back into the tomogram"
-disca_reembed --i Cluster/clusters.star --maps Split/class_*_average.mrc --o Reembed \
+step "8/8 disca_reembed: classes placed back into the tomogram"
+disca_reembed --i Cluster/clusters.star --maps Split/class_*_average.mrc --o Reembed/classes \
   --tomograms Simulate/tomogram/tomogram.mrc --spheres
+if [ -f Refine3D/class_001/run_it003_data.star ]; then
+  # RELION's refined angles and shifts: the refined map placed at each particle's pose
+  disca_reembed --i Refine3D/class_001/run_it003_data.star --maps Refine3D/class_001/run_it003_class001.mrc \
+    --o Reembed/refined_class_001 --tomograms Simulate/tomogram/tomogram.mrc
+fi
 
 step "Summary"
 python - <<'PY'

@@ -153,6 +153,10 @@ def test_merge_refuses_bad_shard_sets(project, case, capsys):
     assert C.main(["--merge-shards", *dirs, "--o", f"Bad_{case}", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("disca_cluster: error:"), err
+    expected = {"missing": "shard 2/3 missing", "duplicate": "also given as Shard2",
+                "foreign_input": "different input STAR file", "foreign_model": "different model",
+                "not_shard": "missing shard.json"}  # fmt: skip
+    assert expected[case] in err[0], err[0]
     assert not Path(f"Bad_{case}").exists()
 
 
