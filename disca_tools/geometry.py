@@ -34,7 +34,11 @@ from scipy.spatial.transform import Rotation
 def euler_to_matrix(angles_deg: ArrayLike) -> np.ndarray:
     """RELION ZYZ Euler angles ``(rot, tilt, psi)`` in degrees → rotation matrices ``(..., 3, 3)``."""
     a = np.asarray(angles_deg, dtype=np.float64)
-    return Rotation.from_euler("ZYZ", a.reshape(-1, 3), degrees=True).as_matrix().reshape(*a.shape[:-1], 3, 3)
+    return (
+        Rotation.from_euler("ZYZ", a.reshape(-1, 3), degrees=True)
+        .as_matrix()
+        .reshape(*a.shape[:-1], 3, 3)
+    )
 
 
 def matrix_to_euler(matrices: ArrayLike) -> np.ndarray:
@@ -108,16 +112,38 @@ def rotate_volume(
     if isinstance(fill, str):
         if fill != "noise":
             raise ValueError(f"unknown fill {fill!r}")
-        out = ndimage.affine_transform(vol, a, b, output_shape=out_shape, order=order, mode="constant", cval=np.nan, prefilter=order > 1)
+        out = ndimage.affine_transform(
+            vol,
+            a,
+            b,
+            output_shape=out_shape,
+            order=order,
+            mode="constant",
+            cval=np.nan,
+            prefilter=order > 1,
+        )
         holes = np.isnan(out)
         if holes.any():
             rng = rng if rng is not None else np.random.default_rng()
-            out[holes] = rng.normal(float(vol.mean()), float(vol.std()), int(holes.sum())).astype(np.float32)
+            out[holes] = rng.normal(float(vol.mean()), float(vol.std()), int(holes.sum())).astype(
+                np.float32
+            )
         return out
-    return ndimage.affine_transform(vol, a, b, output_shape=out_shape, order=order, mode="constant", cval=float(fill), prefilter=order > 1)
+    return ndimage.affine_transform(
+        vol,
+        a,
+        b,
+        output_shape=out_shape,
+        order=order,
+        mode="constant",
+        cval=float(fill),
+        prefilter=order > 1,
+    )
 
 
-def resample_volume(volume_zyx: np.ndarray, from_angpix: float, to_angpix: float, box: int | None = None) -> np.ndarray:
+def resample_volume(
+    volume_zyx: np.ndarray, from_angpix: float, to_angpix: float, box: int | None = None
+) -> np.ndarray:
     """Resample a map to another voxel size (Fourier crop/pad, keeping the box centre at ``N // 2``).
 
     ``box`` pads or crops the result (centred) to a cube of that size.
@@ -168,10 +194,16 @@ def rescale_pixels(coords_px: ArrayLike, from_angpix: float, to_angpix: float) -
 
 
 def centered_angst_to_pixels(
-    centered_angst: ArrayLike, size_bin1_xyz: ArrayLike, tilt_series_angpix: float, binning: float = 1.0
+    centered_angst: ArrayLike,
+    size_bin1_xyz: ArrayLike,
+    tilt_series_angpix: float,
+    binning: float = 1.0,
 ) -> np.ndarray:
     """RELION 5 ``rlnCenteredCoordinate*Angst`` → pixels of a tomogram at ``binning``."""
-    px_bin1 = np.asarray(centered_angst, dtype=np.float64) / tilt_series_angpix + np.asarray(size_bin1_xyz, dtype=np.float64) / 2.0
+    px_bin1 = (
+        np.asarray(centered_angst, dtype=np.float64) / tilt_series_angpix
+        + np.asarray(size_bin1_xyz, dtype=np.float64) / 2.0
+    )
     return px_bin1 / float(binning)
 
 

@@ -58,17 +58,25 @@ def _precheck(path: Path) -> None:
     with open(path, "rb") as fh:
         raw = fh.read(1024)
     if len(raw) < 1024:
-        raise file_error(path, f"not an MRC file (only {size} bytes, shorter than the 1024-byte header)")
+        raise file_error(
+            path, f"not an MRC file (only {size} bytes, shorter than the 1024-byte header)"
+        )
     for dt in (HEADER_DTYPE, HEADER_DTYPE.newbyteorder()):
         h = np.frombuffer(raw, dtype=dt, count=1)[0]
-        mode, dims, ext = int(h["mode"]), (int(h["nx"]), int(h["ny"]), int(h["nz"])), int(h["nsymbt"])
+        mode, dims, ext = (
+            int(h["mode"]),
+            (int(h["nx"]), int(h["ny"]), int(h["nz"])),
+            int(h["nsymbt"]),
+        )
         if mode in _MODE_DTYPES and min(dims) > 0 and max(dims) < 2**24 and 0 <= ext < 2**31:
             break
     else:
         raise file_error(path, "not an MRC file (no valid mode and dimensions in the header)")
     expected = 1024 + ext + dims[0] * dims[1] * dims[2] * np.dtype(_MODE_DTYPES[mode]).itemsize
     if size < expected:
-        raise file_error(path, f"truncated MRC file (header promises {expected} bytes, file has {size})")
+        raise file_error(
+            path, f"truncated MRC file (header promises {expected} bytes, file has {size})"
+        )
 
 
 def _open(path: Path, mmap: bool) -> mrcfile.mrcfile.MrcFile:
@@ -100,7 +108,9 @@ def read_info(path: str | Path) -> VolumeInfo:
     try:
         d = mrc.data
         shape = d.shape if d.ndim == 3 else (1, *d.shape)
-        return VolumeInfo(p, (int(shape[2]), int(shape[1]), int(shape[0])), _angpix_from(mrc), d.dtype)
+        return VolumeInfo(
+            p, (int(shape[2]), int(shape[1]), int(shape[0])), _angpix_from(mrc), d.dtype
+        )
     finally:
         mrc.close()
 
@@ -119,7 +129,9 @@ def open_volume(path: str | Path) -> tuple[np.ndarray, float]:
     return data, _angpix_from(mrc)
 
 
-def read_volume(path: str | Path, angpix: float | None = None, mmap: bool = False) -> tuple[np.ndarray, float]:
+def read_volume(
+    path: str | Path, angpix: float | None = None, mmap: bool = False
+) -> tuple[np.ndarray, float]:
     """Read a whole volume as float32 ``[z, y, x]``; ``angpix`` overrides the header's voxel size."""
     p = Path(path)
     mrc = _open(p, mmap=mmap)
@@ -136,7 +148,9 @@ def read_volume(path: str | Path, angpix: float | None = None, mmap: bool = Fals
             mrc.close()
 
 
-def check_angpix(path: str | Path, header_angpix: float, expected: float | None, tol: float = 0.01) -> float:
+def check_angpix(
+    path: str | Path, header_angpix: float, expected: float | None, tol: float = 0.01
+) -> float:
     """Reconcile a header voxel size with one stated elsewhere; a mismatch over ``tol`` is an error."""
     if expected is None or expected <= 0:
         if header_angpix <= 0:
@@ -144,17 +158,28 @@ def check_angpix(path: str | Path, header_angpix: float, expected: float | None,
         return header_angpix
     if header_angpix > 0 and abs(header_angpix - expected) > tol * expected:
         raise file_error(
-            path, f"voxel size {header_angpix:.4g} Å in the header disagrees with {expected:.4g} Å stated elsewhere"
+            path,
+            f"voxel size {header_angpix:.4g} Å in the header disagrees with {expected:.4g} Å stated elsewhere",
         )
     return float(expected)
 
 
-def mrc_header(shape_zyx: tuple[int, int, int], angpix: float, dtype: np.dtype, stats: tuple[float, float, float, float] | None = None) -> np.ndarray:
+def mrc_header(
+    shape_zyx: tuple[int, int, int],
+    angpix: float,
+    dtype: np.dtype,
+    stats: tuple[float, float, float, float] | None = None,
+) -> np.ndarray:
     """Build an MRC2014 header for a volume (ispg 1, mode from dtype)."""
     nz, ny, nx = shape_zyx
     h = np.zeros((), dtype=HEADER_DTYPE)
     h["nx"], h["ny"], h["nz"] = nx, ny, nz
-    h["mode"] = {np.dtype(np.float32): 2, np.dtype(np.float16): 12, np.dtype(np.int8): 0, np.dtype(np.int16): 1}[np.dtype(dtype)]
+    h["mode"] = {
+        np.dtype(np.float32): 2,
+        np.dtype(np.float16): 12,
+        np.dtype(np.int8): 0,
+        np.dtype(np.int16): 1,
+    }[np.dtype(dtype)]
     h["mx"], h["my"], h["mz"] = nx, ny, nz
     h["cella"] = (nx * angpix, ny * angpix, nz * angpix)
     h["cellb"] = (90.0, 90.0, 90.0)
@@ -200,7 +225,9 @@ def write_volume(
     return p
 
 
-def create_volume_memmap(path: str | Path, shape_zyx: tuple[int, int, int], angpix: float, float16: bool = False) -> np.memmap:
+def create_volume_memmap(
+    path: str | Path, shape_zyx: tuple[int, int, int], angpix: float, float16: bool = False
+) -> np.memmap:
     """Create an MRC file on disk and return a writable memmap of its data (for volumes too big for RAM).
 
     The caller fills the array, flushes it, and is responsible for renaming if atomicity is needed.

@@ -29,7 +29,11 @@ TOMO_FILE = "rlnMicrographName"
 COORDS = ("rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ")
 ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 ORIGINS_ANGST = ("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst")
-CENTERED_ANGST = ("rlnCenteredCoordinateXAngst", "rlnCenteredCoordinateYAngst", "rlnCenteredCoordinateZAngst")
+CENTERED_ANGST = (
+    "rlnCenteredCoordinateXAngst",
+    "rlnCenteredCoordinateYAngst",
+    "rlnCenteredCoordinateZAngst",
+)
 CLASS = "rlnClassNumber"
 SCORE = "rlnAutopickFigureOfMerit"
 POSTERIOR = "rlnMaxValueProbDistribution"
@@ -107,7 +111,11 @@ class ParticleTable:
 
     def image_angpix(self) -> float | None:
         """Pixel size of the subtomograms (rlnImagePixelSize of the first optics group), if known."""
-        if self.optics is not None and "rlnImagePixelSize" in self.optics.columns and len(self.optics):
+        if (
+            self.optics is not None
+            and "rlnImagePixelSize" in self.optics.columns
+            and len(self.optics)
+        ):
             return float(self.optics["rlnImagePixelSize"].iloc[0])
         return None
 

@@ -32,7 +32,14 @@ from .errors import JobAborted, UserError
 from .log import add_abort_check, clear_abort_checks, configure, logger
 from .provenance import now_iso, write_provenance
 
-RELION_INPUT_FLAGS = ("--in_parts", "--in_mics", "--in_coords", "--in_3dref", "--in_mask", "--in_movies")
+RELION_INPUT_FLAGS = (
+    "--in_parts",
+    "--in_mics",
+    "--in_coords",
+    "--in_3dref",
+    "--in_mask",
+    "--in_movies",
+)
 
 # Node types for RELION_OUTPUT_NODES.star: (RELION 3.1 integer type, RELION 4/5 type label).
 NODE_TYPES = {
@@ -72,7 +79,9 @@ class CommonOptions:
 
     overwrite: bool = opt("--overwrite", default=False, help="replace existing outputs")
     verbose: bool = opt("--verbose", "-v", default=False, help="more log output")
-    quiet: bool = opt("--quiet", "-q", default=False, help="warnings and errors only; no progress bars")
+    quiet: bool = opt(
+        "--quiet", "-q", default=False, help="warnings and errors only; no progress bars"
+    )
     j: int = opt("--j", "--jobs", default=1, help="worker processes/threads")
 
 
@@ -149,7 +158,9 @@ def is_relion_external(argv: Sequence[str]) -> bool:
     return False
 
 
-def translate_relion_args(argv: Sequence[str], mapping: dict[str, str], options_cls: type) -> list[str]:
+def translate_relion_args(
+    argv: Sequence[str], mapping: dict[str, str], options_cls: type
+) -> list[str]:
     """Rewrite RELION's ``--in_parts X`` (etc.) into the tool's own options.
 
     Extra parameters from the External job GUI arrive as ``--<label> <value>``; labels are our option
@@ -236,7 +247,11 @@ def run_tool(spec: ToolSpec, argv: Sequence[str] | None = None) -> int:
         od = spec.output_dir(options)
         out_dir = Path(od) if od is not None else None
         if external and out_dir is not None:
-            for marker in ("RELION_JOB_EXIT_SUCCESS", "RELION_JOB_EXIT_FAILURE", "RELION_JOB_EXIT_ABORTED"):
+            for marker in (
+                "RELION_JOB_EXIT_SUCCESS",
+                "RELION_JOB_EXIT_FAILURE",
+                "RELION_JOB_EXIT_ABORTED",
+            ):
                 (out_dir / marker).unlink(missing_ok=True)
             abort_file = out_dir / "RELION_JOB_ABORT_NOW"
 
@@ -249,7 +264,16 @@ def run_tool(spec: ToolSpec, argv: Sequence[str] | None = None) -> int:
         if out_dir is not None:
             results = dict(results or {})
             results.setdefault("seconds", round(time.time() - t0, 3))
-            write_provenance(out_dir, spec.name, options, raw, started, now_iso(), spec.seed(options), extra=results)
+            write_provenance(
+                out_dir,
+                spec.name,
+                options,
+                raw,
+                started,
+                now_iso(),
+                spec.seed(options),
+                extra=results,
+            )
             if external:
                 nodes = spec.relion_nodes(options) if spec.relion_nodes else []
                 write_relion_output_nodes(out_dir, nodes)

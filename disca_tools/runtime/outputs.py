@@ -19,7 +19,9 @@ def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -62,6 +64,8 @@ def prepare_output_dir(
         existing = [str(out / p) for p in products if (out / p).exists()]
         if existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-            raise UserError(f"{existing[0]}: output already exists{more}; pass --overwrite to replace it")
+            raise UserError(
+                f"{existing[0]}: output already exists{more}; pass --overwrite to replace it"
+            )
     out.mkdir(parents=True, exist_ok=True)
     return out
