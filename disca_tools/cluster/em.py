@@ -271,8 +271,8 @@ def sync_batchnorm_statistics(model, strategy) -> None:
 
     Each replica updates its own copy of the moving mean and variance from its part of the batch;
     features are computed in inference mode from those statistics, so they are averaged (one
-    all-reduce) before each feature pass: every replica, and every worker, then holds the same
-    network and computes the same features.
+    all-reduce) after each training round, before the checkpoint and the next feature pass: every
+    replica, and every worker, then holds the same network and computes the same features.
     """
     import keras
     import tensorflow as tf
@@ -513,8 +513,6 @@ def run_em(
         t0 = time.time()
         seed_it = iteration_seed(cfg.seed, it)
         _set_seeds(seed_it)
-        if replicas > 1:
-            sync_batchnorm_statistics(model, strategy)
         feats = predict_features(
             extractor, store, rows, cfg.predict_batch_size * replicas, local=local_predict
         )
@@ -564,6 +562,8 @@ def run_em(
             targets = smooth_targets(labels, k, alpha, kmax)
             ds = train_dataset(store, rows, targets, global_batch, seed_it, cfg.augment)
             loss = trainer.fit(ds, cfg.epochs_per_iter, lr)
+            if replicas > 1:  # before the checkpoint, so that --continue resumes the same network
+                sync_batchnorm_statistics(model, strategy)
         t3 = time.time()
         rec = IterationRecord(
             iteration=it,
