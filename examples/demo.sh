@@ -44,7 +44,7 @@ disca_evaluate --i Cluster/clusters.star --truth Simulate/tomogram/particles.sta
 step "6/8 disca_split_star: one STAR per class, ready for RELION, with unaligned class averages"
 disca_split_star --i Cluster/clusters.star --o Split --min-size 5
 
-step "7/8 RELION: reconstruct each class, then a short 3D refinement of the largest class"
+step "7/8 RELION: reconstruct each class, then a short 3D refinement of class 1"
 if command -v relion_reconstruct >/dev/null 2>&1 && command -v relion_refine >/dev/null 2>&1; then
   for star in Split/class_*[0-9].star; do
     # picked particles carry no angles yet: this is each class's unaligned reconstruction

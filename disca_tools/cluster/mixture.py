@@ -20,6 +20,7 @@ machine when other processes compete), so fitting runs with one BLAS/OpenMP thre
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -259,6 +260,19 @@ class _Fitter:
         return self._fit(gmm, self.x)
 
 
+def _single_threaded(func):
+    """Run ``func`` with BLAS/OpenMP limited to one thread (P × P algebra: threads only add overhead;
+    multi-threaded BLAS was 30× slower here with other jobs on the cores)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with threadpool_limits(limits=1):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@_single_threaded
 def select_mixture(
     x: np.ndarray,
     k_candidates: list[int],
@@ -290,41 +304,6 @@ def select_mixture(
     that no point chooses (argmax) are dropped and the labels made contiguous, with posteriors
     recomputed from the reduced mixture.
     """
-    with threadpool_limits(limits=1):
-        return _select_mixture(
-            x=x,
-            k_candidates=k_candidates,
-            seed=seed,
-            prev_labels=prev_labels,
-            prev_k=prev_k,
-            covariance=covariance,
-            reg_covar=reg_covar,
-            n_init=n_init,
-            criterion=criterion,
-            max_iter=max_iter,
-            tol=tol,
-            max_fit_points=max_fit_points,
-            refine_iter=refine_iter,
-            min_points_per_cluster=min_points_per_cluster,
-        )
-
-
-def _select_mixture(
-    x: np.ndarray,
-    k_candidates: list[int],
-    seed: int,
-    prev_labels: np.ndarray | None = None,
-    prev_k: int | None = None,
-    covariance: str = "full",
-    reg_covar: float = 1e-6,
-    n_init: int = 1,
-    criterion: str = "paper",
-    max_iter: int = 200,
-    tol: float = 1e-3,
-    max_fit_points: int = 20000,
-    refine_iter: int = 10,
-    min_points_per_cluster: int | None = None,
-) -> MixtureSelection:
 
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
