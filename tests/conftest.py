@@ -12,6 +12,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from helpers import simulate_subtomograms, working_directory  # noqa: E402
+
 from disca_tools.simulate.imaging import Imaging  # noqa: E402
 from disca_tools.simulate.subtomograms import SubtomogramSet, simulate_subtomogram_set  # noqa: E402
 from disca_tools.simulate.tomogram import TomogramSimulation, simulate_tomogram  # noqa: E402
@@ -45,23 +47,7 @@ def simulated_subtomogram_project(tmp_path_factory: pytest.TempPathFactory) -> P
     3 classes × 8, box 24 at 14 Å, SNR 1, seed 0. STAR paths are relative to the returned folder:
     chdir there (``monkeypatch.chdir``) before reading ``Sim/particles.star``.
     """
-    from disca_tools.cli.simulate import main
-
     root = tmp_path_factory.mktemp("sim_project")
-    old = Path.cwd()
-    os.chdir(root)
-    try:
-        args = [
-            "subtomograms",
-            "--o",
-            "Sim",
-            "--structures",
-            *SMALL_STRUCTURES,
-            "--n-per-class",
-            "8",
-        ]
-        args += ["--box", "24", "--angpix", "14", "--snr", "1", "--seed", "0", "-q"]
-        assert main(args) == 0
-    finally:
-        os.chdir(old)
+    with working_directory(root):
+        simulate_subtomograms("Sim", SMALL_STRUCTURES, 8, 24, 14, 1, 0)
     return root

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,3 +50,50 @@ def relion_reconstruct(
     assert res.returncode == 0, f"relion_reconstruct failed: {res.stderr[-2000:]}"
     vol, _ = read_volume(out)
     return vol
+
+
+@contextlib.contextmanager
+def working_directory(path: str | Path) -> Iterator[Path]:
+    """Run a block from ``path`` (the RELION project directory of a test)."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield Path(path)
+    finally:
+        os.chdir(old)
+
+
+def simulate_subtomograms(
+    out: str,
+    structures: Sequence[str],
+    n_per_class: int,
+    box: int,
+    angpix: float,
+    snr: float | str,
+    seed: int,
+    *extra: str,
+) -> None:
+    """Run ``disca_simulate subtomograms`` from the current directory (asserting success)."""
+    from disca_tools.cli.simulate import main
+
+    args = [
+        "subtomograms",
+        "--o",
+        out,
+        "--structures",
+        *structures,
+        "--n-per-class",
+        str(n_per_class),
+    ]
+    args += [
+        "--box",
+        str(box),
+        "--angpix",
+        str(angpix),
+        "--snr",
+        str(snr),
+        "--seed",
+        str(seed),
+        "-q",
+    ]
+    assert main([*args, *extra]) == 0

@@ -14,9 +14,9 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import simulate_subtomograms, working_directory  # noqa: E402
 
 from disca_tools.cli import cluster as C
-from disca_tools.cli import simulate as S
 from disca_tools.cluster.matching import accuracy_after_matching
 from disca_tools.io.star import read_particles, read_star_blocks, write_star_blocks
 
@@ -28,16 +28,10 @@ TINY = ["--k-candidates", "2-5", "--pca-dim", "4", "--width-scale", "0.1", "--fe
 def project(tmp_path_factory):
     """A project folder with 3 very different structures (ribosome, small, elongated) at SNR 10."""
     root = tmp_path_factory.mktemp("project")
-    old = os.getcwd()
-    os.chdir(root)
-    try:
-        assert S.main(["subtomograms", "--o", "Sim", "--structures", "4v4r", "1s3x", "3d2f",
-                       "--n-per-class", "50", "--box", "24", "--angpix", "10", "--snr", "10",
-                       "--seed", "1", "-q"]) == 0  # fmt: skip
+    with working_directory(root):
+        simulate_subtomograms("Sim", ["4v4r", "1s3x", "3d2f"], 50, 24, 10, 10, 1)
         assert C.main(["--i", "Sim/particles.star", "--o", "Full", "--max-iter", "3", *TINY]) == 0
         yield root
-    finally:
-        os.chdir(old)
 
 
 def _classes(path: str | Path) -> np.ndarray:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import simulate_subtomograms, working_directory  # noqa: E402
 
 from disca_tools.cli import cluster as C
-from disca_tools.cli import simulate as S
 from disca_tools.cluster.matching import accuracy_after_matching
 from disca_tools.io.star import read_particles, read_star_blocks, write_star_blocks
 from disca_tools.model import yopo as Y
@@ -31,17 +31,11 @@ TINY = ["--k-candidates", "2-4", "--pca-dim", "4", "--width-scale", "0.1", "--fe
 def project(tmp_path_factory):
     """3 very different structures at SNR 10 (30 each), clustered once with --distribute none."""
     root = tmp_path_factory.mktemp("dist")
-    old = os.getcwd()
-    os.chdir(root)
-    try:
-        assert S.main(["subtomograms", "--o", "Sim", "--structures", "4v4r", "1s3x", "3d2f",
-                       "--n-per-class", "30", "--box", "24", "--angpix", "10", "--snr", "10",
-                       "--seed", "1", "-q"]) == 0  # fmt: skip
+    with working_directory(root):
+        simulate_subtomograms("Sim", ["4v4r", "1s3x", "3d2f"], 30, 24, 10, 10, 1)
         args = ["--i", "Sim/particles.star", "--o", "Plain", "--distribute", "none", *TINY]
         assert C.main(args) == 0
         yield root
-    finally:
-        os.chdir(old)
 
 
 def _classes(path: str | Path) -> np.ndarray:

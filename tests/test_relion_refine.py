@@ -11,7 +11,6 @@ RELION missing is a failure, never a skip: ``make test`` installs Debian's relio
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -20,9 +19,9 @@ import pandas as pd
 import pytest
 from helpers import correlation as _cc  # noqa: E402
 from helpers import relion_exe as _exe  # noqa: E402
+from helpers import simulate_subtomograms, working_directory  # noqa: E402
 
 from disca_tools.cli.reembed import main as reembed_main
-from disca_tools.cli.simulate import main as simulate_main
 from disca_tools.cli.split_star import main as split_main
 from disca_tools.io.mrc import read_volume
 from disca_tools.io.star import read_star_blocks, write_star_blocks
@@ -37,43 +36,14 @@ BOX, ANGPIX = 24, 14.0
 def split_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Sim/ (2 classes × 40, box 24 at 14 Å, CTF + wedge, no noise), Sim/clusters.star, Split/."""
     root = tmp_path_factory.mktemp("relion_project")
-    old = Path.cwd()
-    os.chdir(root)
-    try:
-        args = [
-            "subtomograms",
-            "--o",
-            "Sim",
-            "--structures",
-            *STRUCTURES.values(),
-            "--n-per-class",
-            "40",
-        ]
-        assert (
-            simulate_main(
-                [
-                    *args,
-                    "--box",
-                    str(BOX),
-                    "--angpix",
-                    str(ANGPIX),
-                    "--snr",
-                    "inf",
-                    "--seed",
-                    "5",
-                    "-q",
-                ]
-            )
-            == 0
-        )
+    with working_directory(root):
+        simulate_subtomograms("Sim", list(STRUCTURES.values()), 40, BOX, ANGPIX, "inf", 5)
         blocks = read_star_blocks("Sim/particles.star")
         parts = blocks["particles"].copy()
         parts["rlnMaxValueProbDistribution"] = 0.9
         blocks["particles"] = parts
         write_star_blocks("Sim/clusters.star", blocks)
         assert split_main(["--i", "Sim/clusters.star", "--o", "Split", "-q"]) == 0
-    finally:
-        os.chdir(old)
     return root
 
 
