@@ -67,11 +67,9 @@ OUT/features.npy (a missing, duplicate or foreign shard is an error; nothing is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -79,6 +77,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cluster.shards import (
+    SHARD_FILE,
+    files_fingerprint,
+    merge,
+    names_hash,
+    parse_shard,
+    read_shard,
+    shard_rows,
+)
 from ..io.particles import CLASS, POSTERIOR
 from ..io.star import read_particles, relion5_paths, write_particles
 from ..runtime.cli import CommonOptions, ToolSpec, opt, run_tool
@@ -90,7 +97,6 @@ RUN_CONFIG = "run_config.json"
 MODEL_FILE = "model.keras"
 MIXTURE_FILE = "mixture.pkl"
 FEATURES_FILE = "features.npy"
-SHARD_FILE = "shard.json"
 PLOTS = ("bic.png", "iterations.png", "embedding.png", "montage.png", "sizes.png")
 
 
@@ -194,40 +200,9 @@ def parse_k_candidates(text: str) -> list[int]:
     return sorted(out)
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """'2/8' → (2, 8): shard I (1-based) of N."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not m:
-        raise UserError(f"--shard: cannot read {text!r} (use I/N, e.g. 2/8)")
-    i, n = int(m.group(1)), int(m.group(2))
-    if not 1 <= i <= n:
-        raise UserError(f"--shard: need 1 ≤ I ≤ N, got {text!r}")
-    return i, n
-
-
-def shard_rows(i: int, n_shards: int, n_rows: int) -> np.ndarray:
-    """Rows (0-based) of shard ``i`` of ``n_shards``: i−1, i−1+N, i−1+2N, … (interleaved)."""
-    return np.arange(i - 1, n_rows, n_shards, dtype=np.int64)
-
-
-def names_hash(names) -> str:
-    """SHA-256 of a table's rlnImageName column (order matters)."""
-    h = hashlib.sha256()
-    for n in names:
-        h.update(str(n).encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
 def model_fingerprint(folder: str | Path) -> str:
     """SHA-256 of a trained run's model, mixture and run_config files."""
-    h = hashlib.sha256()
-    for name in (RUN_CONFIG, MODEL_FILE, MIXTURE_FILE):
-        h.update(name.encode())
-        with open(Path(folder) / name, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    return files_fingerprint(folder, (RUN_CONFIG, MODEL_FILE, MIXTURE_FILE))
 
 
 def _distribute_mode(o: Options) -> str:
@@ -611,75 +586,17 @@ def _assign(
     }
 
 
-def _read_shard(folder: str) -> tuple[dict, object, np.ndarray]:
-    d = Path(folder)
-    if not d.is_dir():
-        raise file_error(d, "--merge-shards: not a folder")
-    for name in (SHARD_FILE, "clusters.star", FEATURES_FILE):
-        if not (d / name).is_file():
-            raise file_error(d, f"--merge-shards: not a finished --shard run (missing {name})")
-    try:
-        meta = json.loads((d / SHARD_FILE).read_text())
-        keys = ("shard", "n_shards", "rows", "n_rows", "model_sha256", "image_names_sha256")
-        missing = [k for k in keys if k not in meta]
-        if missing:
-            raise ValueError(f"missing {', '.join(missing)}")
-    except ValueError as exc:
-        raise file_error(d / SHARD_FILE, f"unreadable shard metadata ({exc})") from None
-    table = read_particles(d / "clusters.star")
-    feats = np.load(d / FEATURES_FILE, mmap_mode="r")
-    if not (len(table) == len(meta["rows"]) == len(feats)):
-        raise file_error(
-            d, f"shard has {len(meta['rows'])} rows in {SHARD_FILE}, {len(table)} in clusters.star, "
-            f"{len(feats)} in {FEATURES_FILE}"
-        )  # fmt: skip
-    return meta, table, feats
-
-
 def merge_shards(o: Options) -> dict:
     """Merge ``--shard`` runs (``o.merge_shards``) into ``o.o`` in the input's original row order."""
-    import pandas as pd
 
     if not o.o:
         raise UserError("--o: the output folder is required")
     if o.i or o.model or o.shard or o.init_model or o.resume:
         raise UserError("--merge-shards: takes only the shard folders and --o")
-    shards = [_read_shard(d) for d in o.merge_shards]
-    first, first_dir = shards[0][0], o.merge_shards[0]
-    seen: dict[int, str] = {}
-    for d, (meta, _, feats) in zip(o.merge_shards, shards, strict=True):
-        for key, what in (("model_sha256", "model"), ("image_names_sha256", "input STAR file"),
-                          ("n_shards", "number of shards"), ("n_rows", "number of rows")):  # fmt: skip
-            if meta[key] != first[key]:
-                raise file_error(d, f"--merge-shards: a different {what} than {first_dir}")
-        if feats.shape[1:] != shards[0][2].shape[1:]:
-            raise file_error(d, f"--merge-shards: features of another size than {first_dir}")
-        i = int(meta["shard"])
-        if i in seen:
-            raise file_error(
-                d, f"--merge-shards: shard {i}/{meta['n_shards']} also given as {seen[i]}"
-            )
-        seen[i] = d
+    shards = [read_shard(d, FEATURES_FILE) for d in o.merge_shards]
+    table, feats, first = merge(shards)
+    df = table.particles
     n_shards, n = int(first["n_shards"]), int(first["n_rows"])
-    missing = sorted(set(range(1, n_shards + 1)) - set(seen))
-    if missing:
-        raise UserError(
-            f"--merge-shards: shard{'s' * (len(missing) > 1)} "
-            f"{', '.join(f'{m}/{n_shards}' for m in missing)} missing (of {first.get('input')})"
-        )
-    rows = np.concatenate([np.asarray(m["rows"], dtype=np.int64) for m, _, _ in shards])
-    counts = np.bincount(rows, minlength=n) if rows.size and rows.min() >= 0 else None
-    if counts is None or len(counts) != n or not np.all(counts == 1):
-        raise UserError("--merge-shards: the shards do not cover every input row exactly once")
-    order = np.argsort(rows, kind="stable")
-    df = pd.concat([t.particles for _, t, _ in shards], ignore_index=True).iloc[order]
-    df = df.reset_index(drop=True)
-    if first["image_names_sha256"] is not None and (
-        names_hash(df["rlnImageName"]) != first["image_names_sha256"]
-    ):
-        raise UserError("--merge-shards: the merged image names do not match the input STAR file")
-    feats = np.concatenate([np.asarray(f) for _, _, f in shards])[order]
-    table = shards[0][1].with_particles(df)
     out = Path(o.o)
     names = ["clusters.star", FEATURES_FILE]
     if table.flavour == "relion5":
