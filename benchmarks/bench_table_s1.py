@@ -118,6 +118,7 @@ def run_disca(volumes, args, seed):
         precision=resolve_precision(args.precision),
         **({"epochs_per_iter": args.epochs_per_iter} if args.epochs_per_iter else {}),
         **({"lr": args.lr} if args.lr else {}),
+        init=args.init,
     )
     res = run_em(store, np.arange(len(volumes)), cfg)
     extra = {"best_iteration": int(res.best_iteration), "iterations": len(res.history)}
@@ -143,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--precision", default="auto", help="float32, mixed_bfloat16 or auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default="network", choices=["network", "voxels"], help="iteration-0 clusters")
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     from disca_tools.runtime.log import configure

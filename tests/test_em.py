@@ -93,3 +93,21 @@ def test_seeded_runs_agree_and_continue_equals_uninterrupted(tiny_store, tmp_pat
         tiny_store, rows, em.EMConfig(**TINY), checkpoint_dir=tmp_path / "b", resume=True
     )
     _same(full, resumed)
+
+
+def test_voxel_pca_features_match_a_one_shot_pca(tiny_store):
+    """init="voxels": one batch gives PCA exactly; streamed batches keep nearly all its variance."""
+    from sklearn.decomposition import PCA
+
+    from disca_tools.model.data import gather
+
+    rows = np.arange(len(tiny_store.volumes))[
+        ::-1
+    ]  # any order: rows are gathered, not assumed sorted
+    full = PCA(n_components=3).fit_transform(gather(tiny_store, rows).reshape(len(rows), -1))
+    whole = em.voxel_pca_features(tiny_store, rows, dim=3, seed=0, batch=len(rows))
+    for c in range(3):  # same components up to sign
+        assert abs(np.corrcoef(whole[:, c], full[:, c])[0, 1]) > 0.999
+    streamed = em.voxel_pca_features(tiny_store, rows, dim=3, seed=0, batch=8)
+    assert streamed.shape == (len(rows), 3)
+    assert streamed.var(axis=0).sum() > 0.9 * full.var(axis=0).sum()

@@ -128,6 +128,13 @@ class Options(CommonOptions):
         default=0.2,
         help="label smoothing α at iteration 0 (×0.9 per iteration)",
     )
+    init: str = opt(
+        "--init",
+        default="network",
+        choices=["network", "voxels"],
+        help="iteration-0 clusters: of the untrained network's features (the paper) or of PCA of "
+        "the voxels (more class information at low SNR; see benchmarks/probe_initial_features.py)",
+    )
     width_scale: float = opt(
         "--width-scale",
         default=1.0,
@@ -469,7 +476,7 @@ def run(o: Options) -> dict:
     cfg = EMConfig(
         k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, epochs_per_iter=o.epochs_per_iter,
         batch_size=o.batch_size, lr=o.lr, lr_decay=o.lr_decay, label_smoothing=o.label_smoothing,
-        width_scale=width, feature_dim=fdim, precision=precision, seed=o.seed,
+        width_scale=width, feature_dim=fdim, precision=precision, seed=o.seed, init=o.init,
     )  # fmt: skip
     logger.info(
         "%d particles, box %d, precision %s, YOPO widths %s, features %d",

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from ..model import yopo as Y
-from ..model.data import SubtomogramStore, predict_features, train_dataset
+from ..model.data import SubtomogramStore, gather, predict_features, train_dataset
 from ..runtime.errors import UserError
 from ..runtime.log import check_abort, logger
 from ..runtime.outputs import atomic_path, write_text_atomic
@@ -92,6 +92,9 @@ class EMConfig:
     augment: bool = True
     head_agreement: float = 0.98
     head_max_iter: int = 300
+    init: str = (
+        "network"  # iteration 0 clusters: "network" (the paper) or "voxels" (PCA of the data)
+    )
 
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³."""
@@ -406,6 +409,34 @@ def load_checkpoint(ckpt: str | Path) -> dict:
 # ----------------------------------------------------------------------------- the loop
 
 
+def voxel_pca_features(
+    store: SubtomogramStore, rows: np.ndarray, dim: int, seed: int, batch: int = 1024
+) -> np.ndarray:
+    """PCA of the (normalised) voxels, streamed (IncrementalPCA over batches): ``(N, dim)``.
+
+    Used by ``init="voxels"`` to start the loop from clusters of the data itself rather than of an
+    untrained network's features (which carry little class information at low SNR; see
+    benchmarks/probe_initial_features.py). Two passes over the store, memory O(batch · S³ + dim · S³).
+    """
+    from sklearn.decomposition import IncrementalPCA
+
+    n = len(rows)
+    dim = int(min(dim, n - 1, store.box**3))
+    step = max(batch, dim)
+    ipca = IncrementalPCA(n_components=dim)
+    chunks = [rows[s : s + step] for s in range(0, n, step)]
+    if len(chunks) > 1 and len(chunks[-1]) < dim:  # IncrementalPCA needs ≥ dim rows per batch
+        chunks[-2] = np.concatenate([chunks[-2], chunks.pop()])
+    for chunk in chunks:
+        check_abort()
+        ipca.partial_fit(gather(store, chunk).reshape(len(chunk), -1))
+    out = np.empty((n, dim), dtype=np.float64)
+    for s in range(0, n, step):
+        part = rows[s : s + step]
+        out[s : s + len(part)] = ipca.transform(gather(store, part).reshape(len(part), -1))
+    return out
+
+
 def run_em(
     store: SubtomogramStore,
     rows: np.ndarray,
@@ -519,8 +550,11 @@ def run_em(
         if not np.all(np.isfinite(feats)):
             raise UserError("features: the network produced NaN/inf (try a lower --lr)")
         t1 = time.time()
-        pca = fit_pca(feats, cfg.pca_dim, seed_it)
-        x = pca.transform(feats)
+        if it == 0 and not pretrained and cfg.init == "voxels":
+            pca, x = None, voxel_pca_features(store, rows, cfg.pca_dim, seed_it)
+        else:
+            pca = fit_pca(feats, cfg.pca_dim, seed_it)
+            x = pca.transform(feats)
         sel = select_mixture(x, cfg.k_candidates, seed_it, prev_labels=prev_labels, prev_k=prev_k)
         k = sel.k
         mapping = {c: c for c in range(k)}
