@@ -69,6 +69,20 @@ def _index(t: np.ndarray, d: np.ndarray) -> float:
     return float(np.mean(np.max(ratio, axis=1)))
 
 
+def _prepare(x, labels, means, covariances, reg_covar):
+    """Checked data, the sorted cluster labels, and their means/covariances (empirical if not given)."""
+    x, labels = _check(x, labels)
+    values = np.unique(labels)
+    if means is None or covariances is None:
+        emp_means, emp_covs = _cluster_stats(x, labels, values, reg_covar)
+        means = emp_means if means is None else np.asarray(means, dtype=np.float64)
+        covariances = emp_covs if covariances is None else np.asarray(covariances, dtype=np.float64)
+    k = len(values)
+    if len(means) != k or len(covariances) != k:
+        raise ValueError(f"{k} clusters but {len(means)} means and {len(covariances)} covariances")
+    return x, labels, values, means, covariances
+
+
 def ddbi(
     x: np.ndarray,
     labels: np.ndarray,
@@ -83,15 +97,7 @@ def ddbi(
     clusters' empirical means and unbiased covariances plus ``reg_covar`` times the mean feature
     variance on the diagonal. O(N·P²) time, O(chunk·P + K·P²) memory.
     """
-    x, labels = _check(x, labels)
-    values = np.unique(labels)
-    if means is None or covariances is None:
-        emp_means, emp_covs = _cluster_stats(x, labels, values, reg_covar)
-        means = emp_means if means is None else np.asarray(means, dtype=np.float64)
-        covariances = emp_covs if covariances is None else np.asarray(covariances, dtype=np.float64)
-    k = len(values)
-    if len(means) != k or len(covariances) != k:
-        raise ValueError(f"{k} clusters but {len(means)} means and {len(covariances)} covariances")
+    x, labels, values, means, covariances = _prepare(x, labels, means, covariances, reg_covar)
     with threadpool_limits(limits=1):  # P × P algebra: threads only add overhead
         t, d = _tightness_separation(x, labels, values, means, covariances)
     return _index(t, d)
@@ -132,12 +138,7 @@ def ddbi_naive(
 
     For tests only: memory grows with the square of the largest cluster.
     """
-    x, labels = _check(x, labels)
-    values = np.unique(labels)
-    if means is None or covariances is None:
-        emp_means, emp_covs = _cluster_stats(x, labels, values, reg_covar)
-        means = emp_means if means is None else np.asarray(means, dtype=np.float64)
-        covariances = emp_covs if covariances is None else np.asarray(covariances, dtype=np.float64)
+    x, labels, values, means, covariances = _prepare(x, labels, means, covariances, reg_covar)
     k = len(values)
     t = np.zeros(k)
     d = np.zeros((k, k))
