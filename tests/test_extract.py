@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +10,13 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import correlation, relion_reconstruct  # noqa: E402
 
 from disca_tools.cli.extract import main as extract_main
 from disca_tools.cli.pick import main as pick_main
 from disca_tools.extract import ExtractParams, box_centres_px, box_starts, read_box, read_store
 from disca_tools.geometry import pad_or_crop
-from disca_tools.io.mrc import read_volume, write_volume
+from disca_tools.io.mrc import write_volume
 from disca_tools.io.star import read_particles, read_star_blocks, write_star_blocks
 from disca_tools.simulate.imaging import NO_CTF_NO_WEDGE, Imaging
 from disca_tools.simulate.structures import load_structure
@@ -81,21 +81,19 @@ def test_pad_fills_matching_noise():
     )
 
 
+def _ground_truth_tomogram(shape_xyz, n, angpix, imaging, seed) -> np.ndarray:
+    """Write tomo.mrc (noise-free 4v4r particles) and gt.star with their true positions and angles."""
+    sim = simulate_tomogram(["4v4r"], shape_xyz, n, angpix, float("inf"), imaging, seed=seed)
+    write_volume("tomo.mrc", sim.volume_zyx, angpix)
+    p = sim.particles
+    xyz = p[["x_px", "y_px", "z_px"]].to_numpy()
+    coords_star("gt.star", xyz, rlnAngleRot=p.rot, rlnAngleTilt=p.tilt, rlnAnglePsi=p.psi)
+    return xyz
+
+
 def test_simulated_ground_truth_reconstructs_in_relion(project):
     """Extract at ground-truth positions, reconstruct with ground-truth angles: the structure."""
-    assert shutil.which("relion_reconstruct"), "relion_reconstruct (RELION 3.1) must be on PATH"
-    sim = simulate_tomogram(
-        ["4v4r"], (150, 150, 56), 36, 15.0, float("inf"), NO_CTF_NO_WEDGE, seed=2
-    )
-    write_volume("tomo.mrc", sim.volume_zyx, 15.0)
-    p = sim.particles
-    coords_star(
-        "gt.star",
-        p[["x_px", "y_px", "z_px"]].to_numpy(),
-        rlnAngleRot=p.rot,
-        rlnAngleTilt=p.tilt,
-        rlnAnglePsi=p.psi,
-    )
+    _ground_truth_tomogram((150, 150, 56), 36, 15.0, NO_CTF_NO_WEDGE, seed=2)
     assert extract_main(["--i", "gt.star", "--o", "Extract/job001", "--box", "28", "-q"]) == 0
     out = project / "Extract" / "job001"
     table = read_particles(out / "particles.star")
@@ -118,37 +116,17 @@ def test_simulated_ground_truth_reconstructs_in_relion(project):
     assert (
         w.shape == (28, 28, 28) and w[14, 14, 14] == 1.0 and w[0, 14, 14] == 0.0
     )  # wedge along kz
-    r = subprocess.run(
-        ["relion_reconstruct", "--i", str(out / "particles.star"), "--o", "rec.mrc"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr[-500:]
-    rec, _ = read_volume("rec.mrc")
+    rec = relion_reconstruct(str(out / "particles.star"), "rec.mrc")
     ref = pad_or_crop(load_structure("4v4r", 15.0), rec.shape)
-    cc = np.corrcoef(rec.ravel(), ref.ravel())[0, 1]
+    cc = correlation(rec, ref)
     assert cc >= 0.9, cc
-    r = subprocess.run(
-        ["relion_reconstruct", "--i", str(out / "particles.star"), "--o", "rec_ctf.mrc", "--ctf"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0 and Path("rec_ctf.mrc").exists(), r.stderr[-500:]
+    relion_reconstruct(str(out / "particles.star"), "rec_ctf.mrc", ctf=True)
 
 
 def test_wedge_and_ctf_weight_compensated_by_relion(project):
     """A tomogram imaged with CTF and a ±60° wedge: RELION --ctf with our weights recovers the map."""
     imaging = Imaging(defocus_um=-2.0, tilt_range_deg=60.0)
-    sim = simulate_tomogram(["4v4r"], (150, 150, 56), 36, 15.0, float("inf"), imaging, seed=3)
-    write_volume("tomo.mrc", sim.volume_zyx, 15.0)
-    p = sim.particles
-    coords_star(
-        "gt.star",
-        p[["x_px", "y_px", "z_px"]].to_numpy(),
-        rlnAngleRot=p.rot,
-        rlnAngleTilt=p.tilt,
-        rlnAnglePsi=p.psi,
-    )
+    _ground_truth_tomogram((150, 150, 56), 36, 15.0, imaging, seed=3)
     assert (
         extract_main(
             [
@@ -170,14 +148,8 @@ def test_wedge_and_ctf_weight_compensated_by_relion(project):
     ref = pad_or_crop(load_structure("4v4r", 15.0), (28, 28, 28))
     ccs = {}
     for flag in ([], ["--ctf"]):
-        r = subprocess.run(
-            ["relion_reconstruct", "--i", "X/particles.star", "--o", "r.mrc", *flag],
-            capture_output=True,
-            text=True,
-        )
-        assert r.returncode == 0, r.stderr[-500:]
-        rec, _ = read_volume("r.mrc")
-        ccs[bool(flag)] = np.corrcoef(rec.ravel(), ref.ravel())[0, 1]
+        rec = relion_reconstruct("X/particles.star", "r.mrc", extra=flag)
+        ccs[bool(flag)] = correlation(rec, ref)
     assert ccs[True] > ccs[False] and ccs[True] >= 0.85, ccs
 
 
@@ -327,13 +299,7 @@ def test_bad_input_exits_2_and_writes_nothing(project, capsys):
 
 def test_binned_extraction_reconstructs_in_relion(project):
     """--bin 2 from a 7.5 Å tomogram gives 15 Å boxes centred on the particles (RELION agrees)."""
-    sim = simulate_tomogram(
-        ["4v4r"], (280, 280, 100), 30, 7.5, float("inf"), NO_CTF_NO_WEDGE, seed=5
-    )
-    write_volume("tomo.mrc", sim.volume_zyx, 7.5)
-    p = sim.particles
-    xyz = p[["x_px", "y_px", "z_px"]].to_numpy()
-    coords_star("gt.star", xyz, rlnAngleRot=p.rot, rlnAngleTilt=p.tilt, rlnAnglePsi=p.psi)
+    xyz = _ground_truth_tomogram((280, 280, 100), 30, 7.5, NO_CTF_NO_WEDGE, seed=5)
     assert (
         extract_main(["--i", "gt.star", "--o", "B", "--box", "28", "--bin", "2", "--no-ctf", "-q"])
         == 0
@@ -346,13 +312,7 @@ def test_binned_extraction_reconstructs_in_relion(project):
     origin = kept[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy() / 7.5
     truth = {tuple(c) for c in xyz}
     assert all(tuple(np.round(c, 6)) in truth for c in centre - origin)
-    r = subprocess.run(
-        ["relion_reconstruct", "--i", "B/particles.star", "--o", "rb.mrc"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr[-500:]
-    rec, _ = read_volume("rb.mrc")
+    rec = relion_reconstruct("B/particles.star", "rb.mrc")
     ref = pad_or_crop(load_structure("4v4r", 15.0), rec.shape)
-    cc = np.corrcoef(rec.ravel(), ref.ravel())[0, 1]
+    cc = correlation(rec, ref)
     assert cc >= 0.9, cc
