@@ -277,65 +277,19 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
     assert not out.exists() or not any(out.iterdir())
     write_volume(tmp_path / "t.mrc", np.zeros((20, 30, 30), np.float32), 10.0)
     write_volume(tmp_path / "m.mrc", np.zeros((20, 30, 31), np.float32), 10.0)
-    assert (
-        pick_main(
-            [
-                "--i",
-                str(tmp_path / "t.mrc"),
-                "--o",
-                str(out),
-                "--particle-diameter",
-                "50",
-                "--mask",
-                str(tmp_path / "m.mrc"),
-            ]
+
+    def pick(*extra: str) -> int:
+        return pick_main(
+            ["--i", str(tmp_path / "t.mrc"), "--o", str(out), "--particle-diameter", "50", *extra]
         )
-        == 2
-    )
-    assert (
-        pick_main(
-            [
-                "--i",
-                str(tmp_path / "t.mrc"),
-                "--o",
-                str(out),
-                "--particle-diameter",
-                "50",
-                "--angpix",
-                "5",
-            ]
-        )
-        == 2
-    )
+
+    assert pick("--mask", str(tmp_path / "m.mrc")) == 2  # mask of another shape
+    assert pick("--angpix", "5") == 2  # disagrees with the header's 10 Å
     assert not (out / "coordinates.star").exists()
     # refuses to overwrite without --overwrite
-    assert (
-        pick_main(
-            ["--i", str(tmp_path / "t.mrc"), "--o", str(out), "--particle-diameter", "50", "-q"]
-        )
-        == 0
-    )
-    assert (
-        pick_main(
-            ["--i", str(tmp_path / "t.mrc"), "--o", str(out), "--particle-diameter", "50", "-q"]
-        )
-        == 2
-    )
-    assert (
-        pick_main(
-            [
-                "--i",
-                str(tmp_path / "t.mrc"),
-                "--o",
-                str(out),
-                "--particle-diameter",
-                "50",
-                "-q",
-                "--overwrite",
-            ]
-        )
-        == 0
-    )
+    assert pick("-q") == 0
+    assert pick("-q") == 2
+    assert pick("-q", "--overwrite") == 0
 
 
 def test_mask_and_parallel_workers(tmp_path):
