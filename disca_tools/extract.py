@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .io.mrc import release_pages
+from .io.store import STORE_FILE, open_store
 from .runtime.errors import UserError
 from .runtime.log import progress
 
@@ -302,13 +303,9 @@ class VolumeFileWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def read_store(directory: str | Path, mmap: bool = True) -> tuple[np.ndarray, list[str]]:
-    """Open ``subtomograms.npy`` (memory-mapped) and its row names from an extraction folder."""
-    d = Path(directory)
-    arr = np.load(d / "subtomograms.npy", mmap_mode="r" if mmap else None)
-    names = (d / "subtomograms_names.txt").read_text().splitlines()
-    if len(names) != len(arr):
-        raise UserError(
-            f"{d / 'subtomograms_names.txt'}: {len(names)} names for {len(arr)} subtomograms"
-        )
-    return arr, names
+def read_store(directory: str | Path) -> tuple[np.ndarray, list[str]]:
+    """Open an extraction folder's fast store (memory-mapped) and its row names."""
+    found = open_store(directory)
+    if found is None:
+        raise UserError(f"{Path(directory) / STORE_FILE}: no fast store (or its names file) here")
+    return found

@@ -29,12 +29,9 @@ import pandas as pd
 
 from .io.mrc import read_volume
 from .io.particles import CLASS, IMAGE, POSTERIOR
+from .io.store import NAMES_FILE, STORE_FILE, open_store
 from .runtime.errors import UserError, file_error
 from .runtime.log import logger, progress
-
-FAST_STORE = "subtomograms.npy"
-FAST_STORE_NAMES = "subtomograms_names.txt"
-
 
 # ----------------------------------------------------------------------------- options parsing
 
@@ -237,20 +234,11 @@ def resolve_image_path(name: str, star_dir: Path) -> Path | None:
 
 
 def _fast_store(star_dir: Path) -> tuple[np.ndarray, dict[str, int]] | None:
-    npy, names = star_dir / FAST_STORE, star_dir / FAST_STORE_NAMES
-    if not (npy.is_file() and names.is_file()):
+    found = open_store(star_dir)
+    if found is None:
         return None
-    try:
-        arr = np.load(npy, mmap_mode="r")
-    except (ValueError, OSError) as exc:
-        raise file_error(npy, f"not a readable .npy array ({exc})") from None
-    lines = [ln.strip() for ln in names.read_text().splitlines() if ln.strip()]
-    if arr.ndim != 4 or len(lines) != arr.shape[0]:
-        raise file_error(
-            npy,
-            f"expected {len(lines)} cubic volumes (one per line of {names.name}), got shape {arr.shape}",
-        )
-    return arr, {n: i for i, n in enumerate(lines)}
+    arr, names = found
+    return arr, {n: i for i, n in enumerate(names)}
 
 
 def class_averages(
@@ -270,7 +258,7 @@ def class_averages(
     if store is not None:
         arr, index = store
         if all(n in index for n in names[np.concatenate(list(members.values()))]):
-            logger.info("averaging from the fast store %s", star_dir / FAST_STORE)
+            logger.info("averaging from the fast store %s", star_dir / STORE_FILE)
             out = {}
             for c, rows in members.items():
                 acc = np.zeros(arr.shape[1:], np.float64)
@@ -280,7 +268,7 @@ def class_averages(
             return out
         logger.warning(
             "%s does not list every particle; reading the .mrc files instead",
-            star_dir / FAST_STORE_NAMES,
+            star_dir / NAMES_FILE,
         )
     out = {}
     for c, rows in members.items():

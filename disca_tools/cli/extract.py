@@ -58,6 +58,7 @@ from disca_tools.io.particles import (
     ParticleTable,
 )
 from disca_tools.io.star import default_optics, read_particles, read_tomograms, write_particles
+from disca_tools.io.store import NAMES_FILE, STORE_FILE
 from disca_tools.runtime.cli import CommonOptions, ToolSpec, opt, run_tool
 from disca_tools.runtime.errors import UserError, file_error
 from disca_tools.runtime.log import logger
@@ -272,7 +273,7 @@ def run(o: Options) -> dict:
         )
 
     out = Path(o.o)
-    products = ["particles.star", "subtomograms.npy", "subtomograms_names.txt", "Subtomograms"]
+    products = ["particles.star", STORE_FILE, NAMES_FILE, "Subtomograms"]
     if table.flavour in ("relion5", "pytom") or (
         table.flavour == "warp" and table.tomograms is not None
     ):
@@ -294,7 +295,7 @@ def run(o: Options) -> dict:
     writer = VolumeFileWriter(sub_dir, params.box, out_angpix, params.dtype, threads=max(4, o.j))
     row_of = {int(k): r for r, k in enumerate(idx)}
     rng = np.random.default_rng(o.seed)
-    store = StoreWriter(out / "subtomograms.npy", len(idx), params.box, params.dtype)
+    store = StoreWriter(out / STORE_FILE, len(idx), params.box, params.dtype)
     ctf_names = {}
     try:
         if o.ctf:
@@ -328,7 +329,7 @@ def run(o: Options) -> dict:
         store.abort()
         writer.abort()
         raise
-    write_store_names(out / "subtomograms_names.txt", image_names)
+    write_store_names(out / NAMES_FILE, image_names)
 
     kept = df.iloc[idx].reset_index(drop=True)
     centres = np.zeros((len(idx), 3))

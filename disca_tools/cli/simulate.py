@@ -43,6 +43,7 @@ import pandas as pd
 from ..io.mrc import read_info, write_volume
 from ..io.particles import ParticleTable
 from ..io.star import default_optics, make_tomograms_table, write_relion5, write_relion31
+from ..io.store import NAMES_FILE, STORE_FILE
 from ..runtime.cli import CommonOptions, ToolSpec, opt, run_tool
 from ..runtime.errors import UserError
 from ..runtime.log import logger, progress
@@ -127,8 +128,8 @@ SUB_PRODUCTS = [
     "particles.star",
     "ctf.mrc",
     "classes.tsv",
-    "subtomograms.npy",
-    "subtomograms_names.txt",
+    STORE_FILE,
+    NAMES_FILE,
     "Subtomograms",
     "references",
 ]
@@ -246,10 +247,10 @@ def run_subtomograms(o: Options) -> dict:
     for stale in sub_dir.glob("sub_*.mrc"):  # left by an earlier, larger run (--overwrite)
         if stale.name[4:10].isdigit() and int(stale.name[4:10]) > n:
             stale.unlink()
-    store = out / "subtomograms.npy"
+    store = out / STORE_FILE
     with atomic_path(store) as tmp, open(tmp, "wb") as fh:
         np.save(fh, sim.volumes.astype(np.float16 if o.float16 else np.float32, copy=False))
-    write_text_atomic(out / "subtomograms_names.txt", "\n".join(names) + "\n")
+    write_text_atomic(out / NAMES_FILE, "\n".join(names) + "\n")
     write_volume(
         out / "ctf.mrc", ctf_wedge_weight((o.box,) * 3, o.angpix, imaging), o.angpix, overwrite=True
     )

@@ -31,11 +31,11 @@ import numpy as np
 from ..geometry import random_rotations
 from ..io.mrc import read_info, read_volume
 from ..io.particles import IMAGE, ParticleTable
+from ..io.store import NAMES_FILE, STORE_FILE
+from ..io.store import open_store as read_fast_store
 from ..runtime.errors import UserError, file_error
 from ..runtime.log import check_abort, logger, progress
 
-STORE_FILE = "subtomograms.npy"
-NAMES_FILE = "subtomograms_names.txt"
 _CHUNK = 256
 
 
@@ -57,22 +57,11 @@ class SubtomogramStore:
 
 def open_store(folder: str | Path) -> SubtomogramStore | None:
     """Open the fast store in ``folder`` (None when there is none)."""
-    f = Path(folder)
-    vol_path, names_path = f / STORE_FILE, f / NAMES_FILE
-    if not (vol_path.is_file() and names_path.is_file()):
+    found = read_fast_store(folder)
+    if found is None:
         return None
-    try:
-        vols = np.load(vol_path, mmap_mode="r")
-    except Exception as exc:  # corrupt or foreign file
-        raise file_error(vol_path, f"not a readable subtomogram store ({exc})") from None
-    names = names_path.read_text().splitlines()
-    if vols.ndim != 4 or len(set(vols.shape[1:])) != 1:
-        raise file_error(vol_path, f"expected an (N, S, S, S) array, got shape {vols.shape}")
-    if len(names) != vols.shape[0]:
-        raise file_error(
-            names_path, f"{len(names)} names for {vols.shape[0]} subtomograms in {vol_path.name}"
-        )
-    return SubtomogramStore(vols, names, vol_path)
+    vols, names = found
+    return SubtomogramStore(vols, names, Path(folder) / STORE_FILE)
 
 
 def store_rows(store: SubtomogramStore, image_names: list[str]) -> np.ndarray | None:
