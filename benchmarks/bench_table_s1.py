@@ -144,7 +144,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--precision", default="auto", help="float32, mixed_bfloat16 or auto")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--init", default="network", choices=["network", "voxels"], help="iteration-0 clusters")
+    ap.add_argument(
+        "--init",
+        default="network",
+        choices=["network", "invariants", "voxels"],
+        help="iteration-0 clusters",
+    )
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     from disca_tools.runtime.log import configure
@@ -171,6 +176,7 @@ def main(argv=None) -> int:
             snr,
             Imaging(tilt_range_deg=tilt),
             args.seed,
+            snr_convention=args.snr_convention,
         )
         t_sim = time.time() - t0
         truth = sim.labels
@@ -190,6 +196,7 @@ def main(argv=None) -> int:
             row = {
                 "tilt": tilt,
                 "snr": snr,
+                "effective_snr": round(sim.effective_snr, 4),
                 "method": method,
                 "k": m["k_found"],
                 "homogeneity": round(m["homogeneity"], 4),
@@ -224,18 +231,19 @@ def markdown(rows: list[dict], protocol: dict) -> str:
         f"{protocol['box']}³ at {protocol['angpix']} Å, structures {protocol['structures']}; DISCA width "
         f"scale {protocol['width_scale']}, max {protocol['max_iter']} iterations, candidate K "
         f"{min(protocol['k_candidates'])}–{max(protocol['k_candidates'])}, PCA {protocol['pca_dim']}, "
-        f"seed {protocol['seed']}. Accuracy after Hungarian matching (the paper reports it only when K is "
+        f"seed {protocol['seed']}; SNR convention {protocol.get('snr_convention', 'volume')} "
+        "(effective SNR: variance ratio of the simulated volumes). Accuracy after Hungarian matching (the paper reports it only when K is "
         "right; '*' marks a wrong K).",
         "",
-        "| tilt | SNR | method | K | homogeneity | accuracy % | paper DISCA K / h / acc % | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tilt | SNR | effective SNR | method | K | homogeneity | accuracy % | paper DISCA K / h / acc % | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         star = "" if r["accuracy_defined"] else "*"
         pa = "–" if r["paper_disca_accuracy"] is None else f"{r['paper_disca_accuracy']:.2f}"
         paper = f"{r['paper_disca_k']} / {r['paper_disca_homogeneity']} / {pa}"
         lines.append(
-            f"| ±{r['tilt']}° | {r['snr']} | {r['method']} | {r['k']} | {r['homogeneity']:.4f} | "
+            f"| ±{r['tilt']}° | {r['snr']} | {r.get('effective_snr', r['snr'])} | {r['method']} | {r['k']} | {r['homogeneity']:.4f} | "
             f"{r['accuracy']:.2f}{star} | {paper} | {r['seconds']} |"
         )
     return "\n".join(lines) + "\n"

@@ -25,7 +25,12 @@ from sklearn.metrics import homogeneity_score  # noqa: E402
 
 from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
 from disca_tools.model.data import normalise  # noqa: E402
-from disca_tools.model.yopo import YopoConfig, build_yopo, feature_extractor  # noqa: E402
+from disca_tools.model.yopo import (  # noqa: E402
+    YopoConfig,
+    build_yopo,
+    calibrate_batchnorm,
+    feature_extractor,
+)  # noqa: E402
 from disca_tools.simulate.imaging import Imaging  # noqa: E402
 from disca_tools.simulate.subtomograms import simulate_subtomogram_set  # noqa: E402
 
@@ -44,11 +49,20 @@ def main() -> None:
     ap.add_argument("--n-per-class", type=int, default=200)
     ap.add_argument("--snr", type=float, default=0.1)
     ap.add_argument("--angpix", type=float, default=14.0)
+    ap.add_argument("--snr-convention", default="volume", choices=["volume", "aitom"])
+    ap.add_argument("--tag", default="")
     ap.add_argument("--width-scales", type=float, nargs="+", default=[0.1, 0.25])
     args = ap.parse_args()
     t0 = time.time()
     sim = simulate_subtomogram_set(
-        STRUCTURES, args.n_per_class, 24, args.angpix, args.snr, Imaging(), seed=0
+        STRUCTURES,
+        args.n_per_class,
+        24,
+        args.angpix,
+        args.snr,
+        Imaging(),
+        seed=0,
+        snr_convention=args.snr_convention,
     )
     vols, truth = normalise(sim.volumes), sim.labels
     rows = [{"features": "raw voxels", **_score(vols.reshape(len(vols), -1), truth)}]
@@ -63,7 +77,19 @@ def main() -> None:
         rows.append(
             {"features": f"untrained YOPO w={ws}: pooled taps, standardised", **_score(z, truth)}
         )
-    print(f"{len(vols)} subtomograms, SNR {args.snr}, {args.angpix} Å; PCA 16, paper BIC, K 2–10")
+        sample = vols[np.random.default_rng(0).permutation(len(vols))[:256]]
+        calibrate_batchnorm(model, sample)
+        feats = feature_extractor(model).predict(vols[..., None], batch_size=64, verbose=0)
+        rows.append(
+            {
+                "features": f"untrained YOPO w={ws}: 1024-D, BatchNorm calibrated",
+                **_score(feats, truth),
+            }
+        )
+    print(
+        f"{len(vols)} subtomograms, SNR {args.snr} ({args.snr_convention}; variance ratio "
+        f"{sim.effective_snr:.3g}), {args.angpix} Å; PCA 16, paper BIC, K 2–10"
+    )
     print(f"{'features':52s} {'K':>3s} {'homogeneity':>12s}")
     for r in rows:
         print(f"{r['features']:52s} {r['k']:3d} {r['homogeneity']:12.3f}")
@@ -71,10 +97,12 @@ def main() -> None:
     out = {
         "protocol": vars(args),
         "structures": STRUCTURES,
+        "effective_snr": sim.effective_snr,
         "rows": rows,
         "seconds": time.time() - t0,
     }
-    (RESULTS / "probe_initial_features.json").write_text(json.dumps(out, indent=1) + "\n")
+    name = "probe_initial_features" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -38,20 +38,50 @@ def test_smooth_targets():
     assert np.argmax(t, axis=1).tolist() == [0, 2, 1]
 
 
+def _head_probs(model, feats):
+    head = Y.head_layer(model)
+    inp = Y.keras.Input((feats.shape[1],))
+    return Y.keras.Model(inp, head(inp)).predict(feats, verbose=0)
+
+
 def test_head_replacement_agrees_with_labels_and_switches_off_unused_units():
+    from disca_tools.cluster.mixture import fit_pca
+
     rng = np.random.default_rng(0)
     model = Y.build_yopo(Y.YopoConfig(24, 6, 0.05, 16))
     centres = rng.normal(0, 3, size=(3, 16))
     labels = np.repeat(np.arange(3), 40)
     feats = (centres[labels] + rng.normal(size=(120, 16))).astype(np.float32)
     cfg = em.EMConfig(k_candidates=[2, 3, 6])
-    agreement = em.warm_up_head(model, feats, labels, 3, cfg, seed=0)
+    agreement = em.warm_up_head(model, feats, labels, 3, cfg, seed=0, pca=fit_pca(feats, 4, 0))
     assert agreement >= 0.98
-    head = Y.head_layer(model)
-    inp = Y.keras.Input((16,))
-    probs = Y.keras.Model(inp, head(inp)).predict(feats, verbose=0)
+    probs = _head_probs(model, feats)
     assert np.mean(np.argmax(probs, 1) == labels) >= 0.98
     assert np.all(probs[:, 3:] == 0.0)  # inactive units: exactly zero probability (and gradient)
+    # no PCA (clusters not from these features): a random head, still only 3 live units
+    em.warm_up_head(model, feats, labels, 3, cfg, seed=0)
+    probs = _head_probs(model, feats)
+    assert np.all(probs[:, 3:] == 0.0) and np.mean(np.argmax(probs, 1) == labels) < 0.9
+
+
+def test_head_is_not_fitted_to_noise_directions():
+    """Clusters that live in a few PCA directions, buried in many feature dimensions of pure noise
+    (F close to N, as 1024 features of a few thousand particles are): the head follows the cluster
+    directions, so a labelling that is *not* in them is not memorised."""
+    from disca_tools.cluster.mixture import fit_pca
+
+    rng = np.random.default_rng(1)
+    n, f = 150, 120
+    feats = rng.normal(size=(n, f))
+    feats[:, 0] *= 10.0  # one strong direction carrying two clusters
+    feats[:75, 0] += 80.0
+    pca = fit_pca(feats, 4, 0)
+    cfg = em.EMConfig(k_candidates=[2, 3])
+    model = Y.build_yopo(Y.YopoConfig(24, 3, 0.05, f))
+    clusters = (np.arange(n) < 75).astype(int)
+    assert em.warm_up_head(model, feats, clusters, 2, cfg, 0, pca=pca) >= 0.98
+    arbitrary = rng.integers(0, 2, size=n)  # a labelling only noise directions could separate
+    assert em.warm_up_head(model, feats, arbitrary, 2, cfg, 0, pca=pca) < 0.7
 
 
 def test_bad_settings_are_user_errors():
@@ -111,3 +141,26 @@ def test_voxel_pca_features_match_a_one_shot_pca(tiny_store):
     streamed = em.voxel_pca_features(tiny_store, rows, dim=3, seed=0, batch=8)
     assert streamed.shape == (len(rows), 3)
     assert streamed.var(axis=0).sum() > 0.9 * full.var(axis=0).sum()
+
+
+def test_training_on_subclusters_reports_the_bic_clusters(tiny_store):
+    """--train-clusters: the head is sized for the sub-clusters, training runs, and the reported
+    clustering is still the mixture's (K among the candidates, labels 0..K-1); with --calibrate-bn
+    too, the reported extractor's normalisation statistics are the data's, not the initial ones."""
+    rows = np.arange(len(tiny_store))
+    cfg = em.EMConfig(**dict(TINY, max_iter=1, train_clusters=6, calibrate_bn=True))
+    assert cfg.head_units == 6
+    res = em.run_em(tiny_store, rows, cfg)
+    assert np.isfinite(res.history[0].loss)
+    assert res.k in cfg.k_candidates and set(np.unique(res.labels)) == set(range(res.k))
+    # every particle was in the calibration sample (60 ≤ 512): the statistics are the data's
+    from disca_tools.model.data import gather
+
+    bn = res.extractor.get_layer("features_bn")
+    taps = Y.keras.Model(res.extractor.inputs, bn.input).predict(
+        gather(tiny_store, rows)[..., None], verbose=0
+    )
+    np.testing.assert_allclose(bn.moving_mean.numpy(), taps.mean(0), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), taps.var(0), rtol=1e-3, atol=1e-5)
+    with pytest.raises(UserError, match="train-clusters"):
+        em.EMConfig(train_clusters=-1).check(1000, 24)

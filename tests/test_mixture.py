@@ -148,3 +148,25 @@ def test_select_not_trapped_by_single_kmeans_start():
     sel = mixture.select_mixture(x, list(range(2, 9)), seed=0)
     assert sel.k == 5
     assert accuracy_after_matching(y, sel.labels) == 1.0
+
+
+def test_nested_subclusters_refine_the_clusters():
+    """Over-clustering for training: sub-clusters never straddle two clusters, sizes are proportional,
+    and a cluster hiding two groups is split along them."""
+    from disca_tools.cluster.mixture import nested_subclusters
+
+    rng = np.random.default_rng(0)
+    hidden = np.repeat([0, 1, 2], [200, 200, 100])  # clusters 0 and 1 were merged into label 0
+    centres = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 30.0]])
+    x = centres[hidden] + rng.normal(size=(500, 2))
+    labels = np.where(hidden == 2, 1, 0)
+    sub, parent = nested_subclusters(x, labels, n_total=3, seed=0)
+    assert sorted(np.unique(sub).tolist()) == list(range(len(parent)))
+    for s in np.unique(sub):  # each sub-cluster inside one cluster, and parent says which
+        assert np.unique(labels[sub == s]).tolist() == [parent[s]]
+    assert np.bincount(parent).tolist() == [2, 1]  # 400 of 500 points → 2 of 3 parts
+    from sklearn.metrics import homogeneity_score
+
+    assert homogeneity_score(hidden, sub) > 0.95  # the merged pair is split along its groups
+    few, few_parent = nested_subclusters(x[:30], labels[:30], n_total=10, seed=0, min_size=20)
+    assert len(few_parent) == 1  # 30 points cannot make parts of ≥ 20

@@ -20,6 +20,9 @@ from disca_tools.simulate.imaging import (
     NO_CTF_NO_WEDGE,
     Imaging,
     add_noise,
+    aitom_lowpass_radius,
+    aitom_noise,
+    aitom_noise_level,
     apply_imaging,
     ctf_1d,
     ctf_wedge_weight,
@@ -202,6 +205,59 @@ def test_subtomogram_set_measured_snr_and_reproducible():
     assert not np.array_equal(other.angles_deg, s.angles_deg)
 
 
+def _radius_px(box: int) -> np.ndarray:
+    k = np.fft.fftfreq(box) * box
+    return np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+
+
+def test_aitom_noise_level_from_first_principles():
+    """No CTF, no wedge: σ² = ½·S·c/SNR with c = 1 / (fraction of the grid inside Nyquist), and the
+    output noise keeps exactly the predicted variance, all of it inside the low-pass."""
+    box, angpix, snr, s_var = 24, 10.0, 0.1, 3.0
+    assert aitom_lowpass_radius(24, 10.0) == 6 and aitom_lowpass_radius(24, 14.0) == 8
+    r = _radius_px(box)
+    inside_nyquist = float(np.mean(r <= box / 2))
+    sigma, out_var = aitom_noise_level(box, angpix, NO_CTF_NO_WEDGE, snr, s_var)
+    assert sigma**2 == pytest.approx(0.5 * s_var / inside_nyquist / snr, rel=1e-6)
+    noise = aitom_noise(
+        (64, box, box, box), angpix, NO_CTF_NO_WEDGE, sigma, np.random.default_rng(0)
+    )
+    assert noise.var() == pytest.approx(out_var, rel=0.03)
+    assert out_var < 0.15 * (2 * sigma**2)  # most of the two nominal noises is low-passed away
+    power = (np.abs(np.fft.fftn(noise, axes=(1, 2, 3))) ** 2).mean(axis=0)
+    assert power[r > 6 + 5 * 2].sum() < 1e-4 * power.sum()  # the Gaussian edge (σ 2) beyond 6
+
+
+def test_aitom_noise_respects_the_wedge():
+    im = Imaging(tilt_range_deg=45.0)
+    sigma, _ = aitom_noise_level(24, 14.0, im, 0.1, 1.0)
+    noise = aitom_noise((20, 24, 24, 24), 14.0, im, sigma, np.random.default_rng(1))
+    missing = (
+        ctf_wedge_weight((24, 24, 24), 14.0, Imaging(apply_ctf=False, tilt_range_deg=45.0), "fft")
+        == 0
+    )
+    power = np.abs(np.fft.fftn(noise, axes=(1, 2, 3))) ** 2
+    assert power[:, missing].mean() < 1e-8 * power[:, ~missing].mean()
+
+
+def test_subtomogram_set_aitom_convention_reports_its_effective_snr():
+    args = (["1bxn", "3j9i"], 16, 24, 14.0, 0.05, Imaging(), 7)
+    s, clean = simulate_subtomogram_set(*args, return_clean=True, snr_convention="aitom")
+    assert s.snr == 0.05 and s.snr_convention == "aitom"
+    measured = float(np.mean(clean.reshape(len(s), -1).var(axis=1)) / (s.volumes - clean).var())
+    assert s.effective_snr == pytest.approx(measured, rel=0.05)
+    assert s.effective_snr > 1.3 * s.snr  # the paper's nominal SNR understates the volume's
+    # the written signal is low-passed at ⌊24·1.4/4⌋ = 8 pixels (edge σ 2)
+    power = (np.abs(np.fft.fftn(clean, axes=(1, 2, 3))) ** 2).mean(axis=0)
+    assert power[_radius_px(24) > 8 + 5 * 2].sum() < 1e-4 * power.sum()
+    # same orientations and labels as the volume convention: only the image formation differs
+    v = simulate_subtomogram_set(*args)
+    np.testing.assert_array_equal(v.angles_deg, s.angles_deg)
+    assert v.effective_snr == 0.05
+    with pytest.raises(ValueError, match="snr_convention"):
+        simulate_subtomogram_set(*args, snr_convention="projection")
+
+
 def test_subtomogram_ground_truth_angles_and_shifts():
     """Un-rotating each noise-free subtomogram by its angles gives its reference; shifts move it."""
     s = simulate_subtomogram_set(
@@ -364,6 +420,20 @@ def test_cli_float16_store_and_no_noise(project_dir):
     assert read_particles("F/particles.star").particles["rlnImageName"].tolist() == names
 
 
+def test_cli_aitom_convention_records_the_effective_snr(project_dir):
+    args = ["subtomograms", "--o", "A", "--structures", "1bxn", "--n-per-class", "4", "--box", "24"]
+    assert (
+        simulate_main([*args, "--angpix", "14", "--snr", "0.1", "--snr-convention", "aitom", "-q"])
+        == 0
+    )
+    import json
+
+    results = json.loads(Path("A/run.json").read_text())["results"]
+    assert results["snr_convention"] == "aitom"
+    assert results["effective_snr"] > 0.1
+    assert results["noise_sigma"] > 0
+
+
 def test_cli_bad_input_writes_nothing(project_dir, capsys):
     assert simulate_main(["subtomograms", "--o", "X", "--structures", "nosuch"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -377,6 +447,23 @@ def test_cli_bad_input_writes_nothing(project_dir, capsys):
     assert not Path("X").exists()
     assert simulate_main(["nonsense", "--o", "X"]) == 2
     capsys.readouterr()
+    for bad in (
+        ["tomogram", "--o", "X", "--structures", "1bxn", "--snr-convention", "aitom"],
+        [
+            "subtomograms",
+            "--o",
+            "X",
+            "--structures",
+            "1bxn",
+            "--snr-convention",
+            "aitom",
+            "--white-noise",
+        ],
+    ):
+        assert simulate_main(bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("disca_simulate: error: --"), err
+    assert not Path("X").exists()
     Path("fake.mrc").write_text("not a map\n" * 200)
     assert simulate_main(["subtomograms", "--o", "X", "--structures", "fake.mrc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -174,3 +174,23 @@ def test_streamed_prediction_equals_in_memory_prediction():
     direct = ext.predict(gather(store, rows)[..., None], verbose=0)
     np.testing.assert_allclose(f, direct, rtol=1e-5, atol=1e-6)
     assert f.shape == (len(rows), 8) and f.dtype == np.float32
+
+
+def test_batchnorm_calibration_sets_the_data_statistics():
+    """After calibration each BatchNormalization layer's moving statistics are the mean and variance
+    of its input on the data, so in inference mode its output is standardised."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    vols = rng.normal(size=(24, 24, 24, 24)).astype(np.float32) * 3.0 + 1.0
+    model = Y.build_yopo(Y.YopoConfig(24, 3, 0.05, 16))
+    Y.calibrate_batchnorm(model, vols, batch_size=10)
+    for name in ("bn_0", "bn_5", "features_bn"):
+        layer = model.get_layer(name)
+        inp = keras.Model(model.inputs, layer.input).predict(vols[..., None], verbose=0)
+        inp = inp.reshape(-1, inp.shape[-1]).astype(np.float64)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), inp.mean(0), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), inp.var(0), rtol=1e-3, atol=1e-5)
+        out = keras.Model(model.inputs, layer.output).predict(vols[..., None], verbose=0)
+        out = out.reshape(-1, out.shape[-1])
+        assert np.allclose(out.std(0), np.abs(layer.gamma.numpy()), rtol=0.05)

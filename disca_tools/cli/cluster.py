@@ -131,9 +131,22 @@ class Options(CommonOptions):
     init: str = opt(
         "--init",
         default="network",
-        choices=["network", "voxels"],
-        help="iteration-0 clusters: of the untrained network's features (the paper) or of PCA of "
-        "the voxels (more class information at low SNR; see benchmarks/probe_initial_features.py)",
+        choices=["network", "invariants", "voxels"],
+        help="iteration-0 clusters: of the untrained network's features (the paper), of "
+        "rotation-invariant shell descriptors of the data, or of PCA of the voxels. See README "
+        "'Clustering accuracy'",
+    )
+    train_clusters: int = opt(
+        "--train-clusters",
+        default=0,
+        help="train on about this many sub-clusters of the K clusters (over-clustering; not in the "
+        "paper; 0 = off): keeps merged classes separable. See README 'Clustering accuracy'",
+    )
+    calibrate_bn: bool = opt(
+        "--calibrate-bn",
+        default=False,
+        help="set BatchNorm statistics from the clean data before each feature pass (not in the "
+        "paper). See README 'Clustering accuracy'",
     )
     width_scale: float = opt(
         "--width-scale",
@@ -477,6 +490,7 @@ def run(o: Options) -> dict:
         k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, epochs_per_iter=o.epochs_per_iter,
         batch_size=o.batch_size, lr=o.lr, lr_decay=o.lr_decay, label_smoothing=o.label_smoothing,
         width_scale=width, feature_dim=fdim, precision=precision, seed=o.seed, init=o.init,
+        train_clusters=o.train_clusters, calibrate_bn=o.calibrate_bn,
     )  # fmt: skip
     logger.info(
         "%d particles, box %d, precision %s, YOPO widths %s, features %d",

@@ -12,7 +12,10 @@ Image formation (the DISCA paper's protocol): uniform random orientation, small 
 (subtomograms), CTF (--voltage, --cs, --amplitude-contrast, --defocus; −5 µm = 5 µm underfocus),
 missing wedge from --tilt-range about the y axis, Gaussian noise at SNR = signal variance / noise
 variance (--snr inf: no noise), limited to the sampled Fourier region as back-projected noise is
-(--white-noise: white 3D noise).
+(--white-noise: white 3D noise). That SNR is the variance ratio of the volumes written. For
+subtomograms, --snr-convention aitom follows instead the simulator behind the DISCA paper's Table S1:
+the noise level is set from the nominal SNR before signal and noise are low-passed, so the written
+volumes have a higher variance ratio (logged and saved as effective_snr in run.json).
 
 subtomograms writes, with paths relative to the current directory (run it from the RELION project):
   DIR/Subtomograms/sub_NNNNNN.mrc   one float32 volume per particle, protein positive, not normalised
@@ -53,7 +56,7 @@ from ..runtime.outputs import (
     prepare_output_dir,
     write_text_atomic,
 )
-from ..simulate.imaging import Imaging, ctf_wedge_weight
+from ..simulate.imaging import SNR_CONVENTIONS, Imaging, ctf_wedge_weight
 from ..simulate.structures import structure_label, structure_path
 from ..simulate.subtomograms import SubtomogramSet, simulate_subtomogram_set
 from ..simulate.tomogram import TomogramSimulation, simulate_tomogram
@@ -97,6 +100,13 @@ class Options(CommonOptions):
         "--white-noise",
         default=False,
         help="white 3D noise (default: noise limited to the sampled region, as back-projected noise is)",
+    )
+    snr_convention: str = opt(
+        "--snr-convention",
+        default="volume",
+        choices=list(SNR_CONVENTIONS),
+        help="subtomograms: what --snr means: 'volume' (variance ratio of the output) or 'aitom' "
+        "(the DISCA paper's simulator: nominal SNR, then a low-pass; see the module help)",
     )
     box: int = opt(
         "--box",
@@ -228,6 +238,10 @@ def run_subtomograms(o: Options) -> dict:
         raise UserError(f"--box: must be at least 8, got {o.box}")
     if o.n_per_class < 1:
         raise UserError(f"--n-per-class: must be at least 1, got {o.n_per_class}")
+    if o.snr_convention == "aitom" and o.white_noise:
+        raise UserError(
+            "--white-noise: not available with --snr-convention aitom (its noise is filtered)"
+        )
     imaging = _imaging(o)
     base = Path(o.o).as_posix()  # as written in STAR files: relative to the project dir (cwd)
     out = prepare_output_dir(o.o, o.overwrite, SUB_PRODUCTS)
@@ -236,8 +250,21 @@ def run_subtomograms(o: Options) -> dict:
         [structure_path(s) for s in structures],
     )
     sim = simulate_subtomogram_set(
-        structures, o.n_per_class, o.box, o.angpix, o.snr, imaging, o.seed, max_shift_px=o.max_shift
+        structures,
+        o.n_per_class,
+        o.box,
+        o.angpix,
+        o.snr,
+        imaging,
+        o.seed,
+        max_shift_px=o.max_shift,
+        snr_convention=o.snr_convention,
     )
+    if o.snr_convention != "volume":
+        logger.info(
+            "SNR %g (%s convention) = variance ratio %.4g in the written volumes",
+            o.snr, o.snr_convention, sim.effective_snr,
+        )  # fmt: skip
     n = len(sim)
     names = [f"{base}/Subtomograms/sub_{i + 1:06d}.mrc" for i in range(n)]
     sub_dir = out / "Subtomograms"
@@ -266,6 +293,8 @@ def run_subtomograms(o: Options) -> dict:
         "classes": sim.class_names,
         "noise_sigma": sim.noise_sigma,
         "signal_variance": sim.signal_variance,
+        "snr_convention": sim.snr_convention,
+        "effective_snr": sim.effective_snr,
     }
 
 
@@ -337,6 +366,8 @@ def run_tomogram(o: Options) -> dict:
     shape = _parse_shape(o.shape)
     if o.n_particles < 0:
         raise UserError(f"--n-particles: must be >= 0, got {o.n_particles}")
+    if o.snr_convention != "volume":
+        raise UserError("--snr-convention: only 'volume' is available for tomograms")
     imaging = _imaging(o)
     out = prepare_output_dir(o.o, o.overwrite, TOMO_PRODUCTS)
     sim = simulate_tomogram(

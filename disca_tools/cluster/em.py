@@ -2,17 +2,25 @@
 
 Iteration ``t`` (0, 1, …, ``max_iter``):
 
-1. features of all N subtomograms, inference mode (streamed from the store);
+1. features of all N subtomograms, inference mode (streamed from the store).
+   With ``calibrate_bn`` (not in the paper; off by default) every BatchNormalization layer's
+   moving statistics are first set to those of the clean data (a seeded sample of
+   ``calibrate_samples``): the untrained network's initial statistics normalise nothing, and those
+   gathered in training describe inputs under the GaussianDropout noise, not the inputs the
+   features are computed from;
 2. PCA to ``pca_dim``; full-covariance Gaussian mixtures for every candidate K, the paper's BIC
    (:func:`disca_tools.cluster.mixture.select_mixture`: inherited + de-novo fit for the current K,
    empty clusters dropped);
 3. labels = argmax posterior; when K is unchanged they are renumbered to match iteration t−1
    (Hungarian on the contingency table); when K changes (and at the first iteration) the softmax
-   head is replaced and trained alone on the fixed features until it agrees with the labels;
+   head is replaced and trained alone on the fixed features — a regularised logistic regression in
+   the PCA space the clusters were found in (:func:`warm_up_head`);
 4. DDBI (O(N)) of the labels in PCA space; the best DDBI is kept;
 5. unless finished, YOPO is trained on the N originals + N rotated copies with smoothed labels
    ``(1 − α)·onehot + α/K`` (α = α₀·0.9ᵗ), categorical hinge loss, Nadam (lr·decayᵗ), fresh
-   optimizer state each iteration;
+   optimizer state each iteration; with ``train_clusters`` > K (not in the paper; off by default)
+   the training labels are a finer partition, each cluster split by k-means into sub-clusters
+   (about ``train_clusters`` in all), and the head is warmed up on them afresh each iteration;
 6. stop when K is unchanged and ≥ 99 % of labels keep their cluster for 3 consecutive iterations,
    or at ``max_iter``. The last iteration is a clustering without training after it.
 
@@ -59,8 +67,9 @@ from ..model.data import SubtomogramStore, gather, predict_features, train_datas
 from ..runtime.errors import UserError
 from ..runtime.log import check_abort, logger
 from ..runtime.outputs import atomic_path, write_text_atomic
+from .invariants import invariant_features
 from .matching import match_labels
-from .mixture import fit_pca, select_mixture
+from .mixture import fit_pca, nested_subclusters, select_mixture
 
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_WEIGHTS = "weights.weights.h5"
@@ -90,11 +99,12 @@ class EMConfig:
     stable_fraction: float = 0.99
     predict_batch_size: int = 64
     augment: bool = True
-    head_agreement: float = 0.98
+    head_c: float = 1.0
     head_max_iter: int = 300
-    init: str = (
-        "network"  # iteration 0 clusters: "network" (the paper) or "voxels" (PCA of the data)
-    )
+    init: str = "network"  # iteration-0 clusters: "network" (the paper), "invariants", "voxels"
+    train_clusters: int = 0  # > K: train on this many nested sub-clusters (0: on the K clusters)
+    calibrate_bn: bool = False  # BatchNorm statistics from the clean data before each feature pass
+    calibrate_samples: int = 512
 
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³."""
@@ -113,11 +123,18 @@ class EMConfig:
                 f"particles: {n} particles are too few for candidate K {min(self.k_candidates)}–"
                 f"{max(self.k_candidates)} at PCA dimension {p} (need ≥ {need}; lower --pca-dim or K)"
             )
+        if self.train_clusters < 0:
+            raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")
         top = max(self.k_candidates) * (p + 1)
         if n < top:
             logger.warning(
                 "Only %d particles: candidate K above %d will be skipped", n, n // (p + 1)
             )
+
+    @property
+    def head_units(self) -> int:
+        """Units of the classification head: the most classes any iteration can train on."""
+        return max(max(self.k_candidates), int(self.train_clusters))
 
     def yopo(self, box: int, k: int) -> Y.YopoConfig:
         return Y.YopoConfig(box, k, self.width_scale, self.feature_dim, self.precision)
@@ -214,19 +231,31 @@ def _permute_posteriors(post: np.ndarray, mapping: dict[int, int]) -> tuple[np.n
 
 
 def warm_up_head(
-    model, features: np.ndarray, labels: np.ndarray, k: int, cfg: EMConfig, seed: int
+    model,
+    features: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    cfg: EMConfig,
+    seed: int,
+    pca: Any = None,
 ) -> float:
-    """Replace the head by one for ``k`` clusters trained alone on fixed ``features`` (``labels``).
+    """Replace the head by one for ``k`` clusters (``labels``), before the network is trained.
 
-    The head layer has ``max(k_candidates)`` units; the first ``k`` are set here and the others are
+    The head layer has ``cfg.head_units`` units; the first ``k`` are set here and the others are
     switched off (zero kernel, bias −10⁴: their softmax output and gradients are exactly zero, so
     training never revives them), which replaces the classification layer without rebuilding and
     retracing the network.
 
-    The head is a multinomial logistic regression on the features; it is fitted by L-BFGS
-    (scikit-learn, on standardised features, weakening the L2 penalty until the agreement reaches
-    ``cfg.head_agreement``) and the solution is written into the head's kernel and bias.
-    Returns the agreement reached (fraction of argmax equal to the labels).
+    With ``pca`` (the PCA of ``features`` in which the clusters were found) the head is trained
+    alone on the fixed features: a multinomial logistic regression (L-BFGS, C = ``cfg.head_c``) on
+    the PCA-reduced, standardised features, composed with the PCA into one linear layer on the
+    features. It uses only the directions the clusters live in. (Fitting it on all F feature
+    dimensions instead lets it agree with any labelling when F approaches N — 1024 features,
+    a few thousand particles — through directions that are noise; the network then learns to
+    reproduce those and forgets the classes: measured with benchmarks/probe_em_dynamics.py.)
+    Without ``pca`` (the clusters came from something else: voxels, invariant descriptors) the
+    head is re-initialised at random and learns with the network.
+    Returns the agreement of the head with ``labels`` on ``features`` (fraction of equal argmax).
     """
     import warnings
 
@@ -237,35 +266,39 @@ def warm_up_head(
     units = int(head.units)
     if k > units:
         raise ValueError(f"head has {units} units, {k} clusters asked for")
+    labels = np.asarray(labels)
     x = np.asarray(features, dtype=np.float64)
-    mu = x.mean(axis=0)
-    sd = x.std(axis=0)
-    sd = np.where(sd > 0, sd, 1.0)
-    xs = (x - mu) / sd
-    agreement, c = 0.0, 0.1
-    kernel = np.zeros((x.shape[1], k))
-    bias = np.zeros(k)
-    for _ in range(5):
-        clf = LogisticRegression(C=c, max_iter=cfg.head_max_iter, random_state=seed)
+    full_kernel = np.zeros((x.shape[1], units))
+    full_bias = np.full(units, INACTIVE_BIAS)
+    if pca is None:
+        import keras
+
+        init = keras.initializers.Orthogonal(seed=int(seed) % (2**31 - 1))
+        full_kernel[:, :k] = np.asarray(init((x.shape[1], k)))
+        full_bias[:k] = 0.0
+    else:
+        z = pca.transform(x)
+        mu, sd = z.mean(axis=0), z.std(axis=0)
+        sd = np.where(sd > 0, sd, 1.0)
+        clf = LogisticRegression(C=cfg.head_c, max_iter=cfg.head_max_iter, random_state=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(xs, labels)
+            clf.fit((z - mu) / sd, labels)
         coef, icpt = clf.coef_, clf.intercept_
         if coef.shape[0] == 1:  # binary: one logit difference, split symmetrically
             coef = np.vstack([-coef / 2, coef / 2])
             icpt = np.array([-icpt[0] / 2, icpt[0] / 2])
-        full_coef = np.zeros((units, x.shape[1]))
-        full_icpt = np.full(units, INACTIVE_BIAS)
-        full_coef[clf.classes_] = coef
-        full_icpt[clf.classes_] = icpt
-        kernel = (full_coef / sd).T
-        bias = full_icpt - mu @ kernel
-        agreement = float(np.mean(np.argmax(x @ kernel + bias, axis=1) == labels))
-        if agreement >= cfg.head_agreement:
-            break
-        c *= 10.0
-    head.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-    logger.debug("head warm-up: C=%g, agreement %.3f", c, agreement)
+        # logits = ((pca(x) − μ)/σ)·coefᵀ + b, with pca(x) = (x − mean)·componentsᵀ (no whitening)
+        w_z = (coef / sd).T  # (P, classes)
+        kernel = pca.components_.T @ w_z  # (F, classes)
+        bias = icpt - (mu + pca.mean_ @ pca.components_.T) @ w_z
+        full_kernel[:, clf.classes_] = kernel
+        full_bias[clf.classes_] = bias
+    head.set_weights([full_kernel.astype(np.float32), full_bias.astype(np.float32)])
+    agreement = float(np.mean(np.argmax(x @ full_kernel + full_bias, axis=1) == labels))
+    logger.debug(
+        "head warm-up (%s): agreement %.3f", "fit" if pca is not None else "random", agreement
+    )
     return agreement
 
 
@@ -465,7 +498,7 @@ def run_em(
     rows = np.asarray(rows, dtype=np.int64)
     n, box = len(rows), store.box
     cfg.check(n, box)
-    kmax = max(cfg.k_candidates)
+    kmax = cfg.head_units
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
         (ckpt / BEST_DIR).mkdir(parents=True, exist_ok=True)
@@ -544,6 +577,9 @@ def run_em(
         t0 = time.time()
         seed_it = iteration_seed(cfg.seed, it)
         _set_seeds(seed_it)
+        if cfg.calibrate_bn:
+            sample = np.random.default_rng(seed_it).permutation(rows)[: cfg.calibrate_samples]
+            Y.calibrate_batchnorm(model, gather(store, np.sort(sample)), cfg.predict_batch_size)
         feats = predict_features(
             extractor, store, rows, cfg.predict_batch_size * replicas, local=local_predict
         )
@@ -552,6 +588,10 @@ def run_em(
         t1 = time.time()
         if it == 0 and not pretrained and cfg.init == "voxels":
             pca, x = None, voxel_pca_features(store, rows, cfg.pca_dim, seed_it)
+        elif it == 0 and not pretrained and cfg.init == "invariants":
+            inv = invariant_features(store, rows)
+            pca = fit_pca(inv, cfg.pca_dim, seed_it)
+            x, pca = pca.transform(inv), None
         else:
             pca = fit_pca(feats, cfg.pca_dim, seed_it)
             x = pca.transform(feats)
@@ -590,10 +630,19 @@ def run_em(
         loss = float("nan")
         trained = it < cfg.max_iter and not converged
         if trained:
-            if not same_k:  # new K (or first iteration): a fresh head, warmed up on fixed features
-                warm_up_head(model, feats, labels, k, cfg, seed_it)
+            train_labels, k_train = labels, k
+            if cfg.train_clusters > k:
+                # over-clustering: training on sub-clusters of the K clusters keeps the network from
+                # learning to ignore what differs inside a cluster (two merged classes stay separable)
+                train_labels, parent = nested_subclusters(x, labels, cfg.train_clusters, seed_it)
+                k_train = len(parent)
+                warm_up_head(model, feats, train_labels, k_train, cfg, seed_it, pca)
+            elif (
+                not same_k
+            ):  # new K (or first iteration): a fresh head, warmed up on fixed features
+                warm_up_head(model, feats, labels, k, cfg, seed_it, pca)
             Y.reset_dropout_seed(model, seed_it)
-            targets = smooth_targets(labels, k, alpha, kmax)
+            targets = smooth_targets(train_labels, k_train, alpha, kmax)
             ds = train_dataset(store, rows, targets, global_batch, seed_it, cfg.augment)
             loss = trainer.fit(ds, cfg.epochs_per_iter, lr)
             if replicas > 1:  # before the checkpoint, so that --continue resumes the same network
@@ -659,7 +708,7 @@ def _load_best(ckpt: Path, cfg: EMConfig, box: int) -> dict[str, Any]:
     b = ckpt / BEST_DIR
     with open(b / "mixture.pkl", "rb") as fh:
         mixture = pickle.load(fh)
-    ext = Y.feature_extractor(Y.build_yopo(cfg.yopo(box, max(cfg.k_candidates)), seed=cfg.seed))
+    ext = Y.feature_extractor(Y.build_yopo(cfg.yopo(box, cfg.head_units), seed=cfg.seed))
     ext.load_weights(b / "extractor.weights.h5")
     return {
         "labels": np.load(b / "labels.npy"),

@@ -385,3 +385,35 @@ def select_mixture(
         inherited=inherited,
         dropped=dropped,
     )
+
+
+@_single_threaded
+def nested_subclusters(
+    x: np.ndarray, labels: np.ndarray, n_total: int, seed: int, min_size: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split every cluster of ``labels`` by k-means on ``x`` into about ``n_total`` sub-clusters in all.
+
+    Cluster ``c`` of ``n_c`` points gets ``round(n_total · n_c / N)`` parts (at least 1, at most
+    ``n_c // min_size``). The sub-clusters refine the clusters: no sub-cluster straddles two.
+    Returns ``(sub_labels, parent)``: 0-based contiguous sub-cluster labels and, for each sub-cluster,
+    the cluster it belongs to.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    labels = np.asarray(labels)
+    n = len(labels)
+    sub = np.empty(n, dtype=np.int64)
+    parent: list[int] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        parts = int(round(n_total * len(idx) / n))
+        parts = max(1, min(parts, len(idx) // max(1, min_size)))
+        if parts == 1:
+            part_labels = np.zeros(len(idx), dtype=np.int64)
+        else:
+            km = KMeans(n_clusters=parts, n_init=3, random_state=int(seed) + int(c))
+            part_labels = km.fit_predict(x[idx])
+        used = np.unique(part_labels)
+        remap = {int(u): len(parent) + j for j, u in enumerate(used)}
+        sub[idx] = [remap[int(v)] for v in part_labels]
+        parent.extend([int(c)] * len(used))
+    return sub, np.asarray(parent, dtype=np.int64)

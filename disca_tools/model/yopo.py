@@ -176,6 +176,36 @@ def n_classes_of(model: keras.Model) -> int:
     return int(head_layer(model).units)
 
 
+def calibrate_batchnorm(model: keras.Model, volumes: np.ndarray, batch_size: int = 64) -> None:
+    """Set every BatchNormalization layer's moving mean and variance to the statistics of its input
+    on ``volumes`` (normalised subtomograms ``(n, S, S, S)``), layer by layer in inference mode.
+
+    A freshly built network's moving statistics are their initial values (mean 0, variance 1), so in
+    inference mode its normalisation layers normalise nothing and the untrained features that start
+    the EM loop are dominated by whichever taps happen to be largest. Calibrated, the untrained
+    network's features carry much more class information (benchmarks/probe_initial_features.py).
+    Each layer is calibrated after the layers before it, so it sees the inputs it will see later.
+    """
+    import tensorflow as tf
+
+    x = np.asarray(volumes, dtype=np.float32)[..., None]
+    for layer in [m for m in model.layers if isinstance(m, layers.BatchNormalization)]:
+        probe = keras.Model(model.inputs, layer.input)
+        step = tf.function(lambda v, probe=probe: probe(v, training=False), reduce_retracing=True)
+        total = total_sq = None
+        count = 0
+        for start in range(0, len(x), batch_size):
+            a = np.asarray(step(x[start : start + batch_size]), dtype=np.float64)
+            a = a.reshape(-1, a.shape[-1])
+            total = a.sum(0) if total is None else total + a.sum(0)
+            total_sq = (a * a).sum(0) if total_sq is None else total_sq + (a * a).sum(0)
+            count += a.shape[0]
+        mean = total / count
+        var = np.maximum(total_sq / count - mean * mean, 0.0)
+        layer.moving_mean.assign(mean.astype(np.float32))
+        layer.moving_variance.assign(var.astype(np.float32))
+
+
 def reset_dropout_seed(model: keras.Model, seed: int) -> None:
     """Set the input GaussianDropout's random state (so each EM iteration's noise is reproducible)."""
     layer = model.get_layer(DROPOUT_LAYER)

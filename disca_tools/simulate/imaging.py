@@ -22,6 +22,19 @@ Noise
     ``noise_in_wedge`` the noise is white noise filtered by the missing wedge (no CTF: the CTF acts
     on the signal only), rescaled to exactly the requested variance in expectation.
 
+SNR conventions (``snr_convention`` of the subtomogram simulator)
+    ``"volume"`` (default): the SNR above, measured on the volume that is written; an SNR of 0.1
+    means exactly that in the output. ``"aitom"``: the convention of the simulator used for the DISCA
+    paper's Table S1 (AITom's ``reconstruction__simple_convolution``, itself a shortcut of its
+    tilt-series back-projection simulator): the noise level is set from the variance ``S`` of the
+    CTF × wedge filtered density, ``σ² = S·c/SNR`` with ``c`` = 1 / (fraction of white-noise variance
+    that passes CTF × wedge); half of that noise passes the CTF, half a smooth low-pass (the detector
+    MTF, Gaussian of σ = 0.2·N frequency pixels); then signal and noise are low-passed to
+    ``⌊N·pixel(nm)/4⌋`` frequency pixels (smooth edge of 2), and the wedge and the Nyquist sphere
+    applied. The low-pass removes most of the noise, so the variance ratio of the written volume is
+    several times the nominal SNR (the simulator reports it as the *effective* SNR): the paper's
+    "SNR 0.1" is not a volume SNR of 0.1. See :func:`aitom_radial` and :func:`aitom_noise_level`.
+
 Missing wedge
     The beam is along z; tilting about ``tilt_axis`` (``"y"``: the usual single-axis tilt) by
     ±``tilt_range_deg`` samples the Fourier region ``|kz| ≤ |kx|·tan(θ)`` (``|ky|`` for an x tilt
@@ -31,7 +44,8 @@ Missing wedge
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.fft
@@ -106,16 +120,28 @@ def _axis_freqs(n: int, angpix: float, half: bool = False) -> np.ndarray:
     )
 
 
-def _weight_block(kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, imaging: Imaging) -> np.ndarray:
+def _weight_block(
+    kz: np.ndarray,
+    ky: np.ndarray,
+    kx: np.ndarray,
+    imaging: Imaging,
+    radial: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
     """Weight on the grid spanned by 1D frequency arrays ``[z, y, x]`` (float32, possibly a
-    read-only broadcast view: the wedge-only weight does not depend on the tilt axis' frequency)."""
+    read-only broadcast view: the wedge-only weight does not depend on the tilt axis' frequency).
+    ``radial`` (a function of k² in 1/Å²) multiplies in an extra isotropic filter."""
     shape = (kz.size, ky.size, kx.size)
     kz3 = kz.astype(np.float32)[:, None, None]
     ky3 = ky.astype(np.float32)[None, :, None]
     kx3 = kx.astype(np.float32)[None, None, :]
     w = None
-    if imaging.apply_ctf:
-        w = _ctf_k2(kz3 * kz3 + ky3 * ky3 + kx3 * kx3, imaging)
+    if imaging.apply_ctf or radial is not None:
+        k2 = kz3 * kz3 + ky3 * ky3 + kx3 * kx3
+        if imaging.apply_ctf:
+            w = _ctf_k2(k2, imaging)
+        if radial is not None:
+            r = radial(k2).astype(np.float32, copy=False)
+            w = r if w is None else w * r
     if imaging.tilt_range_deg < 90.0:
         t = np.float32(math.tan(math.radians(imaging.tilt_range_deg)))
         perp = np.abs(kx3) if imaging.tilt_axis == "y" else np.abs(ky3)
@@ -150,15 +176,20 @@ def ctf_wedge_weight(
 
 
 def apply_imaging(
-    volume_zyx: np.ndarray, angpix: float, imaging: Imaging, slab: int = 32
+    volume_zyx: np.ndarray,
+    angpix: float,
+    imaging: Imaging,
+    slab: int = 32,
+    radial: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Apply CTF and missing wedge to a protein-positive volume (any shape); returns float32.
 
     The last three axes are ``[z, y, x]``; leading axes are a batch. Works on z slabs of the half
-    spectrum so the weight never exists for the whole volume at once.
+    spectrum so the weight never exists for the whole volume at once. ``radial`` (a function of k²
+    in 1/Å²) multiplies in an extra isotropic filter (e.g. :func:`aitom_radial`).
     """
     vol = np.asarray(volume_zyx, dtype=np.float32)
-    if not imaging.apply_ctf and imaging.tilt_range_deg >= 90.0:
+    if not imaging.apply_ctf and imaging.tilt_range_deg >= 90.0 and radial is None:
         return vol.copy()
     nz, ny, nx = vol.shape[-3:]
     axes = (-3, -2, -1)
@@ -167,7 +198,7 @@ def apply_imaging(
     kx = _axis_freqs(nx, angpix, half=True)
     for z0 in range(0, nz, slab):
         z1 = min(nz, z0 + slab)
-        spec[..., z0:z1, :, :] *= _weight_block(kz[z0:z1], ky, kx, imaging)
+        spec[..., z0:z1, :, :] *= _weight_block(kz[z0:z1], ky, kx, imaging, radial)
     out = scipy.fft.irfftn(spec, s=(nz, ny, nx), axes=axes, workers=_FFT_WORKERS)
     return out.astype(np.float32, copy=False)
 
@@ -256,3 +287,96 @@ def add_noise(
     noise *= np.float32(math.sqrt(var / snr))
     noise += vol
     return noise
+
+
+# ----------------------------------------------------------------------------- AITom's SNR convention
+
+SNR_CONVENTIONS = ("volume", "aitom")
+AITOM_NOISE_FILTERS = ("signal", "variance", "ctf_noise", "mtf_noise")
+
+
+def _soft_sphere(r: np.ndarray, radius: float, sigma: float) -> np.ndarray:
+    """1 inside ``radius``, a Gaussian edge of width ``sigma`` outside (radii in frequency pixels)."""
+    out = np.ones_like(r)
+    outside = r > radius
+    out[outside] = np.exp(-0.5 * ((r[outside] - radius) / sigma) ** 2)
+    return out
+
+
+def aitom_lowpass_radius(box: int, angpix: float) -> float:
+    """AITom's final low-pass radius in frequency pixels of a ``box``³ volume:
+    ``⌊(N/8) / Nyquist⌋`` with Nyquist in 1/nm, i.e. ``⌊N · pixel(nm) / 4⌋``."""
+    return float(math.floor(box * angpix / 40.0 + 1e-9))
+
+
+def aitom_radial(box: int, angpix: float, which: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The isotropic part of AITom's filters for a ``box``³ volume, as a function of k² (1/Å²).
+
+    ``"signal"``: low-pass² (the density is low-passed before and after imaging) × Nyquist sphere;
+    ``"variance"``: the Nyquist sphere alone (the signal variance ``S`` is measured after CTF ×
+    wedge × sphere); ``"ctf_noise"``: low-pass × sphere (that noise then passes the CTF);
+    ``"mtf_noise"``: low-pass × sphere × the smooth MTF low-pass (radius 1, σ = 0.2·N pixels).
+    Combine with the CTF and wedge of an :class:`Imaging` (``apply_imaging(..., radial=...)``).
+    """
+    if which not in AITOM_NOISE_FILTERS:
+        raise ValueError(f"which must be one of {AITOM_NOISE_FILTERS}, got {which!r}")
+    scale = float(box) * float(angpix)  # 1/Å → frequency pixels of the box
+    lowpass = aitom_lowpass_radius(box, angpix)
+
+    def radial(k2: np.ndarray) -> np.ndarray:
+        r = np.sqrt(np.asarray(k2, dtype=np.float64)) * scale
+        out = (r <= box / 2.0 + 1e-4).astype(np.float64)  # float32 grids: keep r = N/2
+        if which == "variance":
+            return out
+        bp = _soft_sphere(r, lowpass, 2.0)
+        out *= bp * bp if which == "signal" else bp
+        if which == "mtf_noise":
+            out *= _soft_sphere(r, 1.0, 0.2 * box)
+        return out
+
+    return radial
+
+
+def _mean_power(box: int, angpix: float, imaging: Imaging, which: str) -> float:
+    """Mean over the full ``box``³ Fourier grid of the squared filter (= the variance a unit white
+    noise keeps after it, by Parseval)."""
+    k = _axis_freqs(box, angpix)
+    w = _weight_block(k, k, k, imaging, aitom_radial(box, angpix, which))
+    return float(np.mean(np.square(w, dtype=np.float64)))
+
+
+def aitom_noise_level(
+    box: int, angpix: float, imaging: Imaging, snr: float, signal_var: float
+) -> tuple[float, float]:
+    """``(σ, noise variance in the output)`` of AITom's convention for a set whose CTF × wedge ×
+    sphere filtered density has variance ``signal_var`` (``σ``: each of the two white noises)."""
+    c = 1.0 / max(_mean_power(box, angpix, imaging, "variance"), 1e-12)
+    sigma2 = 0.5 * signal_var * c / snr
+    mtf = replace(imaging, apply_ctf=False)
+    kept = _mean_power(box, angpix, imaging, "ctf_noise") + _mean_power(
+        box, angpix, mtf, "mtf_noise"
+    )
+    return math.sqrt(sigma2), sigma2 * kept
+
+
+def aitom_noise(
+    shape: tuple[int, ...], angpix: float, imaging: Imaging, sigma: float, rng: np.random.Generator
+) -> np.ndarray:
+    """AITom's noise for volumes of ``shape`` (last three axes a cube): two white noises of s.d.
+    ``sigma``, one through CTF × low-pass, one through the MTF × low-pass, both × wedge × sphere."""
+    box = int(shape[-1])
+    axes = (-3, -2, -1)
+    k, kh = _axis_freqs(box, angpix), _axis_freqs(box, angpix, half=True)
+    mtf = replace(imaging, apply_ctf=False)
+    spec = scipy.fft.rfftn(
+        rng.standard_normal(shape, dtype=np.float32), axes=axes, workers=_FFT_WORKERS
+    )
+    spec *= _weight_block(k, k, kh, imaging, aitom_radial(box, angpix, "ctf_noise"))
+    other = scipy.fft.rfftn(
+        rng.standard_normal(shape, dtype=np.float32), axes=axes, workers=_FFT_WORKERS
+    )
+    other *= _weight_block(k, k, kh, mtf, aitom_radial(box, angpix, "mtf_noise"))
+    spec += other
+    out = scipy.fft.irfftn(spec, s=(box, box, box), axes=axes, workers=_FFT_WORKERS)
+    out *= sigma
+    return out.astype(np.float32, copy=False)

@@ -10,6 +10,11 @@ extractor normalise where they need to. The noise level is one for the whole set
 ``noise variance = mean over the set of each noise-free imaged subtomogram's variance (whole box) / SNR``,
 so every subtomogram of a set has the same noise level, as in a real data set. The noise is limited
 to the sampled Fourier region (``Imaging.noise_in_wedge``, default) or white.
+
+``snr_convention="aitom"`` follows instead the simulator behind the paper's Table S1 (see
+:mod:`.imaging`): the noise level comes from the set's mean variance of the CTF × wedge filtered
+density and the nominal SNR, and signal and noise are then low-passed, so the written volumes have a
+higher variance ratio than the nominal SNR; it is reported as ``SubtomogramSet.effective_snr``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,15 @@ import numpy as np
 
 from ..geometry import pad_or_crop, random_euler, rotate_volume
 from ..runtime.log import progress
-from .imaging import Imaging, apply_imaging, unit_noise
+from .imaging import (
+    SNR_CONVENTIONS,
+    Imaging,
+    aitom_noise,
+    aitom_noise_level,
+    aitom_radial,
+    apply_imaging,
+    unit_noise,
+)
 from .structures import load_structure, structure_label, structure_radius_px
 
 
@@ -33,7 +46,9 @@ class SubtomogramSet:
     ``class_names``. angles_deg: ``(N, 3)`` RELION ZYZ (rot, tilt, psi). shifts_xyz: ``(N, 3)`` voxels,
     the particle centre relative to the box centre (``N // 2``); RELION's origin is ``−shift·angpix``.
     references: noise-free, un-rotated maps at the output sampling (box ``S``), keyed by class name.
-    noise_sigma: the standard deviation of the added noise (0 for ``snr = inf``).
+    noise_sigma: the standard deviation of the added noise in the written volumes (0 for ``snr = inf``).
+    snr: the nominal SNR in ``snr_convention``; effective_snr: mean signal variance of the written
+    volumes / noise variance in them (equal to ``snr`` in the ``"volume"`` convention).
     """
 
     volumes: np.ndarray
@@ -47,6 +62,8 @@ class SubtomogramSet:
     imaging: Imaging = field(default_factory=Imaging)
     noise_sigma: float = 0.0
     signal_variance: float = 0.0
+    snr_convention: str = "volume"
+    effective_snr: float = math.inf
 
     def __len__(self) -> int:
         return int(self.volumes.shape[0])
@@ -67,6 +84,7 @@ def simulate_subtomogram_set(
     max_shift_px: float = 1.0,
     return_clean: bool = False,
     image_box: int | None = None,
+    snr_convention: str = "volume",
 ) -> SubtomogramSet | tuple[SubtomogramSet, np.ndarray]:
     """Simulate ``n_per_class`` subtomograms (box ``box``) of each structure, shuffled.
 
@@ -74,7 +92,8 @@ def simulate_subtomogram_set(
     ``[−max_shift_px, max_shift_px]`` per axis. ``snr = inf`` adds no noise. With ``return_clean``
     also returns the noise-free imaged volumes (to measure the SNR). Each particle is imaged in a
     box of ``image_box`` (default ``box + 2·⌈box/4⌉``: room for the CTF's delocalisation, no
-    wrap-around) and cropped to ``box``.
+    wrap-around) and cropped to ``box``. ``snr_convention``: ``"volume"`` or ``"aitom"`` (module
+    docstring).
     """
     if not structures:
         raise ValueError("no structures given")
@@ -82,6 +101,9 @@ def simulate_subtomogram_set(
         raise ValueError(f"bad sizes: n_per_class={n_per_class}, box={box}, angpix={angpix}")
     if snr is not None and not (snr > 0):
         raise ValueError(f"snr must be positive (or inf), got {snr}")
+    if snr_convention not in SNR_CONVENTIONS:
+        raise ValueError(f"snr_convention must be one of {SNR_CONVENTIONS}, got {snr_convention!r}")
+    aitom = snr_convention == "aitom"
     rng = np.random.default_rng(seed)
     names = [structure_label(s) for s in structures]
     if len(set(names)) != len(names):
@@ -107,6 +129,11 @@ def simulate_subtomogram_set(
         for m in maps
     ]
     clean = np.empty((n, box, box, box), dtype=np.float32)
+    # AITom: the noise level comes from the CTF × wedge × sphere filtered density's variance, the
+    # written signal is that density low-passed (twice); both filters are defined on the box grid
+    aitom_var = np.empty(n, dtype=np.float64) if aitom else None
+    signal_filter = aitom_radial(box, angpix, "signal") if aitom else None
+    variance_filter = aitom_radial(box, angpix, "variance") if aitom else None
     chunk = max(1, min(n, (64 * 48**3) // big**3))
     batch = np.empty((chunk, big, big, big), dtype=np.float32)
     for i0 in progress(range(0, n, chunk), total=-(-n // chunk), desc="simulate subtomograms"):
@@ -121,19 +148,33 @@ def simulate_subtomogram_set(
                 output_shape_zyx=(r, r, r),
             )
             batch[j] = sub if r == big else pad_or_crop(sub, (big, big, big))
-        imaged = apply_imaging(batch[: i1 - i0], angpix, imaging)
-        clean[i0:i1] = imaged[:, lo : lo + box, lo : lo + box, lo : lo + box]
+        crop = (slice(None), slice(lo, lo + box), slice(lo, lo + box), slice(lo, lo + box))
+        if aitom:
+            ref = apply_imaging(batch[: i1 - i0], angpix, imaging, radial=variance_filter)[crop]
+            aitom_var[i0:i1] = np.var(ref.reshape(i1 - i0, -1), axis=1, dtype=np.float64)
+        imaged = apply_imaging(batch[: i1 - i0], angpix, imaging, radial=signal_filter)
+        clean[i0:i1] = imaged[crop]
 
     sig_var = float(np.mean(np.var(clean.reshape(n, -1), axis=1, dtype=np.float64)))
     if snr is None or math.isinf(snr):
-        volumes, sigma = (clean.copy() if return_clean else clean), 0.0
+        volumes, sigma, effective = (clean.copy() if return_clean else clean), 0.0, math.inf
     else:
-        sigma = math.sqrt(sig_var / snr)
+        if aitom:
+            white_sd, noise_var = aitom_noise_level(
+                box, angpix, imaging, snr, float(np.mean(aitom_var))
+            )
+            sigma, effective = math.sqrt(noise_var), sig_var / noise_var
+        else:
+            sigma, effective = math.sqrt(sig_var / snr), float(snr)
         # without return_clean the noise goes into the same buffer (memory: one copy of the set)
         volumes = clean.copy() if return_clean else clean
         for i0 in range(0, n, 256):
-            noise = unit_noise(volumes[i0 : i0 + 256].shape, imaging, rng)
-            noise *= np.float32(sigma)
+            shape = volumes[i0 : i0 + 256].shape
+            if aitom:
+                noise = aitom_noise(shape, angpix, imaging, white_sd, rng)
+            else:
+                noise = unit_noise(shape, imaging, rng)
+                noise *= np.float32(sigma)
             volumes[i0 : i0 + 256] += noise
     result = SubtomogramSet(
         volumes=volumes,
@@ -147,5 +188,7 @@ def simulate_subtomogram_set(
         imaging=imaging,
         noise_sigma=sigma,
         signal_variance=sig_var,
+        snr_convention=snr_convention,
+        effective_snr=float(effective),
     )
     return (result, clean) if return_clean else result

@@ -1,0 +1,166 @@
+"""How much class information can YOPO's features carry when it is trained on the *true* labels?
+
+DISCA trains YOPO on its own pseudo-labels; if YOPO (at a CPU width, with DISCA's training recipe:
+rotated copies, label smoothing, categorical hinge loss, Nadam) cannot learn separable features even
+from the true labels, the EM loop cannot either. This probe trains on the truth for a few epochs and
+after each stage clusters the inference-mode features the way the loop does (PCA 16, full-covariance
+mixtures with the paper's BIC, K 2–10), scored by homogeneity; the raw-voxel baseline is printed
+beside it. A ceiling for the loop, not a result of DISCA.
+
+    python benchmarks/probe_supervised_ceiling.py [--n-per-class 200] [--snr 0.1] \\
+        [--snr-convention volume|aitom] [--width-scale 0.1] [--epochs 2 4 8]
+
+Prints a table and saves benchmarks/results/probe_supervised_ceiling[_TAG].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+from sklearn.metrics import homogeneity_score  # noqa: E402
+
+from disca_tools.cluster.em import EMConfig, _Trainer, smooth_targets  # noqa: E402
+from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
+from disca_tools.model import yopo as Y  # noqa: E402
+from disca_tools.model.data import (  # noqa: E402
+    SubtomogramStore,
+    normalise,
+    predict_features,
+    train_dataset,
+)
+from disca_tools.simulate.imaging import Imaging  # noqa: E402
+from disca_tools.simulate.subtomograms import simulate_subtomogram_set  # noqa: E402
+
+STRUCTURES = ["4v4r", "3j9i", "4v94", "1qvr", "3d2f"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def score(x: np.ndarray, truth: np.ndarray, pca_dim: int) -> dict:
+    reduced = fit_pca(x, pca_dim, 0).transform(x)
+    sel = select_mixture(reduced, list(range(2, 11)), seed=0)
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=len(np.unique(truth)), n_init=5, random_state=0).fit_predict(reduced)
+    return {
+        "k_bic": int(sel.k),
+        "h_bic": round(float(homogeneity_score(truth, sel.labels)), 4),
+        "h_kmeans_true_k": round(float(homogeneity_score(truth, km)), 4),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-per-class", type=int, default=200)
+    ap.add_argument("--snr", type=float, default=0.1)
+    ap.add_argument("--snr-convention", default="volume")
+    ap.add_argument("--angpix", type=float, default=14.0)
+    ap.add_argument("--width-scale", type=float, default=0.1)
+    ap.add_argument("--feature-dim", type=int, default=1024)
+    ap.add_argument("--epochs", type=int, nargs="+", default=[2, 4, 8], help="cumulative stages")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--alpha", type=float, default=0.1, help="label smoothing")
+    ap.add_argument("--pca-dim", type=int, default=16)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument(
+        "--labels",
+        default="truth",
+        choices=["truth", "voxels"],
+        help="train on the true labels, or on the clusters of PCA of the voxels (iteration 0 of "
+        "--init voxels)",
+    )
+    ap.add_argument(
+        "--calibrate-bn", action="store_true", help="calibrate BatchNorm before features"
+    )
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    t0 = time.time()
+    kw = {"snr_convention": args.snr_convention} if args.snr_convention != "volume" else {}
+    sim = simulate_subtomogram_set(
+        STRUCTURES, args.n_per_class, 24, args.angpix, args.snr, Imaging(), seed=0, **kw
+    )
+    vols, truth = normalise(sim.volumes), sim.labels
+    rows = [{"stage": "raw voxels", **score(vols.reshape(len(vols), -1), truth, args.pca_dim)}]
+    print(rows[-1], flush=True)
+    store = SubtomogramStore(
+        volumes=vols, names=[f"s{i}" for i in range(len(vols))], path=Path("<memory>")
+    )
+    idx = np.arange(len(vols))
+    cfg = EMConfig(
+        width_scale=args.width_scale,
+        feature_dim=args.feature_dim,
+        precision=Y.resolve_precision(args.precision),
+    )
+    k = len(STRUCTURES)
+    model = Y.build_yopo(cfg.yopo(24, k), seed=0)
+    trainer = _Trainer(model, args.lr)
+    extractor = Y.feature_extractor(model)
+    feats = predict_features(extractor, store, idx, 64)
+    rows.append({"stage": "untrained", "epochs": 0, **score(feats, truth, args.pca_dim)})
+    print(rows[-1], flush=True)
+    done = 0
+    labels = truth
+    if args.labels == "voxels":
+        from disca_tools.cluster.em import voxel_pca_features
+
+        x0 = voxel_pca_features(store, idx, args.pca_dim, 0)
+        labels = select_mixture(x0, list(range(2, 11)), seed=0).labels
+        k = int(labels.max()) + 1
+        rows.append(
+            {"stage": "voxel clusters (training labels)", "k": k,
+             "h": round(float(homogeneity_score(truth, labels)), 4)}
+        )  # fmt: skip
+        print(rows[-1], flush=True)
+    targets = smooth_targets(labels, k, args.alpha, width=len(STRUCTURES))
+    if args.labels == "voxels":
+        from disca_tools.cluster.em import warm_up_head
+
+        warm_up_head(model, feats, labels, k, cfg, 0)  # random head (no PCA)
+    for stage in args.epochs:
+        ds = train_dataset(store, idx, targets, cfg.batch_size, seed=stage)
+        t1 = time.time()
+        loss = trainer.fit(ds, stage - done, args.lr)
+        done = stage
+        if args.calibrate_bn:
+            Y.calibrate_batchnorm(
+                model, vols[np.random.default_rng(0).permutation(len(vols))[:512]]
+            )
+        feats = predict_features(extractor, store, idx, 64)
+        probs = model.predict(vols[..., None], batch_size=64, verbose=0)
+        acc = float(np.mean(np.argmax(probs, axis=1) == labels))
+        logits = np.log(np.maximum(probs[:, :k], 1e-12))
+        z = (feats - feats.mean(0)) / (feats.std(0) + 1e-8)
+        rows.append(
+            {
+                "stage": f"trained on {args.labels}",
+                "epochs": done,
+                "loss": round(loss, 4),
+                "head_accuracy": round(acc, 4),
+                "seconds_train": round(time.time() - t1, 1),
+                **score(feats, truth, args.pca_dim),
+                "log_probs": score(logits, truth, k - 1),
+                "standardised": score(z, truth, args.pca_dim),
+            }
+        )
+        print(rows[-1], flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    name = "probe_supervised_ceiling" + (f"_{args.tag}" if args.tag else "")
+    out = {
+        "protocol": vars(args),
+        "structures": STRUCTURES,
+        "rows": rows,
+        "seconds": time.time() - t0,
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
