@@ -19,7 +19,9 @@ job. On the 2-core CPU use the options to shrink it and state the protocol, e.g.
     python benchmarks/bench_table_s1.py --n-per-class 60 --width-scale 0.25 --max-iter 6 \\
         --cells 60:0.1,60:0.01
 
-``--methods`` picks what to run (``disca,gmm,kmeans``); ``--cells all`` runs the 10 cells.
+``--methods`` picks what to run (``disca,disca_paper,gmm,kmeans``; ``disca`` uses the options given
+here, ``disca_paper`` the paper's choices: iteration 0 from the untrained network, training on the K
+clusters, PCA 16); ``--cells all`` runs the 10 cells.
 """
 
 from __future__ import annotations
@@ -100,8 +102,11 @@ def run_kmeans(volumes, k, seed):
         return km.fit_predict(normalised_flat(volumes))
 
 
-def run_disca(volumes, args, seed):
-    """DISCA through engineer D's core API (disca_tools.cluster.em.run_em on an in-memory store)."""
+def run_disca(volumes, args, seed, paper: bool = False):
+    """DISCA through the core API (disca_tools.cluster.em.run_em on an in-memory store).
+
+    ``paper``: the paper's choices whatever the options say (iteration 0 from the untrained network,
+    training on the K clusters, PCA 16, no BatchNorm calibration)."""
     from disca_tools.cluster.em import EMConfig, run_em
     from disca_tools.model.data import SubtomogramStore
     from disca_tools.model.yopo import resolve_precision
@@ -111,14 +116,16 @@ def run_disca(volumes, args, seed):
     )
     cfg = EMConfig(
         k_candidates=args.k_candidates,
-        pca_dim=args.pca_dim,
+        pca_dim=16 if paper else args.pca_dim,
         max_iter=args.max_iter,
         width_scale=args.width_scale,
         seed=seed,
         precision=resolve_precision(args.precision),
         **({"epochs_per_iter": args.epochs_per_iter} if args.epochs_per_iter else {}),
         **({"lr": args.lr} if args.lr else {}),
-        init=args.init,
+        init="network" if paper else args.init,
+        train_clusters=0 if paper else args.train_clusters,
+        calibrate_bn=False if paper else args.calibrate_bn,
     )
     res = run_em(store, np.arange(len(volumes)), cfg)
     extra = {"best_iteration": int(res.best_iteration), "iterations": len(res.history)}
@@ -150,6 +157,8 @@ def main(argv=None) -> int:
         choices=["network", "invariants", "voxels"],
         help="iteration-0 clusters",
     )
+    ap.add_argument("--train-clusters", type=int, default=0, help="disca_cluster --train-clusters")
+    ap.add_argument("--calibrate-bn", action="store_true", help="disca_cluster --calibrate-bn")
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     from disca_tools.runtime.log import configure
@@ -183,8 +192,8 @@ def main(argv=None) -> int:
         for method in methods:
             t0 = time.time()
             extra: dict = {}
-            if method == "disca":
-                labels, extra = run_disca(sim.volumes, args, args.seed)
+            if method in ("disca", "disca_paper"):
+                labels, extra = run_disca(sim.volumes, args, args.seed, method == "disca_paper")
             elif method == "gmm":
                 labels = run_gmm_bic(sim.volumes, args.k_candidates, args.pca_dim, args.seed)
             elif method == "kmeans":
@@ -231,7 +240,9 @@ def markdown(rows: list[dict], protocol: dict) -> str:
         f"{protocol['box']}³ at {protocol['angpix']} Å, structures {protocol['structures']}; DISCA width "
         f"scale {protocol['width_scale']}, max {protocol['max_iter']} iterations, candidate K "
         f"{min(protocol['k_candidates'])}–{max(protocol['k_candidates'])}, PCA {protocol['pca_dim']}, "
-        f"seed {protocol['seed']}; SNR convention {protocol.get('snr_convention', 'volume')} "
+        f"seed {protocol['seed']}; DISCA options: init {protocol.get('init', 'network')}, train clusters "
+        f"{protocol.get('train_clusters', 0)}, BatchNorm calibration {protocol.get('calibrate_bn', False)} "
+        "(disca_paper: network init, K clusters, PCA 16); SNR convention {protocol.get('snr_convention', 'volume')} "
         "(effective SNR: variance ratio of the simulated volumes). Accuracy after Hungarian matching (the paper reports it only when K is "
         "right; '*' marks a wrong K).",
         "",

@@ -148,10 +148,12 @@ def test_training_on_subclusters_reports_the_bic_clusters(tiny_store):
     clustering is still the mixture's (K among the candidates, labels 0..K-1); with --calibrate-bn
     too, the reported extractor's normalisation statistics are the data's, not the initial ones."""
     rows = np.arange(len(tiny_store))
-    cfg = em.EMConfig(**dict(TINY, max_iter=1, train_clusters=6, calibrate_bn=True))
+    cfg = em.EMConfig(**dict(TINY, max_iter=2, train_clusters=6, calibrate_bn=True))
     assert cfg.head_units == 6
     res = em.run_em(tiny_store, rows, cfg)
-    assert np.isfinite(res.history[0].loss)
+    assert np.isfinite(res.history[0].loss) and np.isfinite(
+        res.history[1].loss
+    )  # sub-clusters at 1
     assert res.k in cfg.k_candidates and set(np.unique(res.labels)) == set(range(res.k))
     # every particle was in the calibration sample (60 ≤ 512): the statistics are the data's
     from disca_tools.model.data import gather
@@ -164,3 +166,20 @@ def test_training_on_subclusters_reports_the_bic_clusters(tiny_store):
     np.testing.assert_allclose(bn.moving_variance.numpy(), taps.var(0), rtol=1e-3, atol=1e-5)
     with pytest.raises(UserError, match="train-clusters"):
         em.EMConfig(train_clusters=-1).check(1000, 24)
+
+
+def test_invariant_init_clusters_the_descriptors_at_iteration_0(tiny_store):
+    """--init invariants: iteration 0 clusters PCA of the rotation-invariant descriptors (the same
+    K as a direct computation), then trains the network on those clusters."""
+    from disca_tools.cluster.invariants import invariant_features
+    from disca_tools.cluster.mixture import fit_pca, select_mixture
+
+    rows = np.arange(len(tiny_store))
+    cfg = em.EMConfig(**dict(TINY, max_iter=1, init="invariants"))
+    res = em.run_em(tiny_store, rows, cfg)
+    seed0 = em.iteration_seed(cfg.seed, 0)
+    inv = invariant_features(tiny_store, rows)
+    direct = select_mixture(
+        fit_pca(inv, cfg.pca_dim, seed0).transform(inv), cfg.k_candidates, seed0
+    )
+    assert res.history[0].k == direct.k and np.isfinite(res.history[0].loss)

@@ -20,7 +20,8 @@ Iteration ``t`` (0, 1, …, ``max_iter``):
    ``(1 − α)·onehot + α/K`` (α = α₀·0.9ᵗ), categorical hinge loss, Nadam (lr·decayᵗ), fresh
    optimizer state each iteration; with ``train_clusters`` > K (not in the paper; off by default)
    the training labels are a finer partition, each cluster split by k-means into sub-clusters
-   (about ``train_clusters`` in all), and the head is warmed up on them afresh each iteration;
+   (about ``train_clusters`` in all), and the head is warmed up on them afresh each iteration
+   (from the first trained network on: iteration 0 of a fresh network trains on the K clusters);
 6. stop when K is unchanged and ≥ 99 % of labels keep their cluster for 3 consecutive iterations,
    or at ``max_iter``. The last iteration is a clustering without training after it.
 
@@ -631,9 +632,11 @@ def run_em(
         trained = it < cfg.max_iter and not converged
         if trained:
             train_labels, k_train = labels, k
-            if cfg.train_clusters > k:
+            if cfg.train_clusters > k and (it >= 1 or pretrained):
                 # over-clustering: training on sub-clusters of the K clusters keeps the network from
-                # learning to ignore what differs inside a cluster (two merged classes stay separable)
+                # learning to ignore what differs inside a cluster (two merged classes stay separable).
+                # Not at iteration 0 of a fresh network: sub-clusters of untrained features (or of
+                # the iteration-0 descriptors) are mostly noise, and the first round learns the K.
                 train_labels, parent = nested_subclusters(x, labels, cfg.train_clusters, seed_it)
                 k_train = len(parent)
                 warm_up_head(model, feats, train_labels, k_train, cfg, seed_it, pca)
