@@ -157,6 +157,12 @@ def main(argv=None) -> int:
         choices=["network", "invariants", "voxels"],
         help="iteration-0 clusters",
     )
+    ap.add_argument(
+        "--snr-convention",
+        default="volume",
+        choices=["volume", "aitom"],
+        help="what SNR means (disca_simulate --snr-convention); the paper's simulator is 'aitom'",
+    )
     ap.add_argument("--train-clusters", type=int, default=0, help="disca_cluster --train-clusters")
     ap.add_argument("--calibrate-bn", action="store_true", help="disca_cluster --calibrate-bn")
     ap.add_argument("--tag", default="", help="suffix for the result files")

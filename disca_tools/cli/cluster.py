@@ -33,6 +33,13 @@ Outputs in DIR:
   checkpoint/         weights, labels and state after every iteration (for --continue)
   decoded/            with --decode-centers: class_NNN.mrc per cluster centre + montage.png
 
+Beyond the paper (off by default; measured in README 'Clustering accuracy'): --init invariants
+starts from clusters of rotation-invariant shell descriptors of the data instead of the untrained
+network's features; --train-clusters N trains on about N sub-clusters of the K clusters
+(over-clustering) so that merged classes can separate again; --calibrate-bn sets the BatchNorm
+statistics from the clean data before each feature pass. On a CPU-sized network at low SNR,
+--init invariants --train-clusters 15 --pca-dim 8 did much better than the paper's choices.
+
 The full network (--width-scale 1) wants a GPU; on a CPU use e.g. --width-scale 0.25
 --feature-dim 256. --precision auto computes in bfloat16 where the hardware supports it.
 
