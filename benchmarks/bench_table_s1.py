@@ -35,15 +35,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from table_s1_cell import RESULTS, STRUCTURES  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
 from disca_tools.evaluate import clustering_metrics  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-STRUCTURES = ["4v4r", "3j9i", "4v94", "1qvr", "3d2f"]
 SNRS = [0.1, 0.03, 0.01, 0.003, 0.001]
 TILTS = [60, 40]
 

@@ -15,7 +15,6 @@ Prints a table and saves benchmarks/results/probe_em_dynamics[_TAG].json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,19 +22,21 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.metrics import homogeneity_score  # noqa: E402
+from table_s1_cell import (  # noqa: E402
+    STRUCTURES,
+    add_cell_arguments,
+    save_result,
+    simulate_cell,
+)
 
 from disca_tools.cluster import em  # noqa: E402
 from disca_tools.model.data import SubtomogramStore  # noqa: E402
 from disca_tools.model.yopo import resolve_precision  # noqa: E402
-from disca_tools.simulate.imaging import Imaging  # noqa: E402
-from disca_tools.simulate.subtomograms import simulate_subtomogram_set  # noqa: E402
-
-STRUCTURES = ["4v4r", "3j9i", "4v94", "1qvr", "3d2f"]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _value(text: str):
@@ -49,32 +50,17 @@ def _value(text: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-per-class", type=int, default=200)
-    ap.add_argument("--snr", type=float, default=0.1)
-    ap.add_argument("--snr-convention", default="volume")
-    ap.add_argument("--angpix", type=float, default=14.0)
-    ap.add_argument("--tilt", type=float, default=60.0)
+    add_cell_arguments(ap)
     ap.add_argument("--width-scale", type=float, default=0.1)
     ap.add_argument("--max-iter", type=int, default=4)
     ap.add_argument("--init", default="network")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="EMConfig field=value")
-    ap.add_argument("--tag", default="")
     args = ap.parse_args()
     from disca_tools.runtime.log import configure
 
     configure()
     t0 = time.time()
-    sim = simulate_subtomogram_set(
-        STRUCTURES,
-        args.n_per_class,
-        24,
-        args.angpix,
-        args.snr,
-        Imaging(tilt_range_deg=args.tilt),
-        seed=args.seed,
-        snr_convention=args.snr_convention,
-    )
+    sim = simulate_cell(args)
     truth = sim.labels
     records: list[dict] = []
     original = em.select_mixture
@@ -109,8 +95,6 @@ def main() -> None:
     res = em.run_em(store, np.arange(len(sim)), cfg)
     final_h = float(homogeneity_score(truth, res.labels))
     print(f"best iteration {res.best_iteration}: K={res.k} h={final_h:.4f}")
-    RESULTS.mkdir(exist_ok=True)
-    name = "probe_em_dynamics" + (f"_{args.tag}" if args.tag else "")
     out = {
         "protocol": {**vars(args), "effective_snr": sim.effective_snr},
         "overrides": overrides,
@@ -120,7 +104,7 @@ def main() -> None:
         "final_h": round(final_h, 4),
         "seconds": round(time.time() - t0, 1),
     }
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    save_result("probe_em_dynamics", args.tag, out)
 
 
 if __name__ == "__main__":

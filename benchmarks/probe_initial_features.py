@@ -12,18 +12,26 @@ Prints a table and saves benchmarks/results/probe_initial_features.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import homogeneity_score  # noqa: E402
+from table_s1_cell import (  # noqa: E402
+    STRUCTURES,
+    add_cell_arguments,
+    bic_clusters,
+    save_result,
+    simulate_cell,
+)
 
-from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
 from disca_tools.model.data import normalise  # noqa: E402
 from disca_tools.model.yopo import (  # noqa: E402
     YopoConfig,
@@ -31,39 +39,20 @@ from disca_tools.model.yopo import (  # noqa: E402
     calibrate_batchnorm,
     feature_extractor,
 )  # noqa: E402
-from disca_tools.simulate.imaging import Imaging  # noqa: E402
-from disca_tools.simulate.subtomograms import simulate_subtomogram_set  # noqa: E402
-
-STRUCTURES = ["4v4r", "3j9i", "4v94", "1qvr", "3d2f"]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _score(x: np.ndarray, truth: np.ndarray) -> dict:
-    reduced = fit_pca(x, 16, 0).transform(x)
-    sel = select_mixture(reduced, list(range(2, 11)), seed=0)
-    return {"k": int(sel.k), "homogeneity": round(float(homogeneity_score(truth, sel.labels)), 4)}
+    k, labels = bic_clusters(x, 16, list(range(2, 11)))
+    return {"k": k, "homogeneity": round(float(homogeneity_score(truth, labels)), 4)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-per-class", type=int, default=200)
-    ap.add_argument("--snr", type=float, default=0.1)
-    ap.add_argument("--angpix", type=float, default=14.0)
-    ap.add_argument("--snr-convention", default="volume", choices=["volume", "aitom"])
-    ap.add_argument("--tag", default="")
+    add_cell_arguments(ap)
     ap.add_argument("--width-scales", type=float, nargs="+", default=[0.1, 0.25])
     args = ap.parse_args()
     t0 = time.time()
-    sim = simulate_subtomogram_set(
-        STRUCTURES,
-        args.n_per_class,
-        24,
-        args.angpix,
-        args.snr,
-        Imaging(),
-        seed=0,
-        snr_convention=args.snr_convention,
-    )
+    sim = simulate_cell(args)
     vols, truth = normalise(sim.volumes), sim.labels
     rows = [{"features": "raw voxels", **_score(vols.reshape(len(vols), -1), truth)}]
     for ws in args.width_scales:
@@ -93,7 +82,6 @@ def main() -> None:
     print(f"{'features':52s} {'K':>3s} {'homogeneity':>12s}")
     for r in rows:
         print(f"{r['features']:52s} {r['k']:3d} {r['homogeneity']:12.3f}")
-    RESULTS.mkdir(exist_ok=True)
     out = {
         "protocol": vars(args),
         "structures": STRUCTURES,
@@ -101,8 +89,7 @@ def main() -> None:
         "rows": rows,
         "seconds": time.time() - t0,
     }
-    name = "probe_initial_features" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    save_result("probe_initial_features", args.tag, out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Prints a table and saves benchmarks/results/probe_supervised_ceiling[_TAG].json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,12 +23,20 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from sklearn.metrics import homogeneity_score  # noqa: E402
+from table_s1_cell import (  # noqa: E402
+    STRUCTURES,
+    add_cell_arguments,
+    bic_clusters,
+    save_result,
+    simulate_cell,
+)
 
 from disca_tools.cluster.em import EMConfig, _Trainer, smooth_targets  # noqa: E402
-from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
+from disca_tools.cluster.mixture import select_mixture  # noqa: E402
 from disca_tools.model import yopo as Y  # noqa: E402
 from disca_tools.model.data import (  # noqa: E402
     SubtomogramStore,
@@ -37,32 +44,26 @@ from disca_tools.model.data import (  # noqa: E402
     predict_features,
     train_dataset,
 )
-from disca_tools.simulate.imaging import Imaging  # noqa: E402
-from disca_tools.simulate.subtomograms import simulate_subtomogram_set  # noqa: E402
-
-STRUCTURES = ["4v4r", "3j9i", "4v94", "1qvr", "3d2f"]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def score(x: np.ndarray, truth: np.ndarray, pca_dim: int) -> dict:
-    reduced = fit_pca(x, pca_dim, 0).transform(x)
-    sel = select_mixture(reduced, list(range(2, 11)), seed=0)
     from sklearn.cluster import KMeans
 
+    from disca_tools.cluster.mixture import fit_pca
+
+    k, labels = bic_clusters(x, pca_dim, list(range(2, 11)))
+    reduced = fit_pca(x, pca_dim, 0).transform(x)
     km = KMeans(n_clusters=len(np.unique(truth)), n_init=5, random_state=0).fit_predict(reduced)
     return {
-        "k_bic": int(sel.k),
-        "h_bic": round(float(homogeneity_score(truth, sel.labels)), 4),
+        "k_bic": k,
+        "h_bic": round(float(homogeneity_score(truth, labels)), 4),
         "h_kmeans_true_k": round(float(homogeneity_score(truth, km)), 4),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-per-class", type=int, default=200)
-    ap.add_argument("--snr", type=float, default=0.1)
-    ap.add_argument("--snr-convention", default="volume")
-    ap.add_argument("--angpix", type=float, default=14.0)
+    add_cell_arguments(ap)
     ap.add_argument("--width-scale", type=float, default=0.1)
     ap.add_argument("--feature-dim", type=int, default=1024)
     ap.add_argument("--epochs", type=int, nargs="+", default=[2, 4, 8], help="cumulative stages")
@@ -80,13 +81,9 @@ def main() -> None:
     ap.add_argument(
         "--calibrate-bn", action="store_true", help="calibrate BatchNorm before features"
     )
-    ap.add_argument("--tag", default="")
     args = ap.parse_args()
     t0 = time.time()
-    kw = {"snr_convention": args.snr_convention} if args.snr_convention != "volume" else {}
-    sim = simulate_subtomogram_set(
-        STRUCTURES, args.n_per_class, 24, args.angpix, args.snr, Imaging(), seed=0, **kw
-    )
+    sim = simulate_cell(args)
     vols, truth = normalise(sim.volumes), sim.labels
     rows = [{"stage": "raw voxels", **score(vols.reshape(len(vols), -1), truth, args.pca_dim)}]
     print(rows[-1], flush=True)
@@ -151,15 +148,13 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    name = "probe_supervised_ceiling" + (f"_{args.tag}" if args.tag else "")
     out = {
         "protocol": vars(args),
         "structures": STRUCTURES,
         "rows": rows,
         "seconds": time.time() - t0,
     }
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    save_result("probe_supervised_ceiling", args.tag, out)
 
 
 if __name__ == "__main__":
