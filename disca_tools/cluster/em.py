@@ -591,8 +591,8 @@ def run_em(
             pca, x = None, voxel_pca_features(store, rows, cfg.pca_dim, seed_it)
         elif it == 0 and not pretrained and cfg.init == "invariants":
             inv = invariant_features(store, rows)
-            pca = fit_pca(inv, cfg.pca_dim, seed_it)
-            x, pca = pca.transform(inv), None
+            x = fit_pca(inv, cfg.pca_dim, seed_it).transform(inv)
+            pca = None  # the clusters are not in the network's feature space
         else:
             pca = fit_pca(feats, cfg.pca_dim, seed_it)
             x = pca.transform(feats)

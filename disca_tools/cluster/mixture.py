@@ -413,7 +413,8 @@ def nested_subclusters(
             km = KMeans(n_clusters=parts, n_init=3, random_state=int(seed) + int(c))
             part_labels = km.fit_predict(x[idx])
         used = np.unique(part_labels)
-        remap = {int(u): len(parent) + j for j, u in enumerate(used)}
-        sub[idx] = [remap[int(v)] for v in part_labels]
+        remap = np.zeros(int(used.max()) + 1, dtype=np.int64)
+        remap[used] = len(parent) + np.arange(len(used))
+        sub[idx] = remap[part_labels]
         parent.extend([int(c)] * len(used))
     return sub, np.asarray(parent, dtype=np.int64)
