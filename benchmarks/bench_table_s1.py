@@ -27,7 +27,6 @@ clusters, PCA 16); ``--cells all`` runs the 10 cells.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from table_s1_cell import RESULTS, STRUCTURES  # noqa: E402
+from table_s1_cell import STRUCTURES, save_result  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
@@ -126,6 +125,7 @@ def run_disca(volumes, args, seed, paper: bool = False):
         init="network" if paper else args.init,
         train_clusters=0 if paper else args.train_clusters,
         calibrate_bn=False if paper else args.calibrate_bn,
+        init_epochs=0 if paper else args.init_epochs,
     )
     res = run_em(store, np.arange(len(volumes)), cfg)
     extra = {"best_iteration": int(res.best_iteration), "iterations": len(res.history)}
@@ -165,6 +165,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--train-clusters", type=int, default=0, help="disca_cluster --train-clusters")
     ap.add_argument("--calibrate-bn", action="store_true", help="disca_cluster --calibrate-bn")
+    ap.add_argument("--init-epochs", type=int, default=0, help="disca_cluster --init-epochs")
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     from disca_tools.runtime.log import configure
@@ -247,8 +248,10 @@ def markdown(rows: list[dict], protocol: dict) -> str:
         f"scale {protocol['width_scale']}, max {protocol['max_iter']} iterations, candidate K "
         f"{min(protocol['k_candidates'])}–{max(protocol['k_candidates'])}, PCA {protocol['pca_dim']}, "
         f"seed {protocol['seed']}; DISCA options: init {protocol.get('init', 'network')}, train clusters "
-        f"{protocol.get('train_clusters', 0)}, BatchNorm calibration {protocol.get('calibrate_bn', False)} "
-        "(disca_paper: network init, K clusters, PCA 16); SNR convention {protocol.get('snr_convention', 'volume')} "
+        f"{protocol.get('train_clusters', 0)}, first-round epochs {protocol.get('init_epochs', 0) or 'as later'}, "
+        f"BatchNorm calibration {protocol.get('calibrate_bn', False)} "
+        "(disca_paper: network init, K clusters, PCA 16); SNR convention "
+        f"{protocol.get('snr_convention', 'volume')} "
         "(effective SNR: variance ratio of the simulated volumes). Accuracy after Hungarian matching (the paper reports it only when K is "
         "right; '*' marks a wrong K).",
         "",
@@ -267,14 +270,7 @@ def markdown(rows: list[dict], protocol: dict) -> str:
 
 
 def save(rows: list[dict], protocol: dict, tag: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "table_s1" + (f"_{tag}" if tag else "")
-    tmp = RESULTS / f".{name}.json.tmp"
-    tmp.write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=2) + "\n")
-    os.replace(tmp, RESULTS / f"{name}.json")
-    tmp = RESULTS / f".{name}.md.tmp"
-    tmp.write_text(markdown(rows, protocol))
-    os.replace(tmp, RESULTS / f"{name}.md")
+    save_result("table_s1", tag, {"protocol": protocol, "rows": rows}, markdown(rows, protocol))
 
 
 if __name__ == "__main__":

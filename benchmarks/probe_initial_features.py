@@ -1,10 +1,13 @@
 """How much class information do the features that start the EM loop carry?
 
 DISCA's iteration 0 clusters the features of an untrained YOPO. This probe compares them with PCA of the raw
-voxels on a Table S1-style set (5 shipped structures, SNR 0.1, ±60°, 24³ at 14 Å): the same PCA (16) and
-mixture selection with the paper's BIC (K 2–10), scored by homogeneity against the truth.
+voxels and with the rotation-invariant descriptors of ``--init invariants`` (real-space shells, power-spectrum
+shells, both) on a Table S1-style set (5 shipped structures, SNR 0.1, ±60°, 24³ at 14 Å): the same PCA
+(``--pca-dim``, 16) and mixture selection with the paper's BIC (K 2–10), scored by homogeneity against the truth.
+The invariants are also scored with k-means at the true K and with a supervised logistic regression
+(5-fold cross-validated accuracy: how much class information they carry at all).
 
-    python benchmarks/probe_initial_features.py [--n-per-class 200] [--snr 0.1]
+    python benchmarks/probe_initial_features.py [--n-per-class 200] [--snr 0.1] [--width-scales 0.1 0.25]
 
 Prints a table and saves benchmarks/results/probe_initial_features.json.
 """
@@ -41,20 +44,56 @@ from disca_tools.model.yopo import (  # noqa: E402
 )  # noqa: E402
 
 
-def _score(x: np.ndarray, truth: np.ndarray) -> dict:
-    k, labels = bic_clusters(x, 16, list(range(2, 11)))
+def _score(x: np.ndarray, truth: np.ndarray, pca_dim: int) -> dict:
+    k, labels = bic_clusters(x, pca_dim, list(range(2, 11)))
     return {"k": k, "homogeneity": round(float(homogeneity_score(truth, labels)), 4)}
+
+
+def _invariant_rows(vols: np.ndarray, truth: np.ndarray, pca_dim: int) -> list[dict]:
+    from sklearn.cluster import KMeans
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    from disca_tools.cluster.invariants import (
+        fourier_invariant_descriptors,
+        rotation_invariant_descriptors,
+    )
+    from disca_tools.cluster.mixture import fit_pca
+
+    real = rotation_invariant_descriptors(vols).astype(np.float64)
+    spectrum = fourier_invariant_descriptors(vols).astype(np.float64)
+    rows = []
+    for name, x in [
+        ("invariants: real-space shells", real),
+        ("invariants: power-spectrum shells", spectrum),
+        ("invariants: both (--init invariants)", np.hstack([real, spectrum])),
+    ]:
+        x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+        z = fit_pca(x, pca_dim, 0).transform(x)
+        km = KMeans(len(np.unique(truth)), n_init=10, random_state=0).fit_predict(z)
+        supervised = cross_val_score(LogisticRegression(max_iter=3000), x, truth, cv=5).mean()
+        rows.append(
+            {
+                "features": name,
+                **_score(x, truth, pca_dim),
+                "homogeneity_kmeans_true_k": round(float(homogeneity_score(truth, km)), 4),
+                "supervised_accuracy": round(float(supervised), 4),
+            }
+        )
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_cell_arguments(ap)
-    ap.add_argument("--width-scales", type=float, nargs="+", default=[0.1, 0.25])
+    ap.add_argument("--width-scales", type=float, nargs="*", default=[0.1, 0.25])
+    ap.add_argument("--pca-dim", type=int, default=16)
     args = ap.parse_args()
     t0 = time.time()
     sim = simulate_cell(args)
     vols, truth = normalise(sim.volumes), sim.labels
-    rows = [{"features": "raw voxels", **_score(vols.reshape(len(vols), -1), truth)}]
+    rows = [{"features": "raw voxels", **_score(vols.reshape(len(vols), -1), truth, args.pca_dim)}]
+    rows += _invariant_rows(vols, truth, args.pca_dim)
     for ws in args.width_scales:
         cfg = YopoConfig(box=24, n_classes=5, width_scale=ws, feature_dim=1024, precision="float32")
         model = build_yopo(cfg, seed=0)
@@ -62,9 +101,17 @@ def main() -> None:
         taps = keras.Model(model.inputs, model.get_layer("taps").output)
         tap_values = taps.predict(vols[..., None], batch_size=64, verbose=0)
         z = (tap_values - tap_values.mean(0)) / (tap_values.std(0) + 1e-8)
-        rows.append({"features": f"untrained YOPO w={ws}: 1024-D features", **_score(feats, truth)})
         rows.append(
-            {"features": f"untrained YOPO w={ws}: pooled taps, standardised", **_score(z, truth)}
+            {
+                "features": f"untrained YOPO w={ws}: 1024-D features",
+                **_score(feats, truth, args.pca_dim),
+            }
+        )
+        rows.append(
+            {
+                "features": f"untrained YOPO w={ws}: pooled taps, standardised",
+                **_score(z, truth, args.pca_dim),
+            }
         )
         sample = vols[np.random.default_rng(0).permutation(len(vols))[:256]]
         calibrate_batchnorm(model, sample)
@@ -72,16 +119,23 @@ def main() -> None:
         rows.append(
             {
                 "features": f"untrained YOPO w={ws}: 1024-D, BatchNorm calibrated",
-                **_score(feats, truth),
+                **_score(feats, truth, args.pca_dim),
             }
         )
     print(
         f"{len(vols)} subtomograms, SNR {args.snr} ({args.snr_convention}; variance ratio "
-        f"{sim.effective_snr:.3g}), {args.angpix} Å; PCA 16, paper BIC, K 2–10"
+        f"{sim.effective_snr:.3g}), {args.angpix} Å; PCA {args.pca_dim}, paper BIC, K 2–10"
     )
-    print(f"{'features':52s} {'K':>3s} {'homogeneity':>12s}")
+    print(
+        f"{'features':52s} {'K':>3s} {'homogeneity':>12s} {'k-means K=5':>12s} {'supervised':>11s}"
+    )
     for r in rows:
-        print(f"{r['features']:52s} {r['k']:3d} {r['homogeneity']:12.3f}")
+        extra = (
+            f" {r['homogeneity_kmeans_true_k']:12.3f} {r['supervised_accuracy']:11.3f}"
+            if "supervised_accuracy" in r
+            else ""
+        )
+        print(f"{r['features']:52s} {r['k']:3d} {r['homogeneity']:12.3f}{extra}")
     out = {
         "protocol": vars(args),
         "structures": STRUCTURES,

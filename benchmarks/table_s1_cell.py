@@ -55,11 +55,18 @@ def bic_clusters(x: np.ndarray, pca_dim: int, k_candidates: list[int]) -> tuple[
     return int(sel.k), sel.labels
 
 
-def save_result(name: str, tag: str, payload: dict) -> Path:
-    """Write ``results/NAME[_TAG].json`` atomically."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / (name + (f"_{tag}" if tag else "") + ".json")
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def save_result(name: str, tag: str, payload: dict, markdown: str | None = None) -> Path:
+    """Write ``results/NAME[_TAG].json`` (and ``.md`` if ``markdown``) atomically."""
+    stem = name + (f"_{tag}" if tag else "")
+    if markdown is not None:
+        write_atomic(RESULTS / f"{stem}.md", markdown)
+    return write_atomic(RESULTS / f"{stem}.json", json.dumps(payload, indent=1) + "\n")

@@ -183,3 +183,16 @@ def test_invariant_init_clusters_the_descriptors_at_iteration_0(tiny_store):
         fit_pca(inv, cfg.pca_dim, seed0).transform(inv), cfg.k_candidates, seed0
     )
     assert res.history[0].k == direct.k and np.isfinite(res.history[0].loss)
+
+
+def test_init_epochs_lengthen_only_the_first_round_from_descriptors(tiny_store):
+    """--init-epochs: the random network learns the iteration-0 clusters of the descriptors for
+    that many epochs; later rounds, and the paper's network init, keep --epochs-per-iter."""
+    rows = np.arange(len(tiny_store))
+    base = dict(TINY, max_iter=2, epochs_per_iter=1, init_epochs=3)
+    res = em.run_em(tiny_store, rows, em.EMConfig(**dict(base, init="invariants")))
+    assert [h.epochs for h in res.history] == [3, 1, 0]
+    res = em.run_em(tiny_store, rows, em.EMConfig(**dict(base, max_iter=1)))
+    assert [h.epochs for h in res.history] == [1, 0]
+    with pytest.raises(UserError, match="--init-epochs"):
+        em.EMConfig(**dict(base, init_epochs=-1)).check(len(rows), tiny_store.box)

@@ -7,6 +7,8 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from disca_tools.cluster.invariants import (
+    fourier_descriptor_size,
+    fourier_invariant_descriptors,
     rotation_invariant_descriptors,
     shell_descriptor_size,
 )
@@ -45,6 +47,36 @@ def test_any_rotation_changes_descriptors_far_less_than_a_different_volume():
     assert rel(d[0], d[1]) > 3 * max(changes)
 
 
+def test_fourier_descriptors_ignore_shifts_and_grid_rotations():
+    """A circular shift leaves the power spectrum unchanged, a 90° turn about z turns it on a grid
+    that maps onto itself (25³): both give the same descriptors to round-off."""
+    v = _smooth_volume(4, 25)
+    shifted = np.roll(v, (3, -2, 5), axis=(0, 1, 2))
+    turned = np.rot90(v, k=1, axes=(1, 2)).copy()
+    d = fourier_invariant_descriptors(np.stack([v, shifted, turned]))
+    assert d.shape == (3, fourier_descriptor_size(25, 6)) == (3, 11 * 4)  # mean, l = 2, 4, 6
+    np.testing.assert_allclose(d[1], d[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d[2], d[0], rtol=1e-4, atol=1e-4)
+    # the real-space descriptors are about the box centre, so the shift does change them
+    a, b = rotation_invariant_descriptors(np.stack([v, shifted]))
+    assert np.abs(a - b).mean() > 0.1 * np.abs(a).mean()
+
+
+def test_fourier_descriptors_follow_size_not_orientation():
+    """Two sizes of one blob: the spectra differ far more than any rotation of one of them does."""
+    box = 24
+    z, y, x = np.indices((box, box, box)) - box // 2
+    small = np.exp(-(x**2 / 8 + y**2 / 4 + z**2 / 2) / 2).astype(np.float32)
+    large = np.exp(-(x**2 / 32 + y**2 / 16 + z**2 / 8) / 2).astype(np.float32)
+    rng = np.random.default_rng(5)
+    turned = [rotate_volume(small, angles_deg=rng.uniform(0, 180, 3), order=1) for _ in range(3)]
+    d = fourier_invariant_descriptors(np.stack([small, large, *turned]))
+    by_rotation = max(float(np.abs(d[0] - t).mean()) for t in d[2:])
+    assert float(np.abs(d[0] - d[1]).mean()) > 5 * by_rotation
+
+
 def test_bad_shapes():
     with pytest.raises(ValueError, match="cubic"):
         rotation_invariant_descriptors(np.zeros((2, 24, 24, 20), np.float32))
+    with pytest.raises(ValueError, match="cubic"):
+        fourier_invariant_descriptors(np.zeros((2, 24, 20, 24), np.float32))

@@ -34,8 +34,8 @@ Outputs in DIR:
   decoded/            with --decode-centers: class_NNN.mrc per cluster centre + montage.png
 
 Beyond the paper (off by default; measured in README 'Clustering accuracy'): --init invariants
-starts from clusters of rotation-invariant shell descriptors of the data instead of the untrained
-network's features; --train-clusters N trains on about N sub-clusters of the K clusters
+starts from clusters of rotation-invariant descriptors of the data (real-space shells about the box
+centre and shells of the power spectrum) instead of the untrained network's features; --train-clusters N trains on about N sub-clusters of the K clusters
 (over-clustering) so that merged classes can separate again; --calibrate-bn sets the BatchNorm
 statistics from the clean data before each feature pass. On a CPU-sized network at low SNR,
 --init invariants --train-clusters 15 --pca-dim 8 did much better than the paper's choices.
@@ -140,8 +140,14 @@ class Options(CommonOptions):
         default="network",
         choices=["network", "invariants", "voxels"],
         help="iteration-0 clusters: of the untrained network's features (the paper), of "
-        "rotation-invariant shell descriptors of the data, or of PCA of the voxels. See README "
-        "'Clustering accuracy'",
+        "rotation-invariant descriptors of the data (real-space and power-spectrum shells), or of PCA "
+        "of the voxels. See README 'Clustering accuracy'",
+    )
+    init_epochs: int = opt(
+        "--init-epochs",
+        default=0,
+        help="with --init invariants/voxels: epochs of the first round, in which the random network "
+        "learns the iteration-0 clusters (not in the paper; 0 = --epochs-per-iter)",
     )
     train_clusters: int = opt(
         "--train-clusters",
@@ -312,7 +318,7 @@ def _setup_tf(seed: int) -> None:
 def _write_history(path: Path, history, best_it: int, ks: list[int]) -> None:
     cols = ["iteration", "K"] + [f"BIC_K{k}" for k in ks] + [
         "DDBI", "fraction_changed", "loss", "seconds", "lr", "label_smoothing", "eligible", "reported",
-        "seconds_features", "seconds_mixtures", "seconds_training",
+        "seconds_features", "seconds_mixtures", "seconds_training", "epochs",
     ]  # fmt: skip
     lines = ["\t".join(cols)]
     for h in history:
@@ -320,7 +326,7 @@ def _write_history(path: Path, history, best_it: int, ks: list[int]) -> None:
         vals = [str(h.iteration), str(h.k), *bic, f"{h.ddbi:.6g}", f"{h.frac_changed:.4f}", f"{h.loss:.6g}",
                 f"{h.seconds:.2f}", f"{h.lr:.3g}", f"{h.alpha:.4g}", str(int(h.eligible)),
                 str(int(h.iteration == best_it)), f"{h.seconds_features:.2f}", f"{h.seconds_mixture:.2f}",
-                f"{h.seconds_train:.2f}"]  # fmt: skip
+                f"{h.seconds_train:.2f}", str(h.epochs)]  # fmt: skip
         lines.append("\t".join(vals))
     write_text_atomic(path, "\n".join(lines) + "\n")
 
@@ -497,7 +503,7 @@ def run(o: Options) -> dict:
         k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, epochs_per_iter=o.epochs_per_iter,
         batch_size=o.batch_size, lr=o.lr, lr_decay=o.lr_decay, label_smoothing=o.label_smoothing,
         width_scale=width, feature_dim=fdim, precision=precision, seed=o.seed, init=o.init,
-        train_clusters=o.train_clusters, calibrate_bn=o.calibrate_bn,
+        train_clusters=o.train_clusters, calibrate_bn=o.calibrate_bn, init_epochs=o.init_epochs,
     )  # fmt: skip
     logger.info(
         "%d particles, box %d, precision %s, YOPO widths %s, features %d",

@@ -22,6 +22,9 @@ Iteration ``t`` (0, 1, …, ``max_iter``):
    the training labels are a finer partition, each cluster split by k-means into sub-clusters
    (about ``train_clusters`` in all), and the head is warmed up on them afresh each iteration
    (from the first trained network on: iteration 0 of a fresh network trains on the K clusters);
+   when the iteration-0 clusters come from the data (``init`` "invariants" or "voxels") the first
+   round lasts ``init_epochs`` (if set): re-clustering a barely trained random network throws them
+   away;
 6. stop when K is unchanged and ≥ 99 % of labels keep their cluster for 3 consecutive iterations,
    or at ``max_iter``. The last iteration is a clustering without training after it.
 
@@ -104,6 +107,9 @@ class EMConfig:
     head_max_iter: int = 300
     init: str = "network"  # iteration-0 clusters: "network" (the paper), "invariants", "voxels"
     train_clusters: int = 0  # > K: train on this many nested sub-clusters (0: on the K clusters)
+    # epochs of the first round when the iteration-0 clusters come from the data, not the network
+    # (init "invariants" or "voxels"): the random network must learn them before it is re-clustered
+    init_epochs: int = 0  # 0: epochs_per_iter
     calibrate_bn: bool = False  # BatchNorm statistics from the clean data before each feature pass
     calibrate_samples: int = 512
 
@@ -124,6 +130,8 @@ class EMConfig:
                 f"particles: {n} particles are too few for candidate K {min(self.k_candidates)}–"
                 f"{max(self.k_candidates)} at PCA dimension {p} (need ≥ {need}; lower --pca-dim or K)"
             )
+        if self.init_epochs < 0:
+            raise UserError(f"--init-epochs: must be ≥ 0, got {self.init_epochs}")
         if self.train_clusters < 0:
             raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")
         top = max(self.k_candidates) * (p + 1)
@@ -159,6 +167,7 @@ class IterationRecord:
     seconds_features: float = 0.0
     seconds_mixture: float = 0.0
     seconds_train: float = 0.0
+    epochs: int = 0  # training epochs after this iteration's clustering (0: not trained)
 
 
 @dataclass
@@ -628,7 +637,7 @@ def run_em(
         t2 = time.time()
         lr = cfg.lr * cfg.lr_decay**it
         alpha = cfg.label_smoothing * cfg.smoothing_decay**it
-        loss = float("nan")
+        loss, epochs = float("nan"), 0
         trained = it < cfg.max_iter and not converged
         if trained:
             train_labels, k_train = labels, k
@@ -647,7 +656,9 @@ def run_em(
             Y.reset_dropout_seed(model, seed_it)
             targets = smooth_targets(train_labels, k_train, alpha, kmax)
             ds = train_dataset(store, rows, targets, global_batch, seed_it, cfg.augment)
-            loss = trainer.fit(ds, cfg.epochs_per_iter, lr)
+            teach = it == 0 and not pretrained and cfg.init != "network" and cfg.init_epochs > 0
+            epochs = cfg.init_epochs if teach else cfg.epochs_per_iter
+            loss = trainer.fit(ds, epochs, lr)
             if replicas > 1:  # before the checkpoint, so that --continue resumes the same network
                 sync_batchnorm_statistics(model, strategy)
         t3 = time.time()
@@ -666,6 +677,7 @@ def run_em(
             seconds_features=round(t1 - t0, 3),
             seconds_mixture=round(t2 - t1, 3),
             seconds_train=round(t3 - t2, 3),
+            epochs=epochs,
         )
         history.append(rec)
         logger.info(

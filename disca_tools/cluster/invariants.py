@@ -13,11 +13,19 @@ its sign) and, for every degree l ≥ 1, the root of the shell's power in that d
 ``sqrt(Σ_m |c_lm(r)|²)``, which a rotation leaves unchanged (Kazhdan, Funkhouser & Rusinkiewicz,
 SGP 2003). The missing wedge is fixed in the microscope frame, so the descriptors of one structure
 still vary a little with its orientation; the noise adds a constant expected power to every shell.
+
+:func:`fourier_invariant_descriptors` does the same on the log power spectrum (shells of spatial
+frequency about the origin). A power spectrum does not change when the particle is shifted, so these
+are also translation invariant (picks are rarely centred to the voxel), and every shell integrates the
+whole box: the total scattering power per frequency — size and mass — survives far more noise than a
+real-space shell does. Only even degrees are kept (a real volume's power spectrum is centrosymmetric,
+so its odd-degree coefficients vanish). :func:`invariant_features` uses both sets.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 from scipy.special import roots_legendre, sph_harm_y
 
 from ..runtime.log import check_abort
@@ -66,43 +74,75 @@ def shell_descriptor_size(box: int, l_max: int) -> int:
     return (box // 2 - 1) * (1 + l_max)
 
 
+def fourier_descriptor_size(box: int, l_max: int) -> int:
+    """Length of :func:`fourier_invariant_descriptors` for a ``box``³ volume."""
+    return (box // 2 - 1) * (1 + l_max // 2)
+
+
+def _check_cubic(vols: np.ndarray) -> np.ndarray:
+    vols = np.asarray(vols)
+    if vols.ndim != 4 or len(set(vols.shape[1:])) != 1:
+        raise ValueError(f"expected cubic volumes (B, S, S, S), got {vols.shape}")
+    return vols
+
+
+def _shell_expansions(grids: np.ndarray, l_max: int, degrees: range):
+    """Per shell r = 1 … S/2 − 1 about voxel S // 2 of ``grids`` (B, S, S, S): the shell mean (B,)
+    and the amplitude ``sqrt(Σ_m |c_lm|²)`` of each of ``degrees`` (B, len(degrees))."""
+    s = grids.shape[-1]
+    dirs, weights, basis = _sphere_grid(l_max)
+    degree_of = np.concatenate([[deg] * (2 * deg + 1) for deg in range(1, l_max + 1)])
+    out = []
+    for r in range(1, s // 2):
+        f = _trilinear(grids, s // 2 + r * dirs[:, ::-1])  # (x, y, z) → (z, y, x) indices
+        mean = (f @ weights) / (4 * np.pi)
+        power = np.abs((f * weights) @ basis) ** 2  # (B, M)
+        amp = [np.sqrt(power[:, degree_of == deg].sum(axis=1)) for deg in degrees]
+        out.append(np.stack([mean, *amp], axis=1))
+    return np.concatenate(out, axis=1).astype(np.float32)
+
+
 def rotation_invariant_descriptors(vols: np.ndarray, l_max: int = 6) -> np.ndarray:
     """Shell means and per-degree spherical-harmonic amplitudes of ``vols`` (B, S, S, S): (B, F).
 
     F = (S/2 − 1) · (1 + l_max), ordered shell by shell: [mean, amplitude l=1, …, l=l_max].
     """
-    vols = np.asarray(vols)
-    if vols.ndim != 4 or len(set(vols.shape[1:])) != 1:
-        raise ValueError(f"expected cubic volumes (B, S, S, S), got {vols.shape}")
-    s = vols.shape[-1]
-    dirs, weights, basis = _sphere_grid(l_max)
-    degrees = np.concatenate([[deg] * (2 * deg + 1) for deg in range(1, l_max + 1)])
-    centre = s // 2
-    out = []
-    for r in range(1, s // 2):
-        pts = centre + r * dirs[:, ::-1]  # (x, y, z) → (z, y, x) indices
-        f = _trilinear(vols, pts)  # (B, P)
-        mean = (f @ weights) / (4 * np.pi)
-        coeff = (f * weights) @ basis  # (B, M)
-        power = np.abs(coeff) ** 2
-        amp = np.stack(
-            [np.sqrt(power[:, degrees == deg].sum(axis=1)) for deg in range(1, l_max + 1)], axis=1
-        )
-        out.append(np.concatenate([mean[:, None], amp], axis=1))
-    return np.concatenate(out, axis=1).astype(np.float32)
+    vols = _check_cubic(vols)
+    return _shell_expansions(vols, l_max, range(1, l_max + 1))
+
+
+def fourier_invariant_descriptors(vols: np.ndarray, l_max: int = 6) -> np.ndarray:
+    """Rotation- and translation-invariant descriptors of the power spectra of ``vols`` (B, S, S, S).
+
+    The spectrum is ``log(|FFT|² + 0.01 · its mean)`` (the offset keeps the empty missing wedge from
+    dominating), centred on frequency 0; per frequency shell k = 1 … S/2 − 1: the shell mean and the
+    amplitude of each even degree 2 … l_max. F = (S/2 − 1) · (1 + l_max // 2).
+    """
+    vols = _check_cubic(vols)
+    power = np.abs(scipy.fft.fftn(vols.astype(np.float32), axes=(1, 2, 3), workers=-1)) ** 2
+    power += 0.01 * power.mean(axis=(1, 2, 3), keepdims=True)
+    log_power = np.fft.fftshift(np.log(power), axes=(1, 2, 3))  # frequency 0 at voxel S // 2
+    return _shell_expansions(log_power, l_max, range(2, l_max + 1, 2))
 
 
 def invariant_features(store, rows: np.ndarray, l_max: int = 6, batch: int = 256) -> np.ndarray:
-    """:func:`rotation_invariant_descriptors` of the normalised store ``rows``, streamed, with every
-    column standardised (zero mean, unit s.d.): ``(N, F)`` float64."""
+    """:func:`rotation_invariant_descriptors` and :func:`fourier_invariant_descriptors` of the
+    normalised store ``rows``, streamed, side by side, with every column standardised (zero mean,
+    unit s.d.): ``(N, F)`` float64."""
     from ..model.data import gather
 
     rows = np.asarray(rows)
     parts = []
     for start in range(0, len(rows), batch):
         check_abort()
+        vols = gather(store, rows[start : start + batch])
         parts.append(
-            rotation_invariant_descriptors(gather(store, rows[start : start + batch]), l_max)
+            np.hstack(
+                [
+                    rotation_invariant_descriptors(vols, l_max),
+                    fourier_invariant_descriptors(vols, l_max),
+                ]
+            )
         )
     x = np.concatenate(parts).astype(np.float64)
     sd = x.std(axis=0)
