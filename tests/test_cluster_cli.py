@@ -60,6 +60,8 @@ def test_finds_three_classes_and_writes_everything(project):
         "seconds",
     } <= set(hist.columns)
     assert hist["reported"].sum() == 1 and hist.loc[hist["reported"] == 1, "iteration"].item() >= 1
+    trained = hist["loss"].notna().to_numpy()  # every iteration but the last is trained
+    assert (hist.loc[trained, "epochs"] > 0).all() and (hist.loc[~trained, "epochs"] == 0).all()
     cfg = json.loads(Path("Full/run_config.json").read_text())
     assert cfg["box"] == 24 and cfg["k"] == 3
     assert np.load("Full/features.npy").shape == (150, 32)

@@ -23,7 +23,9 @@ from disca_tools.simulate.imaging import (
     aitom_lowpass_radius,
     aitom_noise,
     aitom_noise_level,
+    aitom_radial,
     apply_imaging,
+    apply_imaging_filters,
     ctf_1d,
     ctf_wedge_weight,
     electron_wavelength_angst,
@@ -238,6 +240,16 @@ def test_aitom_noise_respects_the_wedge():
     )
     power = np.abs(np.fft.fftn(noise, axes=(1, 2, 3))) ** 2
     assert power[:, missing].mean() < 1e-8 * power[:, ~missing].mean()
+
+
+def test_several_filters_from_one_fft_equal_separate_calls():
+    vols = np.random.default_rng(2).normal(size=(3, 20, 20, 20)).astype(np.float32)
+    im = Imaging(tilt_range_deg=50.0)
+    radials = [aitom_radial(20, 14.0, "variance"), None, aitom_radial(20, 14.0, "signal")]
+    together = apply_imaging_filters(vols, 14.0, im, radials, slab=7)
+    for out, radial in zip(together, radials, strict=True):
+        np.testing.assert_allclose(out, apply_imaging(vols, 14.0, im, radial=radial), atol=1e-6)
+    assert not np.allclose(together[0], together[1], atol=1e-3)  # the filters did differ
 
 
 def test_subtomogram_set_aitom_convention_reports_its_effective_snr():

@@ -44,7 +44,7 @@ Missing wedge
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -191,16 +191,32 @@ def apply_imaging(
     vol = np.asarray(volume_zyx, dtype=np.float32)
     if not imaging.apply_ctf and imaging.tilt_range_deg >= 90.0 and radial is None:
         return vol.copy()
+    return apply_imaging_filters(vol, angpix, imaging, [radial], slab)[0]
+
+
+def apply_imaging_filters(
+    volume_zyx: np.ndarray,
+    angpix: float,
+    imaging: Imaging,
+    radials: Sequence[Callable[[np.ndarray], np.ndarray] | None],
+    slab: int = 32,
+) -> list[np.ndarray]:
+    """:func:`apply_imaging` with each of ``radials`` (None: none), sharing one forward FFT."""
+    vol = np.asarray(volume_zyx, dtype=np.float32)
     nz, ny, nx = vol.shape[-3:]
     axes = (-3, -2, -1)
     spec = scipy.fft.rfftn(vol, axes=axes, workers=_FFT_WORKERS)
     kz, ky = _axis_freqs(nz, angpix), _axis_freqs(ny, angpix)
     kx = _axis_freqs(nx, angpix, half=True)
-    for z0 in range(0, nz, slab):
-        z1 = min(nz, z0 + slab)
-        spec[..., z0:z1, :, :] *= _weight_block(kz[z0:z1], ky, kx, imaging, radial)
-    out = scipy.fft.irfftn(spec, s=(nz, ny, nx), axes=axes, workers=_FFT_WORKERS)
-    return out.astype(np.float32, copy=False)
+    outs = []
+    for i, radial in enumerate(radials):
+        filtered = spec if i == len(radials) - 1 else spec.copy()  # the last one may reuse spec
+        for z0 in range(0, nz, slab):
+            z1 = min(nz, z0 + slab)
+            filtered[..., z0:z1, :, :] *= _weight_block(kz[z0:z1], ky, kx, imaging, radial)
+        out = scipy.fft.irfftn(filtered, s=(nz, ny, nx), axes=axes, workers=_FFT_WORKERS)
+        outs.append(out.astype(np.float32, copy=False))
+    return outs
 
 
 def signal_variance(volume_zyx: np.ndarray, signal_mask: np.ndarray | None = None) -> float:
