@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from table_s1_cell import STRUCTURES, save_result  # noqa: E402
+from table_s1_cell import STRUCTURES, save_result, watch_iterations  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
@@ -101,7 +101,7 @@ def run_kmeans(volumes, k, seed):
         return km.fit_predict(normalised_flat(volumes))
 
 
-def run_disca(volumes, args, seed, paper: bool = False):
+def run_disca(volumes, truth, args, seed, paper: bool = False):
     """DISCA through the core API (disca_tools.cluster.em.run_em on an in-memory store).
 
     ``paper``: the paper's choices whatever the options say (iteration 0 from the untrained network,
@@ -127,9 +127,11 @@ def run_disca(volumes, args, seed, paper: bool = False):
         calibrate_bn=False if paper else args.calibrate_bn,
         init_epochs=0 if paper else args.init_epochs,
     )
-    res = run_em(store, np.arange(len(volumes)), cfg)
+    with watch_iterations(truth) as records:
+        res = run_em(store, np.arange(len(volumes)), cfg)
     extra = {"best_iteration": int(res.best_iteration), "iterations": len(res.history)}
-    extra["k_by_iteration"] = [int(h.k) for h in res.history]
+    extra["k_by_iteration"] = [r["k"] for r in records]
+    extra["homogeneity_by_iteration"] = [r["h"] for r in records]
     return np.asarray(res.labels), extra
 
 
@@ -200,7 +202,9 @@ def main(argv=None) -> int:
             t0 = time.time()
             extra: dict = {}
             if method in ("disca", "disca_paper"):
-                labels, extra = run_disca(sim.volumes, args, args.seed, method == "disca_paper")
+                labels, extra = run_disca(
+                    sim.volumes, truth, args, args.seed, method == "disca_paper"
+                )
             elif method == "gmm":
                 labels = run_gmm_bic(sim.volumes, args.k_candidates, args.pca_dim, args.seed)
             elif method == "kmeans":

@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.metrics import homogeneity_score  # noqa: E402
 from table_s1_cell import (  # noqa: E402
     STRUCTURES,
     add_cell_arguments,
     save_result,
     simulate_cell,
+    watch_iterations,
 )
 
 from disca_tools.cluster import em  # noqa: E402
@@ -62,24 +62,6 @@ def main() -> None:
     t0 = time.time()
     sim = simulate_cell(args)
     truth = sim.labels
-    records: list[dict] = []
-    original = em.select_mixture
-
-    def watched(x, *a, **kw):
-        sel = original(x, *a, **kw)
-        km = KMeans(n_clusters=len(STRUCTURES), n_init=5, random_state=0).fit_predict(x)
-        records.append(
-            {
-                "iteration": len(records),
-                "k": int(sel.k),
-                "h": round(float(homogeneity_score(truth, sel.labels)), 4),
-                "h_kmeans_true_k": round(float(homogeneity_score(truth, km)), 4),
-            }
-        )
-        print(records[-1], flush=True)
-        return sel
-
-    em.select_mixture = watched
     overrides = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = em.EMConfig(
         max_iter=args.max_iter,
@@ -92,7 +74,10 @@ def main() -> None:
     store = SubtomogramStore(
         volumes=sim.volumes, names=[f"s{i}" for i in range(len(sim))], path=Path("<memory>")
     )
-    res = em.run_em(store, np.arange(len(sim)), cfg)
+    with watch_iterations(truth, len(STRUCTURES)) as records:
+        res = em.run_em(store, np.arange(len(sim)), cfg)
+    for rec in records:
+        print(rec)
     final_h = float(homogeneity_score(truth, res.labels))
     print(f"best iteration {res.best_iteration}: K={res.k} h={final_h:.4f}")
     out = {

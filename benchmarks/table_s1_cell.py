@@ -7,8 +7,10 @@ each, 24³ at ``angpix``, CTF + missing wedge of ``tilt``, noise at ``snr`` in `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,39 @@ def bic_clusters(x: np.ndarray, pca_dim: int, k_candidates: list[int]) -> tuple[
 
     sel = select_mixture(fit_pca(x, pca_dim, 0).transform(x), k_candidates, seed=0)
     return int(sel.k), sel.labels
+
+
+@contextlib.contextmanager
+def watch_iterations(truth: np.ndarray, kmeans_k: int = 0) -> Iterator[list[dict]]:
+    """Inside the block, every EM iteration's clustering (``em.select_mixture``) is recorded in the
+    yielded list: iteration, K and homogeneity against ``truth`` (and, if ``kmeans_k``, that of
+    k-means with ``kmeans_k`` clusters on the same features)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import homogeneity_score
+
+    from disca_tools.cluster import em
+
+    records: list[dict] = []
+    original = em.select_mixture
+
+    def watched(x, *a, **kw):
+        sel = original(x, *a, **kw)
+        rec = {
+            "iteration": len(records),
+            "k": int(sel.k),
+            "h": round(float(homogeneity_score(truth, sel.labels)), 4),
+        }
+        if kmeans_k:
+            km = KMeans(n_clusters=kmeans_k, n_init=5, random_state=0).fit_predict(x)
+            rec["h_kmeans_true_k"] = round(float(homogeneity_score(truth, km)), 4)
+        records.append(rec)
+        return sel
+
+    em.select_mixture = watched
+    try:
+        yield records
+    finally:
+        em.select_mixture = original
 
 
 def write_atomic(path: Path, text: str) -> Path:

@@ -155,6 +155,8 @@ def test_training_on_subclusters_reports_the_bic_clusters(tiny_store):
         res.history[1].loss
     )  # sub-clusters at 1
     assert res.k in cfg.k_candidates and set(np.unique(res.labels)) == set(range(res.k))
+    # iteration 1's network was trained on the K clusters, not sub-clusters: not comparable, not reported
+    assert [h.eligible for h in res.history] == [False, False, True] and res.best_iteration == 2
     # every particle was in the calibration sample (60 ≤ 512): the statistics are the data's
     from disca_tools.model.data import gather
 

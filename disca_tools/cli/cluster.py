@@ -153,7 +153,8 @@ class Options(CommonOptions):
         "--train-clusters",
         default=0,
         help="train on about this many sub-clusters of the K clusters (over-clustering; not in the "
-        "paper; 0 = off): keeps merged classes separable. See README 'Clustering accuracy'",
+        "paper; 0 = off): keeps merged classes separable; iteration 1 (trained on the K clusters) "
+        "is then not reported. See README 'Clustering accuracy'",
     )
     calibrate_bn: bool = opt(
         "--calibrate-bn",
