@@ -42,6 +42,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
 from disca_tools.evaluate import clustering_metrics  # noqa: E402
+from disca_tools.model.data import normalise  # noqa: E402
 
 SNRS = [0.1, 0.03, 0.01, 0.003, 0.001]
 TILTS = [60, 40]
@@ -79,9 +80,8 @@ def parse_k(text: str) -> list[int]:
 
 
 def normalised_flat(volumes: np.ndarray) -> np.ndarray:
-    x = volumes.reshape(len(volumes), -1).astype(np.float32)
-    x = x - x.mean(axis=1, keepdims=True)
-    return x / np.maximum(x.std(axis=1, keepdims=True), 1e-12)
+    """The volumes as the loop sees them (per-volume zero mean, unit s.d.), one row each."""
+    return normalise(volumes).reshape(len(volumes), -1)
 
 
 def run_gmm_bic(volumes, k_candidates, pca_dim, seed):

@@ -57,6 +57,7 @@ def _invariant_rows(vols: np.ndarray, truth: np.ndarray, pca_dim: int) -> list[d
     from disca_tools.cluster.invariants import (
         fourier_invariant_descriptors,
         rotation_invariant_descriptors,
+        standardise_columns,
     )
     from disca_tools.cluster.mixture import fit_pca
 
@@ -68,7 +69,7 @@ def _invariant_rows(vols: np.ndarray, truth: np.ndarray, pca_dim: int) -> list[d
         ("invariants: power-spectrum shells", spectrum),
         ("invariants: both (--init invariants)", np.hstack([real, spectrum])),
     ]:
-        x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+        x = standardise_columns(x)
         z = fit_pca(x, pca_dim, 0).transform(x)
         km = KMeans(len(np.unique(truth)), n_init=10, random_state=0).fit_predict(z)
         supervised = cross_val_score(LogisticRegression(max_iter=3000), x, truth, cv=5).mean()

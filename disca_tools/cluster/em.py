@@ -604,9 +604,11 @@ def run_em(
         if not np.all(np.isfinite(feats)):
             raise UserError("features: the network produced NaN/inf (try a lower --lr)")
         t1 = time.time()
-        if it == 0 and not pretrained and cfg.init == "voxels":
+        # iteration-0 clusters from the data itself (not from the random network's features)
+        from_data = it == 0 and not pretrained and cfg.init != "network"
+        if from_data and cfg.init == "voxels":
             pca, x = None, voxel_pca_features(store, rows, cfg.pca_dim, seed_it)
-        elif it == 0 and not pretrained and cfg.init == "invariants":
+        elif from_data and cfg.init == "invariants":
             inv = invariant_features(store, rows)
             x = fit_pca(inv, cfg.pca_dim, seed_it).transform(inv)
             pca = None  # the clusters are not in the network's feature space
@@ -664,8 +666,7 @@ def run_em(
             Y.reset_dropout_seed(model, seed_it)
             targets = smooth_targets(train_labels, k_train, alpha, kmax)
             ds = train_dataset(store, rows, targets, global_batch, seed_it, cfg.augment)
-            teach = it == 0 and not pretrained and cfg.init != "network" and cfg.init_epochs > 0
-            epochs = cfg.init_epochs if teach else cfg.epochs_per_iter
+            epochs = cfg.init_epochs if from_data and cfg.init_epochs > 0 else cfg.epochs_per_iter
             loss = trainer.fit(ds, epochs, lr)
             if replicas > 1:  # before the checkpoint, so that --continue resumes the same network
                 sync_batchnorm_statistics(model, strategy)

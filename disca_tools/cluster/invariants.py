@@ -24,6 +24,8 @@ so its odd-degree coefficients vanish). :func:`invariant_features` uses both set
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import scipy.fft
 from scipy.special import roots_legendre, sph_harm_y
@@ -31,6 +33,7 @@ from scipy.special import roots_legendre, sph_harm_y
 from ..runtime.log import check_abort
 
 
+@lru_cache(maxsize=8)  # the same grid for every batch and both descriptor sets
 def _sphere_grid(l_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unit vectors (P, 3) as (x, y, z), quadrature weights (P,), and the basis conj(Y_lm) (P, M)."""
     n_theta = l_max + 2
@@ -47,7 +50,10 @@ def _sphere_grid(l_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         for deg in range(1, l_max + 1)
         for m in range(-deg, deg + 1)
     ]
-    return dirs, weights, np.stack(basis, axis=1)
+    grid = (dirs, weights, np.stack(basis, axis=1))
+    for a in grid:
+        a.flags.writeable = False  # cached: shared by every caller
+    return grid
 
 
 def _trilinear(vols: np.ndarray, points_zyx: np.ndarray) -> np.ndarray:
@@ -144,6 +150,11 @@ def invariant_features(store, rows: np.ndarray, l_max: int = 6, batch: int = 256
                 ]
             )
         )
-    x = np.concatenate(parts).astype(np.float64)
+    return standardise_columns(np.concatenate(parts))
+
+
+def standardise_columns(x: np.ndarray) -> np.ndarray:
+    """``x`` (N, F) with every column at zero mean and unit s.d. (constant columns: zero), float64."""
+    x = np.asarray(x, dtype=np.float64)
     sd = x.std(axis=0)
     return (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
