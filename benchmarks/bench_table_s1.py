@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from table_s1_cell import STRUCTURES, save_result, watch_iterations  # noqa: E402
+from table_s1_cell import STRUCTURES, IterationWatcher, save_result  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
@@ -127,8 +127,9 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
         calibrate_bn=False if paper else args.calibrate_bn,
         init_epochs=0 if paper else args.init_epochs,
     )
-    with watch_iterations(truth) as records:
-        res = run_em(store, np.arange(len(volumes)), cfg)
+    watch = IterationWatcher(truth)
+    res = run_em(store, np.arange(len(volumes)), cfg, on_iteration=watch)
+    records = watch.records
     extra = {"best_iteration": int(res.best_iteration), "iterations": len(res.history)}
     extra["k_by_iteration"] = [r["k"] for r in records]
     extra["homogeneity_by_iteration"] = [r["h"] for r in records]

@@ -28,10 +28,10 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import homogeneity_score  # noqa: E402
 from table_s1_cell import (  # noqa: E402
     STRUCTURES,
+    IterationWatcher,
     add_cell_arguments,
     save_result,
     simulate_cell,
-    watch_iterations,
 )
 
 from disca_tools.cluster import em  # noqa: E402
@@ -74,8 +74,9 @@ def main() -> None:
     store = SubtomogramStore(
         volumes=sim.volumes, names=[f"s{i}" for i in range(len(sim))], path=Path("<memory>")
     )
-    with watch_iterations(truth, len(STRUCTURES)) as records:
-        res = em.run_em(store, np.arange(len(sim)), cfg)
+    watch = IterationWatcher(truth, len(STRUCTURES))
+    res = em.run_em(store, np.arange(len(sim)), cfg, on_iteration=watch)
+    records = watch.records
     for rec in records:
         print(rec)
     final_h = float(homogeneity_score(truth, res.labels))

@@ -7,10 +7,8 @@ each, 24³ at ``angpix``, CTF + missing wedge of ``tilt``, noise at ``snr`` in `
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,37 +55,32 @@ def bic_clusters(x: np.ndarray, pca_dim: int, k_candidates: list[int]) -> tuple[
     return int(sel.k), sel.labels
 
 
-@contextlib.contextmanager
-def watch_iterations(truth: np.ndarray, kmeans_k: int = 0) -> Iterator[list[dict]]:
-    """Inside the block, every EM iteration's clustering (``em.select_mixture``) is recorded in the
-    yielded list: iteration, K and homogeneity against ``truth`` (and, if ``kmeans_k``, that of
-    k-means with ``kmeans_k`` clusters on the same features)."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import homogeneity_score
+class IterationWatcher:
+    """An ``on_iteration`` callback for :func:`disca_tools.cluster.em.run_em` that records every
+    iteration's K and homogeneity against ``truth`` in ``records`` (and, if ``kmeans_k``, that of
+    k-means with ``kmeans_k`` clusters on the same points)."""
 
-    from disca_tools.cluster import em
+    def __init__(self, truth: np.ndarray, kmeans_k: int = 0) -> None:
+        self.truth = np.asarray(truth)
+        self.kmeans_k = kmeans_k
+        self.records: list[dict] = []
 
-    records: list[dict] = []
-    original = em.select_mixture
+    def __call__(self, clustering) -> None:
+        from sklearn.cluster import KMeans
+        from sklearn.metrics import homogeneity_score
 
-    def watched(x, *a, **kw):
-        sel = original(x, *a, **kw)
         rec = {
-            "iteration": len(records),
-            "k": int(sel.k),
-            "h": round(float(homogeneity_score(truth, sel.labels)), 4),
+            "iteration": int(clustering.iteration),
+            "k": int(clustering.k),
+            "h": round(float(homogeneity_score(self.truth, clustering.labels)), 4),
+            "eligible": bool(clustering.eligible),
         }
-        if kmeans_k:
-            km = KMeans(n_clusters=kmeans_k, n_init=5, random_state=0).fit_predict(x)
-            rec["h_kmeans_true_k"] = round(float(homogeneity_score(truth, km)), 4)
-        records.append(rec)
-        return sel
-
-    em.select_mixture = watched
-    try:
-        yield records
-    finally:
-        em.select_mixture = original
+        if self.kmeans_k:
+            km = KMeans(n_clusters=self.kmeans_k, n_init=5, random_state=0).fit_predict(
+                clustering.x
+            )
+            rec["h_kmeans_true_k"] = round(float(homogeneity_score(self.truth, km)), 4)
+        self.records.append(rec)
 
 
 def write_atomic(path: Path, text: str) -> Path:

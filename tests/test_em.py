@@ -150,7 +150,14 @@ def test_training_on_subclusters_reports_the_bic_clusters(tiny_store):
     rows = np.arange(len(tiny_store))
     cfg = em.EMConfig(**dict(TINY, max_iter=2, train_clusters=6, calibrate_bn=True))
     assert cfg.head_units == 6
-    res = em.run_em(tiny_store, rows, cfg)
+    seen: list[em.IterationClustering] = []
+    res = em.run_em(tiny_store, rows, cfg, on_iteration=seen.append)
+    # the callback sees every iteration's clustering, as history and the result record it
+    assert [c.iteration for c in seen] == [0, 1, 2]
+    assert [c.k for c in seen] == [h.k for h in res.history]
+    assert [c.eligible for c in seen] == [h.eligible for h in res.history]
+    np.testing.assert_array_equal(seen[res.best_iteration].labels, res.labels)
+    assert seen[2].x.shape == (len(rows), cfg.pca_dim)
     assert np.isfinite(res.history[0].loss) and np.isfinite(
         res.history[1].loss
     )  # sub-clusters at 1
@@ -168,6 +175,15 @@ def test_training_on_subclusters_reports_the_bic_clusters(tiny_store):
     np.testing.assert_allclose(bn.moving_variance.numpy(), taps.var(0), rtol=1e-3, atol=1e-5)
     with pytest.raises(UserError, match="train-clusters"):
         em.EMConfig(train_clusters=-1).check(1000, 24)
+
+
+def test_iteration_1_is_eligible_when_no_subcluster_training_follows(tiny_store):
+    """--train-clusters ≤ K: every round trains on the K clusters, so iteration 1 is comparable with
+    the later ones and may be reported (only iteration 0 of the fresh network is not)."""
+    rows = np.arange(len(tiny_store))
+    cfg = em.EMConfig(**dict(TINY, max_iter=2, train_clusters=2))
+    res = em.run_em(tiny_store, rows, cfg)
+    assert [h.eligible for h in res.history] == [False, True, True]
 
 
 def test_invariant_init_clusters_the_descriptors_at_iteration_0(tiny_store):

@@ -31,11 +31,11 @@ Iteration ``t`` (0, 1, …, ``max_iter``):
 Which iteration is reported. The clustering of iteration 0 comes from the untrained (random)
 network unless a trained model was given: its DDBI is recorded but it can never be the result, since
 a random network's features may score well while carrying no learned structure (the reference code
-then saves nothing). The result is the eligible iteration with the lowest DDBI. With
-``train_clusters`` iteration 1 is not eligible either (when a later one exists): its network was
-trained on the K clusters, later ones on sub-clusters, and a network trained on K labels pulls
-each cluster tight in its features, so iteration 1's DDBI is not comparable with theirs (it won
-every time in the Table S1 runs, whatever happened later).
+then saves nothing). The result is the eligible iteration with the lowest DDBI. Iteration 1 is not
+eligible either when the training after it is on sub-clusters (``train_clusters`` > its K): its
+network was trained on the K clusters, later ones on sub-clusters, and a network trained on K
+labels pulls each cluster tight in its features, so iteration 1's DDBI is not comparable with
+theirs (it won every time in the Table S1 runs, whatever happened later).
 
 Defaults, changed from the reference and why: lr 1e-3 (reference 1e-5, which barely moves the
 network in one epoch, METHOD.md), 2 epochs per iteration (reference 1), batch 32 (reference 64:
@@ -64,6 +64,7 @@ import math
 import os
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,18 @@ class IterationRecord:
     seconds_mixture: float = 0.0
     seconds_train: float = 0.0
     epochs: int = 0  # training epochs after this iteration's clustering (0: not trained)
+
+
+@dataclass(frozen=True)
+class IterationClustering:
+    """What ``run_em``'s ``on_iteration`` callback sees of an iteration: its clustering (labels
+    matched to the previous iteration's), before the network is trained on it."""
+
+    iteration: int
+    k: int
+    labels: np.ndarray
+    x: np.ndarray  # the points the mixtures were fitted to (PCA of the features or descriptors)
+    eligible: bool
 
 
 @dataclass
@@ -492,6 +505,7 @@ def run_em(
     resume: bool = False,
     init_extractor_weights: str | Path | None = None,
     strategy=None,
+    on_iteration: Callable[[IterationClustering], None] | None = None,
 ) -> EMResult:
     """Run DISCA on the subtomograms ``store[rows]`` and return the best-DDBI iteration.
 
@@ -506,6 +520,9 @@ def run_em(
     batches of ``cfg.batch_size`` × replicas (Keras splits each batch among the replicas). With a
     multi-worker strategy every worker computes all the features itself and repeats the same
     deterministic mixture fits, so all workers agree on K and the labels.
+
+    ``on_iteration`` is called with every iteration's :class:`IterationClustering` (to watch the
+    loop, e.g. score each iteration against known classes); it must not change its arrays.
     """
     from .ddbi import ddbi
 
@@ -586,10 +603,6 @@ def run_em(
         trainer = _Trainer(model, cfg.lr, strategy)
         extractor = Y.feature_extractor(model)
     converged = False
-    if pretrained:
-        first_eligible = 0
-    else:  # see "Which iteration is reported" above
-        first_eligible = 2 if cfg.train_clusters > 0 and cfg.max_iter >= 2 else 1
     for it in range(start, cfg.max_iter + 1):
         check_abort()
         t0 = time.time()
@@ -625,7 +638,21 @@ def run_em(
         post, comp_to_label = _permute_posteriors(sel.posteriors, mapping)
         frac = float(np.mean(labels != prev_labels)) if same_k else 1.0
         score = ddbi(x, labels)
-        eligible = it >= first_eligible and math.isfinite(score)
+        stable = stable + 1 if (same_k and frac <= 1.0 - cfg.stable_fraction) else 0
+        converged = stable >= cfg.patience
+        trained = it < cfg.max_iter and not converged
+        # over-clustering: training on sub-clusters of the K clusters keeps the network from
+        # learning to ignore what differs inside a cluster (two merged classes stay separable).
+        # Not at iteration 0 of a fresh network: sub-clusters of untrained features (or of the
+        # iteration-0 descriptors) are mostly noise, and the first round learns the K.
+        on_subclusters = trained and cfg.train_clusters > k and (it >= 1 or pretrained)
+        # see "Which iteration is reported" above: a fresh network's iteration 0 never; iteration
+        # 1 (features of a network trained on the K clusters) not when sub-cluster training follows
+        eligible = math.isfinite(score) and (
+            pretrained or it >= 2 or (it == 1 and not on_subclusters)
+        )
+        if on_iteration is not None:
+            on_iteration(IterationClustering(it, k, labels, x, bool(eligible)))
         if eligible and score < best_ddbi:
             best_it, best_ddbi = it, score
             best = {
@@ -642,20 +669,13 @@ def run_em(
                 _save_npy(b / "features.npy", feats)
                 _save_pickle(b / "mixture.pkl", best["mixture"])
                 _save_weights(extractor, b / "extractor.weights.h5")
-        stable = stable + 1 if (same_k and frac <= 1.0 - cfg.stable_fraction) else 0
-        converged = stable >= cfg.patience
         t2 = time.time()
         lr = cfg.lr * cfg.lr_decay**it
         alpha = cfg.label_smoothing * cfg.smoothing_decay**it
         loss, epochs = float("nan"), 0
-        trained = it < cfg.max_iter and not converged
         if trained:
             train_labels, k_train = labels, k
-            if cfg.train_clusters > k and (it >= 1 or pretrained):
-                # over-clustering: training on sub-clusters of the K clusters keeps the network from
-                # learning to ignore what differs inside a cluster (two merged classes stay separable).
-                # Not at iteration 0 of a fresh network: sub-clusters of untrained features (or of
-                # the iteration-0 descriptors) are mostly noise, and the first round learns the K.
+            if on_subclusters:
                 train_labels, parent = nested_subclusters(x, labels, cfg.train_clusters, seed_it)
                 k_train = len(parent)
                 warm_up_head(model, feats, train_labels, k_train, cfg, seed_it, pca)
