@@ -86,6 +86,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cluster.config import EMConfig
 from ..cluster.shards import (
     SHARD_FILE,
     files_fingerprint,
@@ -118,28 +119,36 @@ class Options(CommonOptions):
         help="particles STAR file (RELION 3.1 / 4 / 5, Warp); required except with --merge-shards",
     )
     o: str = opt("--o", "--output-dir", help="output folder")
-    seed: int = opt("--seed", default=0, help="random seed (runs with one seed are reproducible)")
+    seed: int = opt(
+        "--seed", default=EMConfig.seed, help="random seed (runs with one seed are reproducible)"
+    )
     k_candidates: str = opt(
         "--k-candidates",
         default="2-20",
         help="candidate numbers of classes: '2-20', '2,3,5' or '2-6,8'",
     )
-    pca_dim: int = opt("--pca-dim", default=16, help="PCA dimension before the mixtures")
-    max_iter: int = opt("--max-iter", default=20, help="maximum EM iterations")
-    epochs_per_iter: int = opt(
-        "--epochs-per-iter", default=2, help="training epochs per EM iteration"
+    pca_dim: int = opt(
+        "--pca-dim", default=EMConfig.pca_dim, help="PCA dimension before the mixtures"
     )
-    batch_size: int = opt("--batch-size", default=32, help="training batch size")
-    lr: float = opt("--lr", default=1e-3, help="Nadam learning rate at iteration 0")
-    lr_decay: float = opt("--lr-decay", default=0.95, help="learning rate factor per iteration")
+    max_iter: int = opt("--max-iter", default=EMConfig.max_iter, help="maximum EM iterations")
+    epochs_per_iter: int = opt(
+        "--epochs-per-iter",
+        default=EMConfig.epochs_per_iter,
+        help="training epochs per EM iteration",
+    )
+    batch_size: int = opt("--batch-size", default=EMConfig.batch_size, help="training batch size")
+    lr: float = opt("--lr", default=EMConfig.lr, help="Nadam learning rate at iteration 0")
+    lr_decay: float = opt(
+        "--lr-decay", default=EMConfig.lr_decay, help="learning rate factor per iteration"
+    )
     label_smoothing: float = opt(
         "--label-smoothing",
-        default=0.2,
+        default=EMConfig.label_smoothing,
         help="label smoothing α at iteration 0 (×0.9 per iteration)",
     )
     init: str = opt(
         "--init",
-        default="network",
+        default=EMConfig.init,
         choices=["network", "invariants", "voxels"],
         help="iteration-0 clusters: of the untrained network's features (the paper), of "
         "rotation-invariant descriptors of the data (real-space and power-spectrum shells), or of PCA "
@@ -147,29 +156,31 @@ class Options(CommonOptions):
     )
     init_epochs: int = opt(
         "--init-epochs",
-        default=0,
+        default=EMConfig.init_epochs,
         help="with --init invariants/voxels: epochs of the first round, in which the random network "
         "learns the iteration-0 clusters (not in the paper; 0 = --epochs-per-iter)",
     )
     train_clusters: int = opt(
         "--train-clusters",
-        default=0,
+        default=EMConfig.train_clusters,
         help="train on about this many sub-clusters of the K clusters (over-clustering; not in the "
         "paper; 0 = off): keeps merged classes separable; iteration 1 (trained on the K clusters) "
         "is then not reported. See README 'Clustering accuracy'",
     )
     calibrate_bn: bool = opt(
         "--calibrate-bn",
-        default=False,
+        default=EMConfig.calibrate_bn,
         help="set BatchNorm statistics from the clean data before each feature pass (not in the "
         "paper). See README 'Clustering accuracy'",
     )
     width_scale: float = opt(
         "--width-scale",
-        default=1.0,
+        default=EMConfig.width_scale,
         help="multiplies every YOPO convolution width (1 = the paper's network)",
     )
-    feature_dim: int = opt("--feature-dim", default=1024, help="feature vector length")
+    feature_dim: int = opt(
+        "--feature-dim", default=EMConfig.feature_dim, help="feature vector length"
+    )
     precision: str = opt(
         "--precision",
         default="auto",
@@ -464,8 +475,6 @@ def run(o: Options) -> dict:
     located = locate_particle_volumes(table, o.i, out)
     box = located.box
     if o.model is None:
-        from ..cluster.em import EMConfig
-
         EMConfig(
             k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, feature_dim=o.feature_dim
         ).check(n, box)
@@ -495,7 +504,7 @@ def run(o: Options) -> dict:
     if o.model:
         return _assign(o, out, table, store, rows, ref_cfg, precision, shard_info)
 
-    from ..cluster.em import EMConfig, run_em
+    from ..cluster.em import run_em
 
     width, fdim = o.width_scale, o.feature_dim
     init_weights = None

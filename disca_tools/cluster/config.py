@@ -1,0 +1,84 @@
+"""The hyperparameters of a DISCA run (:class:`EMConfig`), apart from the loop in
+:mod:`disca_tools.cluster.em` so that the CLI can take its defaults without importing Keras.
+The defaults and why they differ from the reference code are in :mod:`disca_tools.cluster.em`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..runtime.errors import UserError
+from ..runtime.log import logger
+
+if TYPE_CHECKING:
+    from ..model.yopo import YopoConfig
+
+
+@dataclass
+class EMConfig:
+    """Hyperparameters of a DISCA run (see the module docstring for the defaults)."""
+
+    k_candidates: list[int] = field(default_factory=lambda: list(range(2, 21)))
+    pca_dim: int = 16
+    max_iter: int = 20
+    epochs_per_iter: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_decay: float = 0.95
+    label_smoothing: float = 0.2
+    smoothing_decay: float = 0.9
+    width_scale: float = 1.0
+    feature_dim: int = 1024
+    precision: str = "float32"
+    seed: int = 0
+    patience: int = 3
+    stable_fraction: float = 0.99
+    predict_batch_size: int = 64
+    augment: bool = True
+    head_c: float = 1.0
+    head_max_iter: int = 300
+    init: str = "network"  # iteration-0 clusters: "network" (the paper), "invariants", "voxels"
+    train_clusters: int = 0  # > K: train on this many nested sub-clusters (0: on the K clusters)
+    # epochs of the first round when the iteration-0 clusters come from the data, not the network
+    # (init "invariants" or "voxels"): the random network must learn them before it is re-clustered
+    init_epochs: int = 0  # 0: epochs_per_iter
+    calibrate_bn: bool = False  # BatchNorm statistics from the clean data before each feature pass
+    calibrate_samples: int = 512
+
+    def check(self, n: int, box: int) -> None:
+        """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³."""
+        from ..model.yopo import MIN_BOX
+
+        if box < MIN_BOX:
+            raise UserError(f"subtomograms: box {box} is too small; YOPO needs at least {MIN_BOX}³")
+        if not self.k_candidates or min(self.k_candidates) < 2:
+            raise UserError(f"--k-candidates: need values ≥ 2, got {self.k_candidates}")
+        if self.max_iter < 1:
+            raise UserError("--max-iter: must be at least 1 (iteration 0 is the untrained network)")
+        p = min(self.pca_dim, self.feature_dim)
+        need = min(self.k_candidates) * (p + 1)
+        if n < need:
+            raise UserError(
+                f"particles: {n} particles are too few for candidate K {min(self.k_candidates)}–"
+                f"{max(self.k_candidates)} at PCA dimension {p} (need ≥ {need}; lower --pca-dim or K)"
+            )
+        if self.init_epochs < 0:
+            raise UserError(f"--init-epochs: must be ≥ 0, got {self.init_epochs}")
+        if self.train_clusters < 0:
+            raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")
+        top = max(self.k_candidates) * (p + 1)
+        if n < top:
+            logger.warning(
+                "Only %d particles: candidate K above %d will be skipped", n, n // (p + 1)
+            )
+
+    @property
+    def head_units(self) -> int:
+        """Units of the classification head: the most classes any iteration can train on."""
+        return max(max(self.k_candidates), int(self.train_clusters))
+
+    def yopo(self, box: int, k: int) -> YopoConfig:
+        """The network of this run for ``box``³ subtomograms and a head of ``k`` units."""
+        from ..model.yopo import YopoConfig
+
+        return YopoConfig(box, k, self.width_scale, self.feature_dim, self.precision)
