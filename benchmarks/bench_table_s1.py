@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from table_s1_cell import STRUCTURES, IterationWatcher, save_result  # noqa: E402
+from table_s1_cell import STRUCTURES, IterationWatcher, save_result, simulate_cell  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
@@ -175,9 +175,6 @@ def main(argv=None) -> int:
 
     configure()  # DISCA's per-iteration log lines on stderr
 
-    from disca_tools.simulate.imaging import Imaging
-    from disca_tools.simulate.subtomograms import simulate_subtomogram_set
-
     structures = args.structures.split(",")
     methods = args.methods.split(",")
     k_true = len(structures)
@@ -187,16 +184,7 @@ def main(argv=None) -> int:
     rows = []
     for tilt, snr in cells:
         t0 = time.time()
-        sim = simulate_subtomogram_set(
-            structures,
-            args.n_per_class,
-            args.box,
-            args.angpix,
-            snr,
-            Imaging(tilt_range_deg=tilt),
-            args.seed,
-            snr_convention=args.snr_convention,
-        )
+        sim = simulate_cell(args, tilt=tilt, snr=snr, structures=structures, box=args.box)
         t_sim = time.time() - t0
         truth = sim.labels
         for method in methods:

@@ -30,18 +30,26 @@ def add_cell_arguments(
     ap.add_argument("--tag", default="", help="suffix for the result file")
 
 
-def simulate_cell(args: argparse.Namespace):
-    """The :class:`SubtomogramSet` of the cell described by :func:`add_cell_arguments` options."""
+def simulate_cell(
+    args: argparse.Namespace,
+    *,
+    tilt: float | None = None,
+    snr: float | None = None,
+    structures: list[str] | None = None,
+    box: int = 24,
+):
+    """The :class:`SubtomogramSet` of the cell described by :func:`add_cell_arguments` options
+    (``tilt``, ``snr``, ``structures`` and ``box`` override them where given)."""
     from disca_tools.simulate.imaging import Imaging
     from disca_tools.simulate.subtomograms import simulate_subtomogram_set
 
     return simulate_subtomogram_set(
-        STRUCTURES,
+        structures or STRUCTURES,
         args.n_per_class,
-        24,
+        box,
         args.angpix,
-        args.snr,
-        Imaging(tilt_range_deg=args.tilt),
+        args.snr if snr is None else snr,
+        Imaging(tilt_range_deg=args.tilt if tilt is None else tilt),
         seed=args.seed,
         snr_convention=args.snr_convention,
     )
