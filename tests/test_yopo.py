@@ -176,9 +176,10 @@ def test_streamed_prediction_equals_in_memory_prediction():
     assert f.shape == (len(rows), 8) and f.dtype == np.float32
 
 
-def test_batchnorm_calibration_sets_the_data_statistics():
+def test_batchnorm_calibration_sets_the_data_statistics(tmp_path):
     """After calibration each BatchNormalization layer's moving statistics are the mean and variance
-    of its input on the data, so in inference mode its output is standardised."""
+    of its input on the data, so in inference mode its output is standardised. A second calibration
+    (through the probes kept from the first) follows new data, and the model still saves."""
     import keras
 
     rng = np.random.default_rng(0)
@@ -194,3 +195,10 @@ def test_batchnorm_calibration_sets_the_data_statistics():
         out = keras.Model(model.inputs, layer.output).predict(vols[..., None], verbose=0)
         out = out.reshape(-1, out.shape[-1])
         assert np.allclose(out.std(0), np.abs(layer.gamma.numpy()), rtol=0.05)
+    other = (vols[:12] - 1.0) * 0.5
+    Y.calibrate_batchnorm(model, other, batch_size=5)
+    layer = model.get_layer("features_bn")
+    inp = keras.Model(model.inputs, layer.input).predict(other[..., None], verbose=0)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), inp.mean(0), rtol=1e-3, atol=1e-4)
+    model.save(tmp_path / "calibrated.keras")
+    assert len(keras.models.load_model(tmp_path / "calibrated.keras").weights) == len(model.weights)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import keras
 import numpy as np
@@ -176,6 +177,28 @@ def n_classes_of(model: keras.Model) -> int:
     return int(head_layer(model).units)
 
 
+_BN_PROBES = "_disca_batchnorm_probes"
+
+
+def _batchnorm_probes(model: keras.Model) -> list[tuple[layers.BatchNormalization, Any]]:
+    """Each BatchNormalization layer of ``model`` with a compiled function from the model's input
+    to that layer's input (inference mode); built once per model (the EM loop calibrates the same
+    network every iteration; kept on the model, outside Keras' attribute tracking)."""
+    import tensorflow as tf
+
+    probes = getattr(model, _BN_PROBES, None)
+    if probes is None:
+        probes = []
+        for layer in [m for m in model.layers if isinstance(m, layers.BatchNormalization)]:
+            probe = keras.Model(model.inputs, layer.input)
+            step = tf.function(
+                lambda v, probe=probe: probe(v, training=False), reduce_retracing=True
+            )
+            probes.append((layer, step))
+        object.__setattr__(model, _BN_PROBES, probes)  # not a tracked sub-layer
+    return probes
+
+
 def calibrate_batchnorm(model: keras.Model, volumes: np.ndarray, batch_size: int = 64) -> None:
     """Set every BatchNormalization layer's moving mean and variance to the statistics of its input
     on ``volumes`` (normalised subtomograms ``(n, S, S, S)``), layer by layer in inference mode.
@@ -186,12 +209,8 @@ def calibrate_batchnorm(model: keras.Model, volumes: np.ndarray, batch_size: int
     network's features carry much more class information (benchmarks/probe_initial_features.py).
     Each layer is calibrated after the layers before it, so it sees the inputs it will see later.
     """
-    import tensorflow as tf
-
     x = np.asarray(volumes, dtype=np.float32)[..., None]
-    for layer in [m for m in model.layers if isinstance(m, layers.BatchNormalization)]:
-        probe = keras.Model(model.inputs, layer.input)
-        step = tf.function(lambda v, probe=probe: probe(v, training=False), reduce_retracing=True)
+    for layer, step in _batchnorm_probes(model):
         total = total_sq = None
         count = 0
         for start in range(0, len(x), batch_size):
