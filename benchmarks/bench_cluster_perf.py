@@ -10,7 +10,7 @@ Python process each (so that peak memory is per N):
   in memory (rotations precomputed) for the same epochs and batch size, plus ``model.predict`` of
   the N originals (both after a warm-up call);
 * prediction throughput: streamed ``predict_features`` against bare ``model.predict`` of an
-  in-memory array;
+  in-memory array (each timed ``--predict-repeats`` times, alternated; the best of each);
 * peak resident memory of the process during the EM run (before the baseline loads data).
 
 Goals (issue 4): iteration / (bare fit + predict) ≤ 1.25; t(8k)/t(1k) ≤ 9; streamed prediction ≥
@@ -42,6 +42,13 @@ import numpy as np  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 STRUCTURES = ["4v4r", "1bxn", "3j9i", "1s3x", "3d2f"]
+
+
+def _seconds(fn, *args, **kwargs) -> float:
+    """Wall-clock seconds of one call."""
+    t = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t
 
 
 def _peak_rss_mb() -> float:
@@ -162,13 +169,14 @@ def one(args) -> dict:
     bare_fit = time.time() - t
     ext = Y.feature_extractor(model)
     ext.predict(xx[:64, ...], batch_size=cfg.predict_batch_size, verbose=0)
-    t = time.time()
-    ext.predict(xx[:n], batch_size=cfg.predict_batch_size, verbose=0)
-    bare_pred = time.time() - t
     predict_features(ext, store, rows[:64], cfg.predict_batch_size)
-    t = time.time()
-    predict_features(ext, store, rows, cfg.predict_batch_size)
-    stream_pred = time.time() - t
+    bare_runs, stream_runs = [], []
+    for _ in range(args.predict_repeats):  # alternated, best of each: a shared CPU is noisy
+        bare_runs.append(
+            _seconds(ext.predict, xx[:n], batch_size=cfg.predict_batch_size, verbose=0)
+        )
+        stream_runs.append(_seconds(predict_features, ext, store, rows, cfg.predict_batch_size))
+    bare_pred, stream_pred = min(bare_runs), min(stream_runs)
     return {
         "n": n,
         "precision": precision,
@@ -183,6 +191,7 @@ def one(args) -> dict:
         "predict_throughput_stream": n / stream_pred,
         "predict_throughput_bare": n / bare_pred,
         "predict_ratio": bare_pred / stream_pred,
+        "predict_runs_s": {"bare": bare_runs, "stream": stream_runs},
         "peak_rss_mb_before_em": rss0,
         "peak_rss_mb_em": rss_em,
         "peak_anon_rss_mb_em": anon.peak,
@@ -201,6 +210,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3, help="EM max_iter (iterations 0..iters)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument(
+        "--predict-repeats", type=int, default=3, help="prediction timings (best of, alternated)"
+    )
     ap.add_argument("--store", default=None)
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS / "bench_cluster_perf"))
@@ -222,7 +234,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", str(n), "--store", str(store),
                    "--width-scale", str(args.width_scale), "--feature-dim", str(args.feature_dim),
                    "--precision", args.precision, "--k-candidates", args.k_candidates,
-                   "--iters", str(args.iters), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]  # fmt: skip
+                   "--iters", str(args.iters), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                   "--predict-repeats", str(args.predict_repeats)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:
