@@ -165,7 +165,7 @@ class Options(CommonOptions):
         default=EMConfig.train_clusters,
         help="train on about this many sub-clusters of the K clusters (over-clustering; not in the "
         "paper; 0 = off): keeps merged classes separable; iteration 1 (trained on the K clusters) "
-        "is then not reported. See README 'Clustering accuracy'",
+        "is then not reported (when N > its K). See README 'Clustering accuracy'",
     )
     calibrate_bn: bool = opt(
         "--calibrate-bn",
