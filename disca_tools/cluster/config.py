@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class EMConfig:
-    """Hyperparameters of a DISCA run (see the module docstring for the defaults)."""
+    """Hyperparameters of a DISCA run (the defaults, and why they differ from the reference code:
+    :mod:`disca_tools.cluster.em`)."""
 
     k_candidates: list[int] = field(default_factory=lambda: list(range(2, 21)))
     pca_dim: int = 16
