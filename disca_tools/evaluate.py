@@ -231,7 +231,12 @@ def evaluate_clusters(
     pred_column: str = CLASS,
     truth_column: str = CLASS,
 ) -> dict:
-    """Match the tables, then :func:`clustering_metrics` on the matched particles (plus counts)."""
+    """Match the tables, then :func:`clustering_metrics` on the matched particles (plus counts).
+
+    ``k_found`` and ``k_true`` count the classes of the whole tables: a cluster made only of
+    particles that match nothing (false picks, say) is still a cluster the run found, and
+    ``accuracy_defined`` compares these. ``k_found_matched`` and ``k_true_matched`` count those
+    among the matched particles, which the scores are computed on."""
     for table, col in ((pred_table, pred_column), (truth_table, truth_column)):
         if col not in table.particles.columns:
             raise UserError(f"{_name(table)}: no {col} column (class labels) to evaluate")
@@ -246,7 +251,14 @@ def evaluate_clusters(
     pred = pred_table.particles[pred_column].to_numpy()[pi]
     truth = truth_table.particles[truth_column].to_numpy()[ti]
     out = clustering_metrics(truth, pred)
+    k_found = int(pred_table.particles[pred_column].nunique())
+    k_true = int(truth_table.particles[truth_column].nunique())
     out.update(
+        k_found=k_found,
+        k_true=k_true,
+        k_found_matched=out["k_found"],
+        k_true_matched=out["k_true"],
+        accuracy_defined=k_found == k_true,
         n_pred=len(pred_table),
         n_truth=len(truth_table),
         n_matched=int(len(pi)),

@@ -110,6 +110,25 @@ def test_match_by_image_name_ignores_folders():
     assert pi.tolist() == [0, 1] and ti.tolist() == [2, 0]
     m = evaluate_clusters(pred, truth, by="image")
     assert m["n_matched"] == 2 and m["accuracy"] == 1.0
+    # class 'b' was not picked: the truth still has 3 classes, the run found 2
+    assert (m["k_true"], m["k_found"], m["k_true_matched"]) == (3, 2, 2)
+    assert not m["accuracy_defined"]
+
+
+def test_k_found_counts_clusters_of_unmatched_particles():
+    """A cluster of particles that match no true particle (false picks) is still a cluster found:
+    K found is 3 here, though the matched particles fall in 2 clusters."""
+    truth = table([(0, 0, 0)] * 4, ["t"] * 4, [1, 1, 2, 2], ["a.mrc", "b.mrc", "c.mrc", "d.mrc"])
+    pred = table(
+        [(0, 0, 0)] * 6,
+        ["t"] * 6,
+        [1, 1, 2, 2, 3, 3],
+        ["a.mrc", "b.mrc", "c.mrc", "d.mrc", "junk1.mrc", "junk2.mrc"],
+    )
+    m = evaluate_clusters(pred, truth, by="image")
+    assert m["n_matched"] == 4 and m["homogeneity"] == pytest.approx(1.0)
+    assert (m["k_found"], m["k_found_matched"], m["k_true"]) == (3, 2, 2)
+    assert not m["accuracy_defined"]
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -130,6 +130,7 @@ def run(o: Options) -> dict:
             "match",
             "k_true",
             "k_found",
+            "k_found_matched",
             "homogeneity",
             "completeness",
             "v_measure",
