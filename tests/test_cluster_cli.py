@@ -89,6 +89,24 @@ def test_continue_after_interruption_equals_uninterrupted_run(project):
     np.testing.assert_array_equal(np.load("Cut/features.npy"), np.load("Full/features.npy"))
 
 
+def test_warning_about_skipped_candidate_k_is_logged_once(project):
+    import logging
+
+    from disca_tools.runtime.log import logger
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        # 150 particles at PCA 4 allow K ≤ 30: candidates up to 40 are partly skipped
+        args = ["--i", "Sim/particles.star", "--o", "Warn", "--max-iter", "1", *TINY]
+        assert C.main([*args, "--k-candidates", "2-40"]) == 0
+    finally:
+        logger.removeHandler(handler)
+    assert sum("will be skipped" in m for m in seen) == 1
+
+
 def test_model_assigns_new_particles_from_mrc_files(project):
     # a STAR in another folder (no fast store there): the .mrc files are streamed into a store
     Path("Other").mkdir(exist_ok=True)

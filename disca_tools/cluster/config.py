@@ -47,7 +47,8 @@ class EMConfig:
     calibrate_samples: int = 512
 
     def check(self, n: int, box: int) -> None:
-        """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³."""
+        """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³
+        (errors only: :meth:`warn_skipped_k` logs what the run will skip)."""
         from ..model.yopo import MIN_BOX
 
         if box < MIN_BOX:
@@ -67,8 +68,11 @@ class EMConfig:
             raise UserError(f"--init-epochs: must be ≥ 0, got {self.init_epochs}")
         if self.train_clusters < 0:
             raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")
-        top = max(self.k_candidates) * (p + 1)
-        if n < top:
+
+    def warn_skipped_k(self, n: int) -> None:
+        """Log that candidate K too large for ``n`` particles will be skipped (run once per run)."""
+        p = min(self.pca_dim, self.feature_dim)
+        if n < max(self.k_candidates) * (p + 1):
             logger.warning(
                 "Only %d particles: candidate K above %d will be skipped", n, n // (p + 1)
             )

@@ -463,6 +463,7 @@ def run_em(
     rows = np.asarray(rows, dtype=np.int64)
     n, box = len(rows), store.box
     cfg.check(n, box)
+    cfg.warn_skipped_k(n)
     kmax = cfg.head_units
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
