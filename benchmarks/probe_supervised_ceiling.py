@@ -35,8 +35,9 @@ from table_s1_cell import (  # noqa: E402
     simulate_cell,
 )
 
-from disca_tools.cluster.em import EMConfig, _Trainer, smooth_targets  # noqa: E402
+from disca_tools.cluster.em import EMConfig, smooth_targets  # noqa: E402
 from disca_tools.cluster.mixture import select_mixture  # noqa: E402
+from disca_tools.cluster.training import Trainer  # noqa: E402
 from disca_tools.model import yopo as Y  # noqa: E402
 from disca_tools.model.data import (  # noqa: E402
     SubtomogramStore,
@@ -100,7 +101,7 @@ def main() -> None:
     )
     k = len(STRUCTURES)
     model = Y.build_yopo(cfg.yopo(24, k), seed=0)
-    trainer = _Trainer(model, args.lr)
+    trainer = Trainer(model, args.lr)
     extractor = Y.feature_extractor(model)
     feats = predict_features(extractor, store, idx, 64)
     rows.append({"stage": "untrained", "epochs": 0, **score(feats, truth, args.pca_dim)})

@@ -8,8 +8,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +48,9 @@ def _results(folder: str) -> dict:
     return json.loads(Path(folder, "run.json").read_text())["results"]
 
 
-def _check_agrees_with_plain(folder: str, replicas: int) -> None:
+def _check_agrees_with_plain(folder: str, replicas: int, distribute: str = "mirrored") -> None:
     res, plain = _results(folder), _results("Plain")
-    assert res["distribute"] == "mirrored" and res["replicas"] == replicas
+    assert res["distribute"] == distribute and res["replicas"] == replicas
     assert plain["distribute"] == "none" and plain["replicas"] == 1
     assert res["k"] == plain["k"] == 3
     truth = _classes("Sim/particles.star")
@@ -84,6 +86,61 @@ def test_mirrored_over_two_logical_cpus_in_a_subprocess(project):
                          text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     _check_agrees_with_plain("Mirrored2", replicas=2)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("localhost", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_multiworker_with_two_worker_processes(project):
+    # two disca_cluster processes on this machine, one MultiWorkerMirroredStrategy worker each
+    ports = _free_ports(2)
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    tmp = Path("MultiTmp").resolve()  # the non-chief worker's temporary folder goes here
+    tmp.mkdir()
+    script = "import sys\nfrom disca_tools.cli.cluster import main\nraise SystemExit(main(sys.argv[1:]))\n"
+    args = ["--i", "Sim/particles.star", "--o", "Multi", "--distribute", "multiworker", *TINY]
+    procs = []
+    for i in range(2):
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": i}}
+        env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp),
+                   TF_CONFIG=json.dumps(tf_config))  # fmt: skip
+        with open(f"multi_worker{i}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+    deadline = time.monotonic() + 300
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass  # a failed worker can leave both waiting for each other: killed below
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = [p.returncode for p in procs]
+    if codes != [0, 0]:  # the logs without TensorFlow's dumps of tensors (indented lines)
+        logs = [Path(f"multi_worker{i}.log").read_text().splitlines() for i in range(2)]
+        tails = [
+            "\n".join([x for x in lines if x.strip() and x[:1] not in " ["][-30:]) for lines in logs
+        ]
+        pytest.fail(f"exit codes {codes} (-9: killed after 300 s)\n" + "\n---\n".join(tails))
+    _check_agrees_with_plain("Multi", replicas=2, distribute="multiworker")
+    loss = pd.read_csv("Multi/history.tsv", sep="\t")["loss"].to_numpy()
+    assert np.isfinite(loss[0]) and loss[0] > 0  # iteration 0 was trained
+    # only the chief writes --o; the other worker wrote the same clustering to a temporary folder
+    (other,) = tmp.glob("disca_cluster_worker1_*")
+    np.testing.assert_array_equal(
+        _classes(other / "clusters.star"), _classes("Multi/clusters.star")
+    )
 
 
 def test_three_shards_merged_equal_one_unsharded_run(project):

@@ -80,6 +80,7 @@ from .config import EMConfig
 from .invariants import invariant_features
 from .matching import match_labels
 from .mixture import fit_pca, nested_subclusters, select_mixture
+from .training import Trainer, sync_batchnorm_statistics
 
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_WEIGHTS = "weights.weights.h5"
@@ -263,101 +264,6 @@ def warm_up_head(
     return agreement
 
 
-def sync_batchnorm_statistics(model, strategy) -> None:
-    """Average the BatchNormalization moving statistics over all replicas (and workers).
-
-    Each replica updates its own copy of the moving mean and variance from its part of the batch;
-    features are computed in inference mode from those statistics, so they are averaged (one
-    all-reduce) after each training round, before the checkpoint and the next feature pass: every
-    replica, and every worker, then holds the same network and computes the same features.
-    """
-    import keras
-    import tensorflow as tf
-
-    bn = [x for x in model.layers if isinstance(x, keras.layers.BatchNormalization)]
-    variables = [v for x in bn for v in (x.moving_mean, x.moving_variance)]
-    if not variables:
-        return
-
-    @tf.function
-    def averaged():
-        per_replica = strategy.run(lambda: [tf.identity(v.value) for v in variables])
-        return [strategy.reduce("MEAN", t, axis=None) for t in per_replica]
-
-    for v, m in zip(variables, averaged(), strict=True):
-        v.assign(m)
-
-
-def _prebuild_for_multiworker(model, strategy) -> None:
-    """Build the compiled loss once from a local zero batch and skip Keras' own build in fit().
-
-    Keras 3's ``fit`` first reduces a distributed batch across the workers to build the loss
-    trackers, which fails under MultiWorkerMirroredStrategy with more than one worker ("Attempt to
-    convert a value (PerReplica…)", Keras 3.x on TF 2.21). The model and optimizer are built already, so only the
-    compiled loss is missing; ``_symbolic_build`` does nothing more once everything is built.
-    """
-    s = tuple(model.inputs[0].shape[1:])
-    k = int(model.outputs[0].shape[-1])
-    batch = (np.zeros((1, *s), np.float32), np.zeros((1, k), np.float32), None)
-    with strategy.scope():
-        model._symbolic_build(data_batch=batch)
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
-    _patch_keras_multiworker_reduce()
-
-
-def _patch_keras_multiworker_reduce() -> None:
-    """Keras 3's train step reduces the logged (scalar) loss across workers with
-    ``strategy.reduce("MEAN", v, axis=0)``, which fails on a scalar: reduce scalars with
-    ``axis=None`` instead (multi-worker strategies only; everything else is passed through)."""
-    from keras.src.backend.tensorflow import trainer as T
-
-    original = T.reduce_per_replica
-    if getattr(original, "_disca_patched", False):
-        return
-
-    def reduce_per_replica(values, strategy, reduction):
-        import tensorflow as tf
-
-        if reduction == "auto" and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-
-            def scalar_mean(v):
-                if isinstance(v, tf.distribute.DistributedValues) or tf.is_tensor(v):
-                    local = strategy.experimental_local_results(v)[0]
-                    if local.shape.rank == 0:
-                        return strategy.reduce("MEAN", v, axis=None)
-                return original(v, strategy, reduction)
-
-            import keras
-
-            return keras.tree.map_structure(scalar_mean, values)
-        return original(values, strategy, reduction)
-
-    reduce_per_replica._disca_patched = True
-    T.reduce_per_replica = reduce_per_replica
-
-
-class _Trainer:
-    """The training model compiled once, with its optimizer state reset each iteration."""
-
-    def __init__(self, model, lr: float, strategy=None):
-        import keras
-
-        self.model = model
-        model.compile(optimizer=keras.optimizers.Nadam(lr), loss=keras.losses.CategoricalHinge())
-        model.optimizer.build(model.trainable_variables)
-        if strategy is not None and Y.is_multiworker(strategy):
-            _prebuild_for_multiworker(model, strategy)
-        self.initial = [np.array(v.numpy()) for v in model.optimizer.variables]
-
-    def fit(self, dataset, epochs: int, lr: float) -> float:
-        opt = self.model.optimizer
-        for v, init in zip(opt.variables, self.initial, strict=True):
-            v.assign(init)
-        opt.learning_rate.assign(lr)
-        hist = self.model.fit(dataset, epochs=epochs, verbose=0, shuffle=False)
-        return float(hist.history["loss"][-1])
-
-
 def _state_dict(
     cfg: EMConfig,
     it: int,
@@ -535,7 +441,7 @@ def run_em(
                 f"{init_extractor_weights}: cannot load into this network ({type(exc).__name__}: {exc})"
             ) from None
     with scope():
-        trainer = _Trainer(model, cfg.lr, strategy)
+        trainer = Trainer(model, cfg.lr, strategy)
         extractor = Y.feature_extractor(model)
     converged = False
     for it in range(start, cfg.max_iter + 1):
