@@ -126,7 +126,6 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
         train_clusters=0 if paper else args.train_clusters,
         calibrate_bn=False if paper else args.calibrate_bn,
         init_epochs=0 if paper else args.init_epochs,
-        lowpass_px=0.0 if paper else args.lowpass_A / args.angpix,
     )
     watch = IterationWatcher(truth)
     res = run_em(store, np.arange(len(volumes)), cfg, on_iteration=watch)
@@ -169,7 +168,6 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--train-clusters", type=int, default=0, help="disca_cluster --train-clusters")
     ap.add_argument("--calibrate-bn", action="store_true", help="disca_cluster --calibrate-bn")
-    ap.add_argument("--lowpass-A", type=float, default=0.0, help="disca_cluster --lowpass-A")
     ap.add_argument("--init-epochs", type=int, default=0, help="disca_cluster --init-epochs")
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
@@ -244,8 +242,7 @@ def markdown(rows: list[dict], protocol: dict) -> str:
         f"{min(protocol['k_candidates'])}–{max(protocol['k_candidates'])}, PCA {protocol['pca_dim']}, "
         f"seed {protocol['seed']}; DISCA options: init {protocol.get('init', 'network')}, train clusters "
         f"{protocol.get('train_clusters', 0)}, first-round epochs {protocol.get('init_epochs', 0) or 'as later'}, "
-        f"BatchNorm calibration {protocol.get('calibrate_bn', False)}, "
-        f"low-pass {protocol.get('lowpass_A', 0.0) or 'none'} Å "
+        f"BatchNorm calibration {protocol.get('calibrate_bn', False)} "
         "(disca_paper: network init, K clusters, PCA 16); SNR convention "
         f"{protocol.get('snr_convention', 'volume')} "
         "(effective SNR: variance ratio of the simulated volumes). Accuracy after Hungarian matching (the paper reports it only when K is "

@@ -72,7 +72,6 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.1, help="label smoothing")
     ap.add_argument("--pca-dim", type=int, default=16)
     ap.add_argument("--precision", default="auto")
-    ap.add_argument("--lowpass-A", type=float, default=0.0, help="disca_cluster --lowpass-A")
     ap.add_argument(
         "--labels",
         default="truth",
@@ -97,7 +96,6 @@ def main() -> None:
         width_scale=args.width_scale,
         feature_dim=args.feature_dim,
         precision=Y.resolve_precision(args.precision),
-        lowpass_px=args.lowpass_A / args.angpix,
     )
     k = len(STRUCTURES)
     model = Y.build_yopo(cfg.yopo(24, k), seed=0)

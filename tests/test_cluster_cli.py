@@ -130,18 +130,6 @@ def test_model_assigns_new_particles_from_mrc_files(project):
     )
 
 
-def test_lowpass_is_part_of_the_trained_run_and_of_its_assignments(project):
-    args = ["--i", "Sim/particles.star", "--max-iter", "1", *TINY]
-    assert C.main([*args, "--o", "Low", "--lowpass-A", "60"]) == 0
-    assert json.loads(Path("Low/run_config.json").read_text())["lowpass_px"] == 6.0  # 10 Å pixels
-    assert C.main(["--i", "Sim/particles.star", "--o", "LowAssign", "--model", "Low", "-q",
-                   "--precision", "float32"]) == 0  # fmt: skip
-    # assigning without the run's low-pass would give other features (test_yopo: the layer acts)
-    np.testing.assert_allclose(
-        np.load("LowAssign/features.npy"), np.load("Low/features.npy"), rtol=1e-4, atol=1e-4
-    )
-
-
 def _star_with(path: str, edit) -> str:
     blocks = read_star_blocks("Sim/particles.star")
     blocks["particles"] = edit(blocks["particles"].copy())
@@ -157,8 +145,7 @@ def _mrc(path: str, data: np.ndarray) -> str:
 
 
 @pytest.mark.parametrize(
-    "case",
-    ["missing", "mixed", "nan", "constant", "few", "model_dir", "model_box", "continue", "lowpass"],
+    "case", ["missing", "mixed", "nan", "constant", "few", "model_dir", "model_box", "continue"]
 )
 def test_bad_inputs_exit_2_and_write_nothing(project, case, capsys):
     Path("Bad").mkdir(exist_ok=True)
@@ -197,9 +184,6 @@ def test_bad_inputs_exit_2_and_write_nothing(project, case, capsys):
     elif case == "continue":
         _star_with(star, lambda df: df)
         args.append("--continue")
-    elif case == "lowpass":  # 15 Å is beyond Nyquist of 10 Å pixels
-        _star_with(star, lambda df: df)
-        args += ["--lowpass-A", "15"]
     capsys.readouterr()
     assert C.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -58,37 +58,6 @@ def test_mixed_precision_keeps_head_and_features_float32():
         Y.resolve_precision("float16")
 
 
-@pytest.mark.parametrize("period", [4.0, 6.0, 9.0])
-def test_lowpass_halves_the_amplitude_at_its_cutoff(period):
-    impulse = np.zeros((1, 32, 32, 32, 1), np.float32)
-    impulse[0, 16, 16, 16, 0] = 1.0
-    h = np.asarray(Y.GaussianLowpass3D(period)(impulse))[0, ..., 0]
-    spectrum = np.abs(np.fft.fftn(h))
-    f = np.fft.fftfreq(32)[:16]
-    for line in (spectrum[:16, 0, 0], spectrum[0, :16, 0], spectrum[0, 0, :16]):
-        assert line[0] == pytest.approx(1.0, abs=1e-5)
-        assert np.interp(1.0 / period, f, line) == pytest.approx(0.5, abs=0.02)
-        assert np.all(np.diff(line) <= 1e-6)  # falls monotonically
-    with pytest.raises(ValueError):
-        Y.gaussian_lowpass_taps(1.5)  # beyond Nyquist
-
-
-def test_lowpass_network_equals_the_plain_network_on_filtered_input():
-    from scipy.ndimage import convolve1d
-
-    plain = Y.feature_extractor(Y.build_yopo(Y.YopoConfig(24, 3, 0.1, 16), seed=4))
-    low = Y.feature_extractor(Y.build_yopo(Y.YopoConfig(24, 3, 0.1, 16, lowpass_px=5.0), seed=4))
-    assert [w.shape for w in low.get_weights()] == [w.shape for w in plain.get_weights()]
-    x = np.random.default_rng(2).standard_normal((3, 24, 24, 24, 1)).astype(np.float32)
-    filtered = x
-    for axis in (1, 2, 3):
-        filtered = convolve1d(filtered, Y.gaussian_lowpass_taps(5.0), axis=axis, mode="constant")
-    np.testing.assert_allclose(
-        low.predict(x, verbose=0), plain.predict(filtered, verbose=0), rtol=1e-4, atol=1e-4
-    )
-    assert not np.allclose(low.predict(x, verbose=0), plain.predict(x, verbose=0), atol=1e-2)
-
-
 def test_features_of_shifted_content_equal_in_inference_mode():
     """What is exactly true: global max pooling over 'valid' convolutions makes the features equal
     for an integer shift of zero-padded content as long as, at every layer, every window that

@@ -173,14 +173,6 @@ class Options(CommonOptions):
         help="set BatchNorm statistics from the clean data before each feature pass (not in the "
         "paper). See README 'Clustering accuracy'",
     )
-    lowpass_a: float = opt(
-        "--lowpass-A",
-        "--lowpass-angstrom",
-        default=0.0,
-        help="a fixed Gaussian low-pass at this resolution in Å (amplitude ½ there) as the "
-        "network's first step, after the input dropout (not in the paper; 0 = off; with "
-        "--init-model the trained run's). See README 'Clustering accuracy'",
-    )
     width_scale: float = opt(
         "--width-scale",
         default=EMConfig.width_scale,
@@ -320,28 +312,6 @@ def _read_run_config(folder: str | Path, flag: str) -> dict:
         return json.loads((d / RUN_CONFIG).read_text())
     except json.JSONDecodeError as exc:
         raise file_error(d / RUN_CONFIG, f"unreadable ({exc})") from None
-
-
-def _lowpass_px(o: Options, angpix: float | None, ref_cfg: dict | None) -> float:
-    """The network's low-pass period in voxels: a trained run's (--model, --init-model), else
-    --lowpass-A ÷ the subtomograms' pixel size (0: none)."""
-    if ref_cfg is not None:
-        return float(ref_cfg.get("lowpass_px", 0.0))
-    if o.lowpass_a < 0:
-        raise UserError(f"--lowpass-A: must be ≥ 0 Å (got {o.lowpass_a:g})")
-    if o.lowpass_a == 0:
-        return 0.0
-    if not angpix:
-        raise file_error(
-            o.i, "--lowpass-A: the subtomograms' pixel size is unknown (no rlnImagePixelSize); "
-            "give --angpix",
-        )  # fmt: skip
-    if o.lowpass_a < 2 * angpix:
-        raise UserError(
-            f"--lowpass-A: {o.lowpass_a:g} Å is beyond Nyquist of {angpix:g} Å pixels "
-            f"(need ≥ {2 * angpix:g} Å)"
-        )
-    return float(o.lowpass_a) / float(angpix)
 
 
 def _setup_tf(seed: int) -> None:
@@ -504,13 +474,10 @@ def run(o: Options) -> dict:
 
     located = locate_particle_volumes(table, o.i, out)
     box = located.box
-    angpix = table.image_angpix() or o.angpix
-    lowpass_px = _lowpass_px(o, angpix, ref_cfg)
     if o.model is None:
         EMConfig(
-            k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, feature_dim=o.feature_dim,
-            lowpass_px=lowpass_px,
-        ).check(n, box)  # fmt: skip
+            k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, feature_dim=o.feature_dim
+        ).check(n, box)
     if ref_cfg is not None and int(ref_cfg["box"]) != box:
         flag, folder = ("--model", o.model) if o.model else ("--init-model", o.init_model)
         raise file_error(
@@ -525,7 +492,7 @@ def run(o: Options) -> dict:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
-    angpix = angpix or 1.0
+    angpix = table.image_angpix() or 1.0
 
     from ..model import yopo as Y
 
@@ -549,7 +516,6 @@ def run(o: Options) -> dict:
         batch_size=o.batch_size, lr=o.lr, lr_decay=o.lr_decay, label_smoothing=o.label_smoothing,
         width_scale=width, feature_dim=fdim, precision=precision, seed=o.seed, init=o.init,
         train_clusters=o.train_clusters, calibrate_bn=o.calibrate_bn, init_epochs=o.init_epochs,
-        lowpass_px=lowpass_px,
     )  # fmt: skip
     logger.info(
         "%d particles, box %d, precision %s, YOPO widths %s, features %d",
@@ -585,7 +551,7 @@ def run(o: Options) -> dict:
     run_cfg = {
         "box": box, "width_scale": width, "feature_dim": fdim, "kmax": max(ks), "k": result.k,
         "pca_dim": o.pca_dim, "best_iteration": result.best_iteration, "precision": precision,
-        "seed": o.seed, "n_particles": n, "lowpass_px": lowpass_px, "angpix": angpix,
+        "seed": o.seed, "n_particles": n,
     }  # fmt: skip
     write_text_atomic(out / RUN_CONFIG, json.dumps(run_cfg, indent=1) + "\n")
     _plots(
@@ -634,7 +600,6 @@ def _assign(
         float(ref_cfg["width_scale"]),
         int(ref_cfg["feature_dim"]),
         precision,
-        float(ref_cfg.get("lowpass_px", 0.0)),  # runs before --lowpass-A have none
     )
     extractor = Y.feature_extractor(Y.build_yopo(cfg))
     try:

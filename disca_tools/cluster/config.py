@@ -45,7 +45,6 @@ class EMConfig:
     init_epochs: int = 0  # 0: epochs_per_iter
     calibrate_bn: bool = False  # BatchNorm statistics from the clean data before each feature pass
     calibrate_samples: int = 512
-    lowpass_px: float = 0.0  # fixed Gaussian low-pass in the network (½ at 1/lowpass_px); 0: none
 
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³
@@ -69,10 +68,6 @@ class EMConfig:
             raise UserError(f"--init-epochs: must be ≥ 0, got {self.init_epochs}")
         if self.train_clusters < 0:
             raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")
-        if self.lowpass_px != 0 and not self.lowpass_px >= 2:
-            raise UserError(
-                f"--lowpass-A: {self.lowpass_px:g} pixels is beyond Nyquist (need ≥ 2 pixels)"
-            )
 
     def warn_skipped_k(self, n: int) -> None:
         """Log that candidate K too large for ``n`` particles will be skipped (run once per run)."""
@@ -91,6 +86,4 @@ class EMConfig:
         """The network of this run for ``box``³ subtomograms and a head of ``k`` units."""
         from ..model.yopo import YopoConfig
 
-        return YopoConfig(
-            box, k, self.width_scale, self.feature_dim, self.precision, self.lowpass_px
-        )
+        return YopoConfig(box, k, self.width_scale, self.feature_dim, self.precision)

@@ -12,13 +12,6 @@ their initial values after the few dozen steps of one EM iteration on a small da
 ``feature_dim`` (1024 by default) is the width of the feature layer and is *not* scaled
 automatically: pass a smaller one with small widths (the tests use width_scale 0.1, feature_dim 64).
 
-``lowpass_px`` > 0 adds a fixed (untrained) Gaussian low-pass after the input dropout,
-``input_lowpass``: its amplitude is ½ at the spatial frequency 1/``lowpass_px`` (a period in voxels:
-the resolution in Å ÷ the pixel size). It is part of the network, so training, feature extraction
-and ``--model`` assignment all see the same filtered data; it follows the dropout so that the
-dropout's multiplicative noise is low-passed too. Not in the paper (off by default): at low SNR the
-class information is in the low frequencies, which the network otherwise has to learn to select.
-
 Precision: ``"mixed_bfloat16"`` computes in bfloat16 with float32 weights; the softmax head always
 computes in float32 and the features are returned as float32. ``resolve_precision("auto")`` picks
 mixed bfloat16 where the hardware has native bfloat16 (x86 AVX512-BF16/AMX, or a GPU of compute
@@ -41,7 +34,6 @@ MIN_BOX = 21
 FEATURES_LAYER = "features"
 HEAD_LAYER = "classifier"
 DROPOUT_LAYER = "input_dropout"
-LOWPASS_LAYER = "input_lowpass"
 BN_MOMENTUM = 0.9
 
 
@@ -54,7 +46,6 @@ class YopoConfig:
     width_scale: float = 1.0
     feature_dim: int = 1024
     precision: str = "float32"
-    lowpass_px: float = 0.0  # Gaussian low-pass, ½ amplitude at 1/lowpass_px; 0: none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,43 +54,6 @@ class YopoConfig:
 def conv_widths(width_scale: float = 1.0) -> list[int]:
     """The 10 convolution widths (64..208 step 16) times ``width_scale`` (at least 1 each)."""
     return [max(1, int(round(w * float(width_scale)))) for w in BASE_WIDTHS]
-
-
-def gaussian_lowpass_taps(period_px: float) -> np.ndarray:
-    """1D taps (sum 1) of the Gaussian whose 3D transfer function is ½ at 1/``period_px``."""
-    if not period_px >= 2.0:
-        raise ValueError(f"low-pass period must be at least 2 voxels (Nyquist), got {period_px}")
-    sigma_f = (1.0 / period_px) / np.sqrt(2.0 * np.log(2.0))  # exp(-f²/2σ_f²) = ½ at f = 1/period
-    sigma_x = 1.0 / (2.0 * np.pi * sigma_f)
-    half = int(np.ceil(4.0 * sigma_x))
-    t = np.arange(-half, half + 1, dtype=np.float64)
-    taps = np.exp(-0.5 * (t / sigma_x) ** 2)
-    return (taps / taps.sum()).astype(np.float32)
-
-
-@keras.saving.register_keras_serializable(package="disca_tools")
-class GaussianLowpass3D(layers.Layer):
-    """Fixed separable Gaussian low-pass of one-channel volumes ('same' size, zero padding)."""
-
-    def __init__(self, period_px: float, **kwargs):
-        super().__init__(**kwargs)
-        self.period_px = float(period_px)
-        self._taps = gaussian_lowpass_taps(self.period_px)
-
-    def call(self, x):
-        from keras import ops
-
-        k = ops.cast(ops.convert_to_tensor(self._taps), x.dtype)
-        t = int(self._taps.shape[0])
-        for shape in ((t, 1, 1, 1, 1), (1, t, 1, 1, 1), (1, 1, t, 1, 1)):
-            x = ops.conv(x, ops.reshape(k, shape), strides=1, padding="same")
-        return x
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "period_px": self.period_px}
 
 
 def _cpu_has_bf16() -> bool:
@@ -152,7 +106,7 @@ def _seed(seed: int, i: int) -> int:
 def build_yopo(config: YopoConfig, seed: int = 0) -> keras.Model:
     """Build the training model (subtomogram → softmax over ``config.n_classes``).
 
-    Layer names: ``input_dropout``, ``input_lowpass`` (with ``lowpass_px``), ``conv_i``/``bn_i``/``pool_i`` (i = 0..9), ``taps``,
+    Layer names: ``input_dropout``, ``conv_i``/``bn_i``/``pool_i`` (i = 0..9), ``taps``,
     ``features_bn``, ``features`` (the feature vector), ``classifier`` (the head).
     """
     if config.box < MIN_BOX:
@@ -163,8 +117,6 @@ def build_yopo(config: YopoConfig, seed: int = 0) -> keras.Model:
     s = int(config.box)
     inp = keras.Input((s, s, s, 1), name="subtomogram")
     x = layers.GaussianDropout(0.5, seed=_seed(seed, 100), name=DROPOUT_LAYER, dtype=dtype)(inp)
-    if config.lowpass_px > 0:
-        x = GaussianLowpass3D(config.lowpass_px, name=LOWPASS_LAYER, dtype=dtype)(x)
     taps = []
     for i, w in enumerate(conv_widths(config.width_scale)):
         x = layers.Conv3D(
