@@ -99,48 +99,74 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def test_multiworker_with_two_worker_processes(project):
-    # two disca_cluster processes on this machine, one MultiWorkerMirroredStrategy worker each
+def _run_two_workers(name: str, script: str, timeout: float) -> tuple[list[int], Path, str]:
+    """Run ``script`` (a disca_cluster main) as the two workers of a MultiWorkerMirroredStrategy
+    on this machine with ``--o name``: the exit codes (-9: killed at ``timeout`` s), the folder
+    holding the non-chief worker's temporary files, and the logs' last lines."""
     ports = _free_ports(2)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
-    tmp = Path("MultiTmp").resolve()  # the non-chief worker's temporary folder goes here
+    tmp = Path(f"{name}Tmp").resolve()  # the non-chief worker's temporary folder goes here
     tmp.mkdir()
-    script = "import sys\nfrom disca_tools.cli.cluster import main\nraise SystemExit(main(sys.argv[1:]))\n"
-    args = ["--i", "Sim/particles.star", "--o", "Multi", "--distribute", "multiworker", *TINY]
+    args = ["--i", "Sim/particles.star", "--o", name, "--distribute", "multiworker", *TINY]
     procs = []
     for i in range(2):
         tf_config = {"cluster": cluster, "task": {"type": "worker", "index": i}}
         env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp),
                    TF_CONFIG=json.dumps(tf_config))  # fmt: skip
-        with open(f"multi_worker{i}.log", "w") as log:
+        with open(f"{name}_worker{i}.log", "w") as log:
             procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env,
                                           stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + timeout
     try:
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        pass  # a failed worker can leave both waiting for each other: killed below
+        pass  # workers waiting for each other: killed below
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    codes = [p.returncode for p in procs]
-    if codes != [0, 0]:  # the logs without TensorFlow's dumps of tensors (indented lines)
-        logs = [Path(f"multi_worker{i}.log").read_text().splitlines() for i in range(2)]
-        tails = [
-            "\n".join([x for x in lines if x.strip() and x[:1] not in " ["][-30:]) for lines in logs
-        ]
-        pytest.fail(f"exit codes {codes} (-9: killed after 300 s)\n" + "\n---\n".join(tails))
+    logs = [Path(f"{name}_worker{i}.log").read_text().splitlines() for i in range(2)]
+    # without TensorFlow's dumps of tensors (indented lines)
+    tails = [
+        "\n".join([x for x in lines if x.strip() and x[:1] not in " ["][-30:]) for lines in logs
+    ]
+    return [p.returncode for p in procs], tmp, "\n---\n".join(tails)
+
+
+MAIN = (
+    "import sys\nfrom disca_tools.cli.cluster import main\nraise SystemExit(main(sys.argv[1:]))\n"
+)
+
+
+def test_multiworker_with_two_worker_processes(project):
+    codes, tmp, logs = _run_two_workers("Multi", MAIN, 300)
+    assert codes == [0, 0], f"exit codes {codes} (-9: killed after 300 s)\n{logs}"
     _check_agrees_with_plain("Multi", replicas=2, distribute="multiworker")
     loss = pd.read_csv("Multi/history.tsv", sep="\t")["loss"].to_numpy()
     assert np.isfinite(loss[0]) and loss[0] > 0  # iteration 0 was trained
-    # only the chief writes --o; the other worker wrote the same clustering to a temporary folder
-    (other,) = tmp.glob("disca_cluster_worker1_*")
-    np.testing.assert_array_equal(
-        _classes(other / "clusters.star"), _classes("Multi/clusters.star")
+    # only the chief writes --o; the other worker's temporary folder is gone once it exits
+    assert not list(tmp.glob("disca_cluster_worker*"))
+
+
+def test_a_failing_multiworker_run_exits_instead_of_hanging(project):
+    # both workers fail inside distributed training (Keras' own fit, which fails with several
+    # workers, instead of the custom step): they must end with an error, not wait for each other
+    # until the job's time limit, and leave no temporary folder behind
+    failing = (
+        "import sys\n"
+        "from disca_tools.cluster import training\n"
+        "init = training.Trainer.__init__\n"
+        "def keras_fit(self, *args, **kwargs):\n"
+        "    init(self, *args, **kwargs)\n"
+        "    self._multiworker = None\n"
+        "training.Trainer.__init__ = keras_fit\n" + MAIN
     )
+    codes, tmp, logs = _run_two_workers("Failing", failing, 300)
+    assert codes == [1, 1], f"exit codes {codes} (-9: still running after 300 s)\n{logs}"
+    assert logs.count("Traceback") == 2
+    assert not list(tmp.glob("disca_cluster_worker*"))
 
 
 def test_three_shards_merged_equal_one_unsharded_run(project):

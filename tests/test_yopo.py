@@ -16,6 +16,7 @@ from disca_tools.geometry import random_rotations, rotate_volume, rotation_angle
 from disca_tools.model import yopo as Y
 from disca_tools.model.data import (
     SubtomogramStore,
+    batch_bounds,
     gather,
     predict_features,
     rotate_volumes,
@@ -164,6 +165,19 @@ def test_training_batches_fill_with_unit_noise_and_keep_labels():
     # two datasets with one seed give the same batches
     ds2 = train_dataset(store, np.arange(40), targets, batch_size=16, seed=0)
     np.testing.assert_array_equal(np.concatenate([a.numpy() for a, _ in ds2]), x)
+
+
+def test_training_batches_split_evenly_among_replicas():
+    store = _store(35, 24, seed=3)  # 70 examples: batches of 16 leave 6
+    targets = np.eye(35, dtype=np.float32)
+    assert batch_bounds(70, 16, 4) == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 68)]
+    assert batch_bounds(66, 16, 4)[-1] == (48, 64)  # a last batch of 2 < 4 replicas is dropped
+    for replicas, sizes in ((1, [16, 16, 16, 16, 6]), (4, [16, 16, 16, 16, 4])):
+        ds = train_dataset(store, np.arange(35), targets, 16, seed=0, multiple=replicas)
+        batches = [y.numpy() for _x, y in ds]
+        assert [len(y) for y in batches] == sizes and int(ds.cardinality()) == len(sizes)
+        counts = np.bincount(np.argmax(np.concatenate(batches), 1), minlength=35)
+        assert counts.max() <= 2 and counts.sum() == sum(sizes)  # an original and a copy each
 
 
 def test_streamed_prediction_equals_in_memory_prediction():

@@ -76,6 +76,7 @@ OUT/features.npy (a missing, duplicate or foreign shard is an error; nothing is 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pickle
@@ -278,7 +279,8 @@ def _output_dir(o: Options) -> str | None:
     task, chief = Y.worker_task("multiworker")
     if not chief:
         o.o = str(Path(tempfile.gettempdir()) / f"disca_cluster_worker{task}_{os.getpid()}")
-        logger.info("Worker %d (not the chief): writing to %s", task, o.o)
+        atexit.register(shutil.rmtree, o.o, True)  # removed when the worker exits
+        logger.info("Worker %d (not the chief): writing to %s (removed at exit)", task, o.o)
     return o.o
 
 

@@ -357,7 +357,7 @@ def run_em(
 
     ``strategy`` (a ``tf.distribute`` strategy, see :func:`disca_tools.model.yopo.make_strategy`):
     the network, its optimizer and head are built and compiled in its scope and trained on global
-    batches of ``cfg.batch_size`` × replicas (Keras splits each batch among the replicas). With a
+    batches of ``cfg.batch_size`` × replicas (each batch split among the replicas). With a
     multi-worker strategy every worker computes all the features itself and repeats the same
     deterministic mixture fits, so all workers agree on K and the labels.
 
@@ -526,7 +526,9 @@ def run_em(
                 warm_up_head(model, feats, labels, k, cfg, seed_it, pca)
             Y.reset_dropout_seed(model, seed_it)
             targets = smooth_targets(train_labels, k_train, alpha, kmax)
-            ds = train_dataset(store, rows, targets, global_batch, seed_it, cfg.augment)
+            ds = train_dataset(
+                store, rows, targets, global_batch, seed_it, cfg.augment, multiple=replicas
+            )
             epochs = cfg.init_epochs if from_data and cfg.init_epochs > 0 else cfg.epochs_per_iter
             loss = trainer.fit(ds, epochs, lr)
             if replicas > 1:  # before the checkpoint, so that --continue resumes the same network

@@ -250,6 +250,19 @@ def gather(store: SubtomogramStore, rows: np.ndarray) -> np.ndarray:
     return normalise(out)
 
 
+def batch_bounds(total: int, batch_size: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each batch of ``total`` examples. With ``multiple`` (the replicas of a
+    tf.distribute strategy, which split every batch evenly) the last batch is cut to a multiple of
+    it: up to ``multiple`` − 1 examples of an epoch are left out (others in each shuffled epoch)."""
+    bounds = []
+    for start in range(0, total, batch_size):
+        stop = min(start + batch_size, total)
+        stop = start + (stop - start) // multiple * multiple
+        if stop > start:
+            bounds.append((start, stop))
+    return bounds
+
+
 def train_batches(
     store: SubtomogramStore,
     rows: np.ndarray,
@@ -257,18 +270,19 @@ def train_batches(
     batch_size: int,
     rng: np.random.Generator,
     augment: bool = True,
+    multiple: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """One epoch of training batches ``(volumes, rotations, noise_seed, targets)``.
 
     The epoch covers the N originals and, with ``augment``, N rotated copies, in a random order
     (within a batch, originals first). Originals carry the identity matrix; copies a uniform
-    random rotation.
+    random rotation. Batches are of ``batch_size``; see :func:`batch_bounds` for ``multiple``.
     """
     n = len(rows)
     order = rng.permutation(2 * n if augment else n)
-    for start in range(0, len(order), batch_size):
+    for start, stop in batch_bounds(len(order), batch_size, multiple):
         check_abort()
-        e = order[start : start + batch_size]
+        e = order[start:stop]
         e = e[np.argsort(e >= n, kind="stable")]  # originals first: only the rest is rotated
         p = e % n
         rotated = e >= n
@@ -319,11 +333,13 @@ def train_dataset(
     batch_size: int,
     seed: int,
     augment: bool = True,
+    multiple: int = 1,
 ):
     """A tf.data.Dataset of ``(x (B,S,S,S,1), y (B,K))`` streaming one epoch per iteration over it.
 
     Each pass over the dataset (each Keras epoch) draws a new order and new rotations from one
-    generator seeded with ``seed``, so a run is reproducible.
+    generator seeded with ``seed``, so a run is reproducible. ``multiple``: the number of
+    replicas under a strategy (every batch a multiple of it; :func:`batch_bounds`).
     """
     import tensorflow as tf
 
@@ -332,7 +348,7 @@ def train_dataset(
     rng = np.random.default_rng(seed)
 
     def gen():
-        yield from train_batches(store, rows, targets, batch_size, rng, augment)
+        yield from train_batches(store, rows, targets, batch_size, rng, augment, multiple)
 
     sig = (
         tf.TensorSpec((None, s, s, s), tf.float32),
@@ -352,11 +368,10 @@ def train_dataset(
         out = tf.concat([x[:k], rotate_volumes(xr, m[k:], noise)], axis=0)
         return out[..., None], y
 
-    n_batches = -(-(len(rows) * (2 if augment else 1)) // batch_size)
+    n_batches = len(batch_bounds(len(rows) * (2 if augment else 1), batch_size, multiple))
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
     ds = ds.map(rotate, num_parallel_calls=1, deterministic=True).prefetch(2)
-    # Under tf.distribute ``batch_size`` is the global batch: Keras splits each batch among the
-    # replicas. A generator has no files to shard: every worker runs the same seeded generator and
+    # Under tf.distribute ``batch_size`` is the global batch, split among the replicas. A generator has no files to shard: every worker runs the same seeded generator and
     # keeps its part of each batch (DATA sharding), so workers never see the same sample.
     opts = tf.data.Options()
     opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
