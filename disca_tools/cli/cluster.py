@@ -81,7 +81,9 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,6 +281,7 @@ def _output_dir(o: Options) -> str | None:
     task, chief = Y.worker_task("multiworker")
     if not chief:
         o.o = str(Path(tempfile.gettempdir()) / f"disca_cluster_worker{task}_{os.getpid()}")
+        _WORKER["scratch"] = o.o
         atexit.register(shutil.rmtree, o.o, True)  # removed when the worker exits
         logger.info("Worker %d (not the chief): writing to %s (removed at exit)", task, o.o)
     return o.o
@@ -500,6 +503,7 @@ def run(o: Options) -> dict:
 
     mode = _distribute_mode(o)
     strategy = Y.make_strategy(mode) if mode != "none" else None  # before any other TF op
+    _WORKER["joined"] = mode == "multiworker"
     precision = Y.resolve_precision(o.precision)
     _setup_tf(o.seed)
 
@@ -680,8 +684,27 @@ SPEC = ToolSpec(
 )
 
 
+# a multi-worker process: whether it has joined the workers' cluster, and its scratch --o
+_WORKER: dict = {"joined": False, "scratch": None}
+
+
 def main(argv=None) -> int:
-    return run_tool(SPEC, argv)
+    try:
+        status = run_tool(SPEC, argv)
+    except BaseException:
+        if not _WORKER["joined"]:
+            raise
+        traceback.print_exc()
+        status = 1
+    if _WORKER["joined"] and status != 0:
+        # a failed worker can block at exit in TensorFlow's coordination service, waiting for its
+        # peers (seen in tests/test_distribute.py): end the process now so the job fails, not hangs
+        if _WORKER["scratch"]:
+            shutil.rmtree(_WORKER["scratch"], ignore_errors=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":
