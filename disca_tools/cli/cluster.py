@@ -282,7 +282,7 @@ def _output_dir(o: Options) -> str | None:
     if not chief:
         o.o = str(Path(tempfile.gettempdir()) / f"disca_cluster_worker{task}_{os.getpid()}")
         _WORKER["scratch"] = o.o
-        atexit.register(shutil.rmtree, o.o, True)  # removed when the worker exits
+        atexit.register(_remove_scratch)  # and by main() before a hard exit
         logger.info("Worker %d (not the chief): writing to %s (removed at exit)", task, o.o)
     return o.o
 
@@ -688,6 +688,12 @@ SPEC = ToolSpec(
 _WORKER: dict = {"joined": False, "scratch": None}
 
 
+def _remove_scratch() -> None:
+    """Remove a non-chief worker's temporary output folder (at exit)."""
+    if _WORKER["scratch"]:
+        shutil.rmtree(_WORKER["scratch"], ignore_errors=True)
+
+
 def main(argv=None) -> int:
     try:
         status = run_tool(SPEC, argv)
@@ -699,8 +705,7 @@ def main(argv=None) -> int:
     if _WORKER["joined"] and status != 0:
         # a failed worker can block at exit in TensorFlow's coordination service, waiting for its
         # peers (seen in tests/test_distribute.py): end the process now so the job fails, not hangs
-        if _WORKER["scratch"]:
-            shutil.rmtree(_WORKER["scratch"], ignore_errors=True)
+        _remove_scratch()  # os._exit skips atexit
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

@@ -57,7 +57,7 @@ class EMConfig:
             raise UserError(f"--k-candidates: need values ≥ 2, got {self.k_candidates}")
         if self.max_iter < 1:
             raise UserError("--max-iter: must be at least 1 (iteration 0 is the untrained network)")
-        p = min(self.pca_dim, self.feature_dim)
+        p = self.pca_components
         need = min(self.k_candidates) * (p + 1)
         if n < need:
             raise UserError(
@@ -71,11 +71,16 @@ class EMConfig:
 
     def warn_skipped_k(self, n: int) -> None:
         """Log that candidate K too large for ``n`` particles will be skipped (run once per run)."""
-        p = min(self.pca_dim, self.feature_dim)
+        p = self.pca_components
         if n < max(self.k_candidates) * (p + 1):
             logger.warning(
                 "Only %d particles: candidate K above %d will be skipped", n, n // (p + 1)
             )
+
+    @property
+    def pca_components(self) -> int:
+        """Dimensions the mixtures are fitted in: ``pca_dim``, at most the feature length."""
+        return min(self.pca_dim, self.feature_dim)
 
     @property
     def head_units(self) -> int:

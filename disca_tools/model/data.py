@@ -371,8 +371,9 @@ def train_dataset(
     n_batches = len(batch_bounds(len(rows) * (2 if augment else 1), batch_size, multiple))
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
     ds = ds.map(rotate, num_parallel_calls=1, deterministic=True).prefetch(2)
-    # Under tf.distribute ``batch_size`` is the global batch, split among the replicas. A generator has no files to shard: every worker runs the same seeded generator and
-    # keeps its part of each batch (DATA sharding), so workers never see the same sample.
+    # Under tf.distribute ``batch_size`` is the global batch, split among the replicas. A
+    # generator has no files to shard: every worker runs the same seeded generator and keeps its
+    # part of each batch (DATA sharding), so workers never see the same sample.
     opts = tf.data.Options()
     opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(opts)
