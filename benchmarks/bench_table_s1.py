@@ -37,39 +37,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from table_s1_cell import STRUCTURES, IterationWatcher, save_result, simulate_cell  # noqa: E402
+from table_s1_cell import (  # noqa: E402
+    PAPER,
+    STRUCTURES,
+    IterationWatcher,
+    parse_cells,
+    save_result,
+    simulate_cell,
+)
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
 from disca_tools.evaluate import clustering_metrics  # noqa: E402
 from disca_tools.model.data import normalise  # noqa: E402
-
-SNRS = [0.1, 0.03, 0.01, 0.003, 0.001]
-TILTS = [60, 40]
-
-# Table S1 of the paper, DISCA rows: (K, homogeneity, accuracy % or None where K was wrong).
-PAPER = {
-    (60, 0.1): (5, 0.9878, 99.70),
-    (60, 0.03): (5, 0.9373, 97.80),
-    (60, 0.01): (5, 0.8746, 94.80),
-    (60, 0.003): (5, 0.8712, 94.25),
-    (60, 0.001): (5, 0.8719, 94.50),
-    (40, 0.1): (5, 0.9568, 98.70),
-    (40, 0.03): (5, 0.8020, 90.35),
-    (40, 0.01): (5, 0.8344, 91.80),
-    (40, 0.003): (6, 0.8366, None),
-    (40, 0.001): (6, 0.8323, None),
-}
-
-
-def parse_cells(text: str) -> list[tuple[int, float]]:
-    if text == "all":
-        return [(t, s) for t in TILTS for s in SNRS]
-    cells = []
-    for part in text.split(","):
-        tilt, snr = part.split(":")
-        cells.append((int(tilt), float(snr)))
-    return cells
 
 
 def parse_k(text: str) -> list[int]:
@@ -163,8 +143,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--snr-convention",
         default="volume",
-        choices=["volume", "aitom"],
-        help="what SNR means (disca_simulate --snr-convention); the paper's simulator is 'aitom'",
+        choices=["volume", "aitom", "aitom-set"],
+        help="what SNR means (disca_simulate --snr-convention); the paper's simulator is 'aitom' "
+        "(with AITom's CTF: no amplitude contrast)",
     )
     ap.add_argument("--train-clusters", type=int, default=0, help="disca_cluster --train-clusters")
     ap.add_argument("--calibrate-bn", action="store_true", help="disca_cluster --calibrate-bn")

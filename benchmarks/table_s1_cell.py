@@ -16,6 +16,34 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 STRUCTURES = ["4v4r", "3j9i", "4v94", "1qvr", "3d2f"]
 
+SNRS = [0.1, 0.03, 0.01, 0.003, 0.001]
+TILTS = [60, 40]
+
+# Table S1 of the paper, DISCA rows: (K, homogeneity, accuracy % or None where K was wrong).
+PAPER = {
+    (60, 0.1): (5, 0.9878, 99.70),
+    (60, 0.03): (5, 0.9373, 97.80),
+    (60, 0.01): (5, 0.8746, 94.80),
+    (60, 0.003): (5, 0.8712, 94.25),
+    (60, 0.001): (5, 0.8719, 94.50),
+    (40, 0.1): (5, 0.9568, 98.70),
+    (40, 0.03): (5, 0.8020, 90.35),
+    (40, 0.01): (5, 0.8344, 91.80),
+    (40, 0.003): (6, 0.8366, None),
+    (40, 0.001): (6, 0.8323, None),
+}
+
+
+def parse_cells(text: str) -> list[tuple[int, float]]:
+    """``all`` (the 10 cells of Table S1) or ``tilt:snr`` pairs, e.g. ``60:0.1,40:0.01``."""
+    if text == "all":
+        return [(t, s) for t in TILTS for s in SNRS]
+    cells = []
+    for part in text.split(","):
+        tilt, snr = part.split(":")
+        cells.append((int(tilt), float(snr)))
+    return cells
+
 
 def add_cell_arguments(
     ap: argparse.ArgumentParser, n_per_class: int = 200, angpix: float = 14.0
@@ -23,11 +51,25 @@ def add_cell_arguments(
     """The options that define one simulated cell (and ``--tag`` for the result file)."""
     ap.add_argument("--n-per-class", type=int, default=n_per_class)
     ap.add_argument("--snr", type=float, default=0.1)
-    ap.add_argument("--snr-convention", default="volume", choices=["volume", "aitom"])
+    ap.add_argument(
+        "--snr-convention",
+        default="volume",
+        choices=["volume", "aitom", "aitom-set"],
+        help="aitom/aitom-set also use AITom's CTF (no amplitude contrast)",
+    )
     ap.add_argument("--angpix", type=float, default=angpix)
     ap.add_argument("--tilt", type=float, default=60.0, help="tilt range ± degrees")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix for the result file")
+
+
+def cell_imaging(args: argparse.Namespace, tilt: float):
+    """The :class:`Imaging` of a cell: the paper's optics at ``tilt``; with an AITom SNR
+    convention, AITom's CTF (no amplitude contrast) as well."""
+    from disca_tools.simulate.imaging import Imaging
+
+    contrast = 0.0 if args.snr_convention.startswith("aitom") else Imaging.amplitude_contrast
+    return Imaging(tilt_range_deg=tilt, amplitude_contrast=contrast)
 
 
 def simulate_cell(
@@ -37,10 +79,11 @@ def simulate_cell(
     snr: float | None = None,
     structures: list[str] | None = None,
     box: int = 24,
+    return_clean: bool = False,
 ):
     """The :class:`SubtomogramSet` of the cell described by :func:`add_cell_arguments` options
-    (``tilt``, ``snr``, ``structures`` and ``box`` override them where given)."""
-    from disca_tools.simulate.imaging import Imaging
+    (``tilt``, ``snr``, ``structures`` and ``box`` override them where given); with
+    ``return_clean``, ``(set, noise-free volumes)``."""
     from disca_tools.simulate.subtomograms import simulate_subtomogram_set
 
     return simulate_subtomogram_set(
@@ -49,9 +92,10 @@ def simulate_cell(
         box,
         args.angpix,
         args.snr if snr is None else snr,
-        Imaging(tilt_range_deg=args.tilt if tilt is None else tilt),
+        cell_imaging(args, args.tilt if tilt is None else tilt),
         seed=args.seed,
         snr_convention=args.snr_convention,
+        return_clean=return_clean,
     )
 
 

@@ -33,7 +33,7 @@ from disca_tools.simulate.imaging import (
     wedge_fraction,
 )
 from disca_tools.simulate.structures import list_structures, load_structure, structure_radius_px
-from disca_tools.simulate.subtomograms import simulate_subtomogram_set
+from disca_tools.simulate.subtomograms import image_particles, simulate_subtomogram_set
 from disca_tools.simulate.tomogram import simulate_tomogram
 
 
@@ -268,6 +268,55 @@ def test_subtomogram_set_aitom_convention_reports_its_effective_snr():
     assert v.effective_snr == 0.05
     with pytest.raises(ValueError, match="snr_convention"):
         simulate_subtomogram_set(*args, snr_convention="projection")
+
+
+def test_aitom_noise_level_is_per_particle_and_aitom_set_one_level_for_the_set():
+    """AITom's do_reconstruction sets each particle's noise from its own filtered density, so a
+    big structure gets more noise than a small one at the same nominal SNR; aitom-set does not."""
+    args = (["4v4r", "1bxn"], 12, 24, 14.0, 0.05, Imaging(), 3)
+    per, clean = simulate_subtomogram_set(*args, return_clean=True, snr_convention="aitom")
+    one, clean_one = simulate_subtomogram_set(*args, return_clean=True, snr_convention="aitom-set")
+    np.testing.assert_array_equal(clean, clean_one)  # the conventions differ in the noise only
+    maps = [load_structure(n, 14.0) for n in per.class_names]
+    _, variance = image_particles(
+        maps, per.labels, per.angles_deg, per.shifts_xyz, 24, 14.0, Imaging(), True, None, 1.0
+    )
+    big, small = per.labels == 0, per.labels == 1
+    assert variance[big].mean() > 3 * variance[small].mean()  # the ribosome has far more density
+
+    def noise_var(s, c):
+        return (s.volumes - c).reshape(len(s), -1).var(axis=1)
+
+    ratio = noise_var(per, clean) / variance
+    assert ratio.std() < 0.15 * ratio.mean()  # noise ∝ the particle's own density
+    level = noise_var(one, clean)
+    assert level.std() < 0.15 * level.mean()  # one level for the set
+    assert noise_var(per, clean)[big].mean() > 3 * noise_var(per, clean)[small].mean()
+    assert per.noise_sigma**2 == pytest.approx(noise_var(per, clean).mean(), rel=0.1)
+
+
+@pytest.mark.parametrize("convention", ["volume", "aitom"])
+def test_image_particles_at_given_poses_reproduces_the_simulated_set(convention):
+    """image_particles is the set's noise-free imaging: at the set's poses it gives its clean
+    volumes, and imaging another structure at the same poses gives that structure's volumes."""
+    args = (["1bxn", "3j9i"], 6, 24, 14.0, 0.05, Imaging(), 5)
+    s, clean = simulate_subtomogram_set(*args, return_clean=True, snr_convention=convention)
+    maps = [load_structure(n, 14.0) for n in s.class_names]
+    aitom = convention == "aitom"
+    again, variance = image_particles(
+        maps, s.labels, s.angles_deg, s.shifts_xyz, 24, 14.0, Imaging(), aitom, max_shift_px=1.0
+    )
+    np.testing.assert_array_equal(again, clean)
+    assert (variance is not None) == aitom
+    swapped, _ = image_particles(
+        maps, 1 - s.labels, s.angles_deg, s.shifts_xyz, 24, 14.0, Imaging(), aitom
+    )
+    other = simulate_subtomogram_set(
+        ["3j9i", "1bxn"], 6, 24, 14.0, math.inf, Imaging(), 5, snr_convention=convention
+    )
+    np.testing.assert_array_equal(other.angles_deg, s.angles_deg)  # same draws, maps swapped
+    np.testing.assert_allclose(swapped, other.volumes, atol=1e-5 * np.abs(clean).max())
+    assert _cc(swapped[0], clean[0]) < 0.9  # the other structure really is different
 
 
 def test_subtomogram_ground_truth_angles_and_shifts():

@@ -13,9 +13,11 @@ Image formation (the DISCA paper's protocol): uniform random orientation, small 
 missing wedge from --tilt-range about the y axis, Gaussian noise at SNR = signal variance / noise
 variance (--snr inf: no noise), limited to the sampled Fourier region as back-projected noise is
 (--white-noise: white 3D noise). That SNR is the variance ratio of the volumes written. For
-subtomograms, --snr-convention aitom follows instead the simulator behind the DISCA paper's Table S1:
-the noise level is set from the nominal SNR before signal and noise are low-passed, so the written
-volumes have a higher variance ratio (logged and saved as effective_snr in run.json).
+subtomograms, --snr-convention aitom follows instead the simulator behind the DISCA paper's Table S1
+(AITom's do_reconstruction): each particle's noise level is set from its own filtered density and
+the nominal SNR before signal and noise are low-passed, so the written volumes have a higher
+variance ratio (logged and saved as effective_snr in run.json); aitom-set uses one noise level for
+the whole set, as a real tomogram has. AITom's CTF has no amplitude contrast (--amplitude-contrast 0).
 
 subtomograms writes, with paths relative to the current directory (run it from the RELION project):
   DIR/Subtomograms/sub_NNNNNN.mrc   one float32 volume per particle, protein positive, not normalised
@@ -105,8 +107,9 @@ class Options(CommonOptions):
         "--snr-convention",
         default="volume",
         choices=list(SNR_CONVENTIONS),
-        help="subtomograms: what --snr means: 'volume' (variance ratio of the output) or 'aitom' "
-        "(the DISCA paper's simulator: nominal SNR, then a low-pass; see the module help)",
+        help="subtomograms: what --snr means: 'volume' (variance ratio of the output), 'aitom' "
+        "(the DISCA paper's simulator: nominal SNR per particle, then a low-pass; see the module "
+        "help) or 'aitom-set' (the same with one noise level for the set)",
     )
     box: int = opt(
         "--box",
@@ -238,9 +241,10 @@ def run_subtomograms(o: Options) -> dict:
         raise UserError(f"--box: must be at least 8, got {o.box}")
     if o.n_per_class < 1:
         raise UserError(f"--n-per-class: must be at least 1, got {o.n_per_class}")
-    if o.snr_convention == "aitom" and o.white_noise:
+    if o.snr_convention != "volume" and o.white_noise:
         raise UserError(
-            "--white-noise: not available with --snr-convention aitom (its noise is filtered)"
+            f"--white-noise: not available with --snr-convention {o.snr_convention} "
+            "(its noise is filtered)"
         )
     imaging = _imaging(o)
     base = Path(o.o).as_posix()  # as written in STAR files: relative to the project dir (cwd)

@@ -307,15 +307,17 @@ def add_noise(
 
 # ----------------------------------------------------------------------------- AITom's SNR convention
 
-SNR_CONVENTIONS = ("volume", "aitom")
+SNR_CONVENTIONS = ("volume", "aitom", "aitom-set")
 AITOM_NOISE_FILTERS = ("signal", "variance", "ctf_noise", "mtf_noise")
 
 
 def _soft_sphere(r: np.ndarray, radius: float, sigma: float) -> np.ndarray:
-    """1 inside ``radius``, a Gaussian edge of width ``sigma`` outside (radii in frequency pixels)."""
+    """AITom's smooth sphere (``aitom.model.util.sphere_mask``): 1 inside ``radius``, outside
+    ``exp(−((r − radius)/sigma)²)`` cut to 0 below ``e⁻³`` (radii in frequency pixels)."""
     out = np.ones_like(r)
     outside = r > radius
-    out[outside] = np.exp(-0.5 * ((r[outside] - radius) / sigma) ** 2)
+    edge = np.exp(-(((r[outside] - radius) / sigma) ** 2))
+    out[outside] = np.where(edge < math.exp(-3.0), 0.0, edge)
     return out
 
 
@@ -376,13 +378,21 @@ def aitom_noise_level(
 
 
 def aitom_noise(
-    shape: tuple[int, ...], angpix: float, imaging: Imaging, sigma: float, rng: np.random.Generator
+    shape: tuple[int, ...],
+    angpix: float,
+    imaging: Imaging,
+    sigma: float,
+    rng: np.random.Generator,
+    filter_box: int | None = None,
 ) -> np.ndarray:
     """AITom's noise for volumes of ``shape`` (last three axes a cube): two white noises of s.d.
-    ``sigma``, one through CTF × low-pass, one through the MTF × low-pass, both × wedge × sphere."""
-    box = int(shape[-1])
+    ``sigma``, one through CTF × low-pass, one through the MTF × low-pass, both × wedge × sphere.
+    The filters are those of a ``filter_box``³ volume (default the shape's), so noise made in a
+    larger box and cropped matches a signal imaged the same way."""
+    grid = int(shape[-1])
+    box = int(filter_box or grid)
     axes = (-3, -2, -1)
-    k, kh = _axis_freqs(box, angpix), _axis_freqs(box, angpix, half=True)
+    k, kh = _axis_freqs(grid, angpix), _axis_freqs(grid, angpix, half=True)
     mtf = replace(imaging, apply_ctf=False)
     spec = scipy.fft.rfftn(
         rng.standard_normal(shape, dtype=np.float32), axes=axes, workers=_FFT_WORKERS
@@ -393,6 +403,6 @@ def aitom_noise(
     )
     other *= _weight_block(k, k, kh, mtf, aitom_radial(box, angpix, "mtf_noise"))
     spec += other
-    out = scipy.fft.irfftn(spec, s=(box, box, box), axes=axes, workers=_FFT_WORKERS)
+    out = scipy.fft.irfftn(spec, s=(grid, grid, grid), axes=axes, workers=_FFT_WORKERS)
     out *= sigma
     return out.astype(np.float32, copy=False)

@@ -9,12 +9,14 @@ Output values are the image-formation output, protein positive, *not* normalised
 extractor normalise where they need to. The noise level is one for the whole set:
 ``noise variance = mean over the set of each noise-free imaged subtomogram's variance (whole box) / SNR``,
 so every subtomogram of a set has the same noise level, as in a real data set. The noise is limited
-to the sampled Fourier region (``Imaging.noise_in_wedge``, default) or white.
+to the sampled Fourier region (``Imaging.noise_in_wedge``, default) or white. Signal and noise are
+both made in the larger imaging box and cropped, as a subtomogram is cut from a tomogram.
 
 ``snr_convention="aitom"`` follows instead the simulator behind the paper's Table S1 (see
-:mod:`.imaging`): the noise level comes from the set's mean variance of the CTF × wedge filtered
-density and the nominal SNR, and signal and noise are then low-passed, so the written volumes have a
-higher variance ratio than the nominal SNR; it is reported as ``SubtomogramSet.effective_snr``.
+:mod:`.imaging`): the noise level comes from each particle's variance of the CTF × wedge filtered
+density and the nominal SNR (``"aitom-set"``: from the set's mean of it), and signal and noise are
+then low-passed, so the written volumes have a higher variance ratio than the nominal SNR; it is
+reported as ``SubtomogramSet.effective_snr``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class SubtomogramSet:
     ``class_names``. angles_deg: ``(N, 3)`` RELION ZYZ (rot, tilt, psi). shifts_xyz: ``(N, 3)`` voxels,
     the particle centre relative to the box centre (``N // 2``); RELION's origin is ``−shift·angpix``.
     references: noise-free, un-rotated maps at the output sampling (box ``S``), keyed by class name.
-    noise_sigma: the standard deviation of the added noise in the written volumes (0 for ``snr = inf``).
+    noise_sigma: the standard deviation of the added noise in the written volumes (0 for ``snr = inf``;
+    its root mean square over the set where the level is per particle, ``"aitom"``).
     snr: the nominal SNR in ``snr_convention``; effective_snr: mean signal variance of the written
     volumes / noise variance in them (equal to ``snr`` in the ``"volume"`` convention).
     """
@@ -93,8 +96,8 @@ def simulate_subtomogram_set(
     ``[−max_shift_px, max_shift_px]`` per axis. ``snr = inf`` adds no noise. With ``return_clean``
     also returns the noise-free imaged volumes (to measure the SNR). Each particle is imaged in a
     box of ``image_box`` (default ``box + 2·⌈box/4⌉``: room for the CTF's delocalisation, no
-    wrap-around) and cropped to ``box``. ``snr_convention``: ``"volume"`` or ``"aitom"`` (module
-    docstring).
+    wrap-around) and cropped to ``box``. ``snr_convention``: ``"volume"``, ``"aitom"`` or
+    ``"aitom-set"`` (module docstring).
     """
     if not structures:
         raise ValueError("no structures given")
@@ -104,7 +107,7 @@ def simulate_subtomogram_set(
         raise ValueError(f"snr must be positive (or inf), got {snr}")
     if snr_convention not in SNR_CONVENTIONS:
         raise ValueError(f"snr_convention must be one of {SNR_CONVENTIONS}, got {snr_convention!r}")
-    aitom = snr_convention == "aitom"
+    aitom = snr_convention.startswith("aitom")
     rng = np.random.default_rng(seed)
     names = [structure_label(s) for s in structures]
     if len(set(names)) != len(names):
@@ -120,9 +123,91 @@ def simulate_subtomogram_set(
         if max_shift_px > 0
         else np.zeros((n, 3))
     )
+    clean, aitom_var = image_particles(
+        maps, labels, angles, shifts, box, angpix, imaging, aitom, image_box, max_shift_px
+    )
+
+    sig_var = float(np.mean(np.var(clean.reshape(n, -1), axis=1, dtype=np.float64)))
+    if snr is None or math.isinf(snr):
+        volumes, sigma, effective = (clean.copy() if return_clean else clean), 0.0, math.inf
+    else:
+        if aitom:
+            # per particle: the noise's s.d. scales with √S (aitom_noise_level is linear in S)
+            per_particle = aitom_var if snr_convention == "aitom" else np.full(n, aitom_var.mean())
+            white_sd, noise_var = aitom_noise_level(box, angpix, imaging, snr, 1.0)
+            white_sd = white_sd * np.sqrt(per_particle)
+            noise_var = float(np.mean(noise_var * per_particle))
+            sigma, effective = math.sqrt(noise_var), sig_var / noise_var
+        else:
+            sigma, effective = math.sqrt(sig_var / snr), float(snr)
+        # without return_clean the noise goes into the same buffer (memory: one copy of the set).
+        # The noise is made in the imaging box and cropped, as the signal is: both then leak the
+        # same way into the frequencies the filters removed (as in a subtomogram cut from a
+        # tomogram), so no frequency of the written volume has signal and no noise
+        volumes = clean.copy() if return_clean else clean
+        big = image_box_size(box, image_box)
+        crop = (slice(None),) + (slice(big // 2 - box // 2, big // 2 - box // 2 + box),) * 3
+        step = max(1, (64 * 48**3) // big**3)
+        for i0 in range(0, n, step):
+            shape = (len(volumes[i0 : i0 + step]), big, big, big)
+            if aitom:
+                noise = aitom_noise(shape, angpix, imaging, 1.0, rng, filter_box=box)[crop]
+                noise *= white_sd[i0 : i0 + step, None, None, None].astype(np.float32)
+            else:
+                noise = unit_noise(shape, imaging, rng)[crop]
+                noise *= np.float32(sigma)
+            volumes[i0 : i0 + step] += noise
+    result = SubtomogramSet(
+        volumes=volumes,
+        labels=labels.astype(np.int64),
+        angles_deg=angles,
+        shifts_xyz=shifts.astype(np.float64),
+        class_names=names,
+        references=references,
+        angpix=float(angpix),
+        snr=float(snr),
+        imaging=imaging,
+        noise_sigma=sigma,
+        signal_variance=sig_var,
+        snr_convention=snr_convention,
+        effective_snr=float(effective),
+    )
+    return (result, clean) if return_clean else result
+
+
+def image_box_size(box: int, image_box: int | None = None) -> int:
+    """The box particles are imaged in before they are cropped to ``box``: ``image_box``, by
+    default ``box + 2·⌈box/4⌉`` (room for the CTF's delocalisation, no wrap-around)."""
+    return max(int(image_box or box + 2 * math.ceil(box / 4)), box)
+
+
+def image_particles(
+    maps: list[np.ndarray],
+    labels: np.ndarray,
+    angles_deg: np.ndarray,
+    shifts_xyz: np.ndarray,
+    box: int,
+    angpix: float,
+    imaging: Imaging,
+    aitom: bool = False,
+    image_box: int | None = None,
+    max_shift_px: float | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Noise-free imaged particles: ``maps[labels[i]]`` rotated by ``angles_deg[i]`` (RELION ZYZ),
+    shifted by ``shifts_xyz[i]`` voxels, imaged (CTF, wedge; with ``aitom`` AITom's signal
+    low-pass) in a box of ``image_box`` (default ``box + 2·⌈box/4⌉``) and cropped to ``box``.
+    ``max_shift_px``: the largest shift the rotation boxes allow for (default: the largest given).
+
+    Returns ``(volumes (N, box, box, box) float32, per-particle variance of the CTF × wedge ×
+    sphere filtered density that sets AITom's noise level, or None without aitom)``. This is the
+    noise-free part of :func:`simulate_subtomogram_set`, for any poses.
+    """
+    n = len(labels)
+    if max_shift_px is None:
+        max_shift_px = float(np.max(np.abs(shifts_xyz))) if n else 0.0
     # image a larger box around each particle and crop: the CTF and wedge spread density beyond
     # the box as they do in a tomogram, and nothing wraps around (periodic FFT) into the crop
-    big = max(int(image_box or box + 2 * math.ceil(box / 4)), box)
+    big = image_box_size(box, image_box)
     lo = big // 2 - box // 2
     # rotate each map only into the box its density can reach, then zero-pad to ``big``
     reach = [
@@ -143,8 +228,8 @@ def simulate_subtomogram_set(
             r = reach[labels[i]]
             sub = rotate_volume(
                 maps[labels[i]],
-                angles_deg=angles[i],
-                center_offset_xyz=shifts[i],
+                angles_deg=angles_deg[i],
+                center_offset_xyz=shifts_xyz[i],
                 order=1,
                 output_shape_zyx=(r, r, r),
             )
@@ -158,41 +243,4 @@ def simulate_subtomogram_set(
         else:
             imaged = apply_imaging(batch[: i1 - i0], angpix, imaging, radial=signal_filter)
         clean[i0:i1] = imaged[crop]
-
-    sig_var = float(np.mean(np.var(clean.reshape(n, -1), axis=1, dtype=np.float64)))
-    if snr is None or math.isinf(snr):
-        volumes, sigma, effective = (clean.copy() if return_clean else clean), 0.0, math.inf
-    else:
-        if aitom:
-            white_sd, noise_var = aitom_noise_level(
-                box, angpix, imaging, snr, float(np.mean(aitom_var))
-            )
-            sigma, effective = math.sqrt(noise_var), sig_var / noise_var
-        else:
-            sigma, effective = math.sqrt(sig_var / snr), float(snr)
-        # without return_clean the noise goes into the same buffer (memory: one copy of the set)
-        volumes = clean.copy() if return_clean else clean
-        for i0 in range(0, n, 256):
-            shape = volumes[i0 : i0 + 256].shape
-            if aitom:
-                noise = aitom_noise(shape, angpix, imaging, white_sd, rng)
-            else:
-                noise = unit_noise(shape, imaging, rng)
-                noise *= np.float32(sigma)
-            volumes[i0 : i0 + 256] += noise
-    result = SubtomogramSet(
-        volumes=volumes,
-        labels=labels.astype(np.int64),
-        angles_deg=angles,
-        shifts_xyz=shifts.astype(np.float64),
-        class_names=names,
-        references=references,
-        angpix=float(angpix),
-        snr=float(snr),
-        imaging=imaging,
-        noise_sigma=sigma,
-        signal_variance=sig_var,
-        snr_convention=snr_convention,
-        effective_snr=float(effective),
-    )
-    return (result, clean) if return_clean else result
+    return clean, aitom_var
