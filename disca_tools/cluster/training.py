@@ -55,11 +55,13 @@ class Trainer:
         step = self._steps[spec]
         loss = float("nan")
         for _ in range(epochs):
-            total, count = 0.0, 0
+            # the sums stay tensors until the epoch ends: reading them every step would wait for
+            # each step to finish before the next one is dispatched
+            total, count = tf.constant(0.0, tf.float64), tf.constant(0, tf.int64)
             for batch in distributed:
                 s, n = step(batch)
-                total, count = total + float(s), count + int(n)
-            loss = total / count if count else float("nan")
+                total, count = total + tf.cast(s, tf.float64), count + n
+            loss = float(total) / int(count) if int(count) else float("nan")
         return loss
 
 
