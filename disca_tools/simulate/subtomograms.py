@@ -3,10 +3,11 @@
 Each structure is resampled to the voxel size, given a uniform random orientation on SO(3) and a
 small random shift, rotated with :func:`disca_tools.geometry.rotate_volume` (RELION's convention, so
 the ground-truth angles and origins can be handed to RELION as they are), imaged (CTF + missing
-wedge, :mod:`.imaging`) and given white Gaussian noise at the requested SNR.
+wedge, :mod:`.imaging`) and given Gaussian noise at the requested SNR.
 
 Output values are the image-formation output, protein positive, *not* normalised: writers and the
-extractor normalise where they need to. The noise level is one for the whole set:
+extractor normalise where they need to. In the default (``"volume"``) SNR convention the noise level
+is one for the whole set:
 ``noise variance = mean over the set of each noise-free imaged subtomogram's variance (whole box) / SNR``,
 so every subtomogram of a set has the same noise level, as in a real data set. The noise is limited
 to the sampled Fourier region (``Imaging.noise_in_wedge``, default) or white. Signal and noise are
