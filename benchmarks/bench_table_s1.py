@@ -113,6 +113,9 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
     extra = {"best_iteration": int(res.best_iteration), "iterations": len(res.history)}
     extra["k_by_iteration"] = [r["k"] for r in records]
     extra["homogeneity_by_iteration"] = [r["h"] for r in records]
+    extra["accuracy_by_iteration"] = [r["accuracy"] for r in records]
+    extra["ddbi_by_iteration"] = [round(float(h.ddbi), 4) for h in res.history]
+    extra["eligible_by_iteration"] = [r["eligible"] for r in records]
     return np.asarray(res.labels), extra
 
 

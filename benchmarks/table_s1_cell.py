@@ -109,8 +109,9 @@ def bic_clusters(x: np.ndarray, pca_dim: int, k_candidates: list[int]) -> tuple[
 
 class IterationWatcher:
     """An ``on_iteration`` callback for :func:`disca_tools.cluster.em.run_em` that records every
-    iteration's K and homogeneity against ``truth`` in ``records`` (and, if ``kmeans_k``, that of
-    k-means with ``kmeans_k`` clusters on the same points)."""
+    iteration's K, homogeneity and accuracy (after Hungarian matching) against ``truth`` in
+    ``records`` (and, if ``kmeans_k``, the homogeneity of k-means with ``kmeans_k`` clusters on the
+    same points)."""
 
     def __init__(self, truth: np.ndarray, kmeans_k: int = 0) -> None:
         self.truth = np.asarray(truth)
@@ -121,10 +122,13 @@ class IterationWatcher:
         from sklearn.cluster import KMeans
         from sklearn.metrics import homogeneity_score
 
+        from disca_tools.cluster.matching import accuracy_after_matching
+
         rec = {
             "iteration": int(clustering.iteration),
             "k": int(clustering.k),
             "h": round(float(homogeneity_score(self.truth, clustering.labels)), 4),
+            "accuracy": round(100 * accuracy_after_matching(self.truth, clustering.labels), 2),
             "eligible": bool(clustering.eligible),
         }
         if self.kmeans_k:
