@@ -25,10 +25,10 @@ RUN if [ "$WITH_RELION" = "1" ]; then \
     fi
 
 WORKDIR /opt/disca_tools
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY disca_tools ./disca_tools
-RUN pip install . \
-    && if [ "$WITH_CUDA" = "1" ]; then pip install "tensorflow[and-cuda]"; fi \
+RUN pip install -c constraints.txt . \
+    && if [ "$WITH_CUDA" = "1" ]; then pip install -c constraints.txt "tensorflow[and-cuda]"; fi \
     && for t in disca_simulate disca_pick disca_extract disca_cluster disca_evaluate disca_split_star disca_reembed; \
        do "$t" --help > /dev/null || exit 1; done
 

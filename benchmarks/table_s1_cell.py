@@ -150,7 +150,10 @@ def write_atomic(path: Path, text: str) -> Path:
 
 def save_result(name: str, tag: str, payload: dict, markdown: str | None = None) -> Path:
     """Write ``results/NAME[_TAG].json`` (and ``.md`` if ``markdown``) atomically."""
+    from disca_tools.runtime.provenance import library_versions
+
     stem = name + (f"_{tag}" if tag else "")
+    payload = {**payload, "libraries": library_versions()}
     if markdown is not None:
         write_atomic(RESULTS / f"{stem}.md", markdown)
     return write_atomic(RESULTS / f"{stem}.json", json.dumps(payload, indent=1) + "\n")

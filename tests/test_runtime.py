@@ -68,6 +68,10 @@ def test_aliases_provenance_and_refusal(tmp_path, capsys):
     record = json.loads((out / "run.json").read_text())
     assert record["options"]["box"] == 32 and record["seed"] == 7 and record["status"] == "success"
     assert record["results"]["box"] == 32
+    import importlib.metadata
+
+    assert record["libraries"]["numpy"] == importlib.metadata.version("numpy")
+    assert record["libraries"]["keras"] == importlib.metadata.version("keras")
     assert "--box-size 32" in (out / "note.txt").read_text()
     # a second run refuses to overwrite, with one line naming the file, exit 2
     capsys.readouterr()

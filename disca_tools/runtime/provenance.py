@@ -1,13 +1,16 @@
 """Provenance: every output folder records how it was made.
 
 ``note.txt`` carries the exact command line, as RELION's note.txt does (appended, one block per run);
-``run.json`` is machine readable: tool, version, options, seed, start/end time, host and extra figures.
+``run.json`` is machine readable: tool, version, options, seed, start/end time, host, the versions of
+the libraries that decide the numbers, and extra figures. A seeded run repeats on the same machine with
+the same library versions; another TensorFlow or Keras release may give other numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import importlib.metadata
 import json
 import platform
 import shlex
@@ -33,6 +36,31 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float | int | str | bool) or value is None:
         return value
     return str(value)
+
+
+LIBRARIES = (
+    "tensorflow",
+    "keras",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "pandas",
+    "mrcfile",
+    "starfile",
+)
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries whose releases can change results (None: not installed).
+
+    Read from the package metadata, so nothing heavy (TensorFlow) is imported."""
+    versions: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def now_iso() -> str:
@@ -78,6 +106,7 @@ def write_provenance(
         "python": sys.version.split()[0],
         "host": platform.node(),
         "platform": platform.platform(),
+        "libraries": library_versions(),
     }
     if extra:
         record["results"] = _jsonable(extra)
