@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,6 @@ def test_aliases_provenance_and_refusal(tmp_path, capsys):
     record = json.loads((out / "run.json").read_text())
     assert record["options"]["box"] == 32 and record["seed"] == 7 and record["status"] == "success"
     assert record["results"]["box"] == 32
-    import importlib.metadata
-
     assert record["libraries"]["numpy"] == importlib.metadata.version("numpy")
     assert record["libraries"]["keras"] == importlib.metadata.version("keras")
     assert "--box-size 32" in (out / "note.txt").read_text()
