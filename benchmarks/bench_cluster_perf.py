@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from result_files import RESULTS, save_figure, save_result  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 STRUCTURES = ["4v4r", "1bxn", "3j9i", "1s3x", "3d2f"]
 
 
@@ -261,14 +261,12 @@ def main() -> None:
               f"{r['predict_ratio']:>10.2f} {r['peak_rss_mb_em']:>8.0f} {r['peak_anon_rss_mb_em']:>8.0f}")  # fmt: skip
     summary = {
         "protocol": {k: v for k, v in vars(args).items() if k not in ("one", "store", "out")},
-        "cpu_count": os.cpu_count(),
         "rows": rows,
         "linearity_t_last_over_t_first": rows[-1]["iteration_s"] / t1,
         "size_ratio_last_over_first": rows[-1]["n"] / rows[0]["n"],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    out = Path(args.out).with_suffix("")
+    saved = save_result(out.name, "", summary, folder=out.parent)
     try:
         import matplotlib
 
@@ -291,10 +289,10 @@ def main() -> None:
         ax[1].set_xlabel("N")
         ax[1].set_ylabel("peak RSS during EM (MB)")
         fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=100)
+        save_figure(fig, out.with_suffix(".png"))
     except Exception as exc:  # plotting is a convenience
         print(f"(no plot: {exc})")
-    print(f"saved {out.with_suffix('.json')}")
+    print(f"saved {saved}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ Prints a table and saves ``benchmarks/results/bench_extract.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -32,12 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from result_files import save_result  # noqa: E402
+
 from disca_tools.cli.extract import main as extract_main  # noqa: E402
 from disca_tools.extract import ExtractParams, StoreWriter, box_starts, iter_boxes  # noqa: E402
 from disca_tools.io.mrc import create_volume_memmap, open_volume  # noqa: E402
 from disca_tools.io.star import write_star_blocks  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _drop_cache(path: Path) -> None:
@@ -132,19 +130,14 @@ def main() -> None:
     print(f"  {'step':<24} {'seconds':>8} {'subtomograms/s':>15}")
     for r in rows:
         print(f"  {r['step']:<24} {r['seconds']:>8.2f} {r['per_s']:>15.0f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     record = {
-        "machine": platform.platform(),
-        "cpus": os.cpu_count(),
         "n": args.n,
         "box": args.box,
         "tomogram_xyz": [nx, ny, nz],
         "rows": rows,
         "goal_per_s": 2000,
     }
-    out = RESULTS / "bench_extract.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"saved {out}")
+    print(f"saved {save_result('bench_extract', '', record)}")
 
 
 if __name__ == "__main__":

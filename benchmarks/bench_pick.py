@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,13 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from result_files import RESULTS, save_result  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from scipy.spatial import cKDTree  # noqa: E402
 
 from disca_tools.io.mrc import create_volume_memmap, open_volume  # noqa: E402
 from disca_tools.pick import PickParams, pick_volume, sigmas_for_diameter  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 STRUCTURES = ["4v4r", "1qvr", "3cf3", "1bxn"]
 
 
@@ -219,13 +218,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="where temporary tomograms go")
     args = ap.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "bench_pick.json"
     parts = set(args.only or ["speed", "memory", "accuracy"])
     if args.skip_big:
         parts.discard("memory")
     record: dict = json.loads(out.read_text()) if args.only and out.exists() else {}
-    record.update({"machine": platform.platform(), "cpus": os.cpu_count()})
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         if "speed" in parts:
@@ -258,8 +255,7 @@ def main() -> None:
                 f"   {r['snr']:>6} {r['threshold_sd']:>7} {r['particles']:>6} {r['picks']:>6} "
                 f"{r['recall']:>7.3f} {r['precision']:>9.3f}"
             )
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"saved {out}")
+    print(f"saved {save_result('bench_pick', '', record)}")
 
 
 if __name__ == "__main__":

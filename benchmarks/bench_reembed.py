@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from result_files import save_result  # noqa: E402
 
 STRUCTURES = ["1bxn", "3j9i", "4v4r"]
 
@@ -147,16 +148,8 @@ def main() -> None:
         "structures": STRUCTURES,
         "rows": rows,
         "ratios": ratios,
-        "host": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
     }
-    out = ROOT / "benchmarks" / "results" / "bench_reembed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {out}")
+    print(f"saved {save_result('bench_reembed', '', result)}")
 
 
 if __name__ == "__main__":

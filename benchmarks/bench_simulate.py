@@ -16,10 +16,8 @@ Prints a table and saves ``benchmarks/results/bench_simulate.json`` (and slices 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import resource
 import sys
 import time
@@ -30,6 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from result_files import RESULTS, save_figure, save_result  # noqa: E402
+
 from disca_tools.geometry import random_euler, rotate_volume  # noqa: E402
 from disca_tools.simulate.imaging import Imaging, apply_imaging  # noqa: E402
 from disca_tools.simulate.structures import load_structure  # noqa: E402
@@ -37,7 +37,11 @@ from disca_tools.simulate.subtomograms import simulate_subtomogram_set  # noqa: 
 from disca_tools.simulate.tomogram import simulate_tomogram  # noqa: E402
 
 STRUCTURES = ["4v4r", "3j9i", "1bxn", "3cf3", "1qvr"]
-RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _json_number(value) -> float | str:
+    """NumPy scalars as JSON numbers; a non-finite one as its name."""
+    return float(value) if math.isfinite(value) else str(value)
 
 
 def _tomogram_speed(shape_xyz, n_particles, angpix, seed=0) -> dict:
@@ -57,10 +61,11 @@ def _tomogram_speed(shape_xyz, n_particles, angpix, seed=0) -> dict:
     nx, ny, nz = shape_xyz
     vol = np.zeros((nz, ny, nx), dtype=np.float32)
     m = load_structure(STRUCTURES[0], angpix)
-    s = m.shape[0]
-    vol[nz // 2 - s // 2 : nz // 2 - s // 2 + s, ny // 2 - s // 2 : ny // 2 - s // 2 + s][
-        :, :, nx // 2 - s // 2 : nx // 2 - s // 2 + s
-    ] = m[: min(s, nz)]
+    # the map's centre on the volume's centre, cut to the volume where the map is larger (thin z)
+    cut = tuple(min(a, b) for a, b in zip(m.shape, vol.shape, strict=True))
+    src = tuple(slice((a - c) // 2, (a - c) // 2 + c) for a, c in zip(m.shape, cut, strict=True))
+    dst = tuple(slice((a - c) // 2, (a - c) // 2 + c) for a, c in zip(vol.shape, cut, strict=True))
+    vol[dst] = m[src]
     angles = random_euler(2, np.random.default_rng(0))
     t0 = time.perf_counter()
     for a in angles:
@@ -102,8 +107,7 @@ def _figure(sim) -> None:
         a.set_xticks([])
         a.set_yticks([])
     fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "bench_simulate_tomogram.png", dpi=70)
+    save_figure(fig, RESULTS / "bench_simulate_tomogram.png", dpi=70)
     plt.close(fig)
 
 
@@ -155,7 +159,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     args = ap.parse_args()
     if args.quick:
-        speed_shape, speed_n, n_per_class, tomo_shape = (256, 256, 64), 40, 20, (128, 128, 64)
+        speed_shape, speed_n, n_per_class, tomo_shape = (256, 256, 64), 40, 20, (192, 192, 80)
     else:
         speed_shape, speed_n, n_per_class, tomo_shape = (512, 512, 128), 200, 100, (256, 256, 96)
 
@@ -191,23 +195,15 @@ def main() -> None:
         )
     print("  (* the speed run's tomogram)")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("bench_simulate_quick.json" if args.quick else "bench_simulate.json")
     record = {
         "benchmark": "bench_simulate",
-        "host": platform.node(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
         "tomogram_speed": speed,
         "snr": snr_rows,
         "peak_rss_mb": peak_rss_mb,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out.write_text(
-        json.dumps(record, indent=2, default=lambda v: float(v) if math.isfinite(v) else str(v))
-        + "\n"
-    )
+    name = "bench_simulate_quick" if args.quick else "bench_simulate"
+    out = save_result(name, "", record, json_default=_json_number)
     print(f"\nsaved {out}")
 
 

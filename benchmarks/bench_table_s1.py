@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from result_files import save_result  # noqa: E402
 from table_s1_cell import (  # noqa: E402
     PAPER,
     STRUCTURES,
     IterationWatcher,
     parse_cells,
-    save_result,
     simulate_cell,
 )
 from threadpoolctl import threadpool_limits  # noqa: E402
@@ -111,11 +111,11 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
     res = run_em(store, np.arange(len(volumes)), cfg, on_iteration=watch)
     records = watch.records
     extra = {"best_iteration": int(res.best_iteration), "iterations": len(res.history)}
-    extra["k_by_iteration"] = [r["k"] for r in records]
+    extra["k_by_iteration"] = [int(h.k) for h in res.history]
     extra["homogeneity_by_iteration"] = [r["h"] for r in records]
     extra["accuracy_by_iteration"] = [r["accuracy"] for r in records]
     extra["ddbi_by_iteration"] = [round(float(h.ddbi), 4) for h in res.history]
-    extra["eligible_by_iteration"] = [r["eligible"] for r in records]
+    extra["eligible_by_iteration"] = [bool(h.eligible) for h in res.history]
     return np.asarray(res.labels), extra
 
 

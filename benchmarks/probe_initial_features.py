@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from result_files import save_result  # noqa: E402
 from sklearn.metrics import homogeneity_score  # noqa: E402
 from table_s1_cell import (  # noqa: E402
     STRUCTURES,
     add_cell_arguments,
     bic_clusters,
-    save_result,
     simulate_cell,
 )
 

@@ -29,13 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from result_files import save_result  # noqa: E402
 from table_s1_cell import (  # noqa: E402
     PAPER,
     STRUCTURES,
     add_cell_arguments,
     cell_imaging,
     parse_cells,
-    save_result,
     simulate_cell,
 )
 

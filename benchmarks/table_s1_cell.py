@@ -7,13 +7,9 @@ each, 24³ at ``angpix``, CTF + missing wedge of ``tilt``, noise at ``snr`` in `
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
 STRUCTURES = ["4v4r", "3j9i", "4v94", "1qvr", "3d2f"]
 
 SNRS = [0.1, 0.03, 0.01, 0.003, 0.001]
@@ -137,23 +133,3 @@ class IterationWatcher:
             )
             rec["h_kmeans_true_k"] = round(float(homogeneity_score(self.truth, km)), 4)
         self.records.append(rec)
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def save_result(name: str, tag: str, payload: dict, markdown: str | None = None) -> Path:
-    """Write ``results/NAME[_TAG].json`` (and ``.md`` if ``markdown``) atomically."""
-    from disca_tools.runtime.provenance import library_versions
-
-    stem = name + (f"_{tag}" if tag else "")
-    payload = {**payload, "libraries": library_versions()}
-    if markdown is not None:
-        write_atomic(RESULTS / f"{stem}.md", markdown)
-    return write_atomic(RESULTS / f"{stem}.json", json.dumps(payload, indent=1) + "\n")

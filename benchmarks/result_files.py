@@ -1,0 +1,57 @@
+"""How every benchmark and probe saves what it measured.
+
+One writer for all of them: the JSON (and the optional markdown table or figure) is written through a
+temporary file and a rename, so an interrupted run never leaves half a result behind, and every JSON
+records the machine and the library versions, because speed and seeded results depend on both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from disca_tools.runtime.outputs import atomic_path, write_text_atomic
+from disca_tools.runtime.provenance import library_versions
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """The machine a result was measured on: platform string, Python version, CPU cores."""
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def save_result(
+    name: str,
+    tag: str,
+    payload: dict,
+    markdown: str | None = None,
+    *,
+    folder: Path = RESULTS,
+    json_default: Callable[[Any], Any] | None = None,
+) -> Path:
+    """Write ``FOLDER/NAME[_TAG].json`` (and ``.md`` if ``markdown``) atomically; return the JSON.
+
+    The JSON is ``payload`` plus ``machine`` and ``libraries``.
+    """
+    stem = name + (f"_{tag}" if tag else "")
+    record = {**payload, "machine": machine(), "libraries": library_versions()}
+    if markdown is not None:
+        write_text_atomic(Path(folder) / f"{stem}.md", markdown)
+    text = json.dumps(record, indent=1, default=json_default) + "\n"
+    return write_text_atomic(Path(folder) / f"{stem}.json", text)
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure atomically (the format comes from ``path``'s suffix)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    return Path(path)
