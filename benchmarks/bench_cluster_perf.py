@@ -5,10 +5,11 @@ Python process each (so that peak memory is per N):
 
 * one EM iteration (features + PCA + mixtures for every candidate K + training on N + N rotated
   copies, streamed from a memmapped store) — the median of the trained iterations after the first
-  (the first also traces the graphs and warms up the head);
+  (the first also traces the graphs and warms up the head); ``--iters 4`` gives three of them;
 * the bare Keras baseline on the same network and data: ``model.fit`` on the same 2N samples held
-  in memory (rotations precomputed) for the same epochs and batch size, plus ``model.predict`` of
-  the N originals (both after a warm-up call);
+  in memory (rotations precomputed) for the same epochs and batch size — the median of
+  ``--fit-repeats`` timings, the same statistic as the EM side — plus ``model.predict`` of the N
+  originals (both after a warm-up call);
 * prediction throughput: streamed ``predict_features`` against bare ``model.predict`` of an
   in-memory array (each timed ``--predict-repeats`` times, alternated; the best of each);
 * peak resident memory of the process during the EM run (before the baseline loads data).
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-from result_files import RESULTS, save_figure, save_result  # noqa: E402
+from common import RESULTS, peak_rss_mb, save_figure, save_result  # noqa: E402
 
 STRUCTURES = ["4v4r", "1bxn", "3j9i", "1s3x", "3d2f"]
 
@@ -49,10 +49,6 @@ def _seconds(fn, *args, **kwargs) -> float:
     t = time.perf_counter()
     fn(*args, **kwargs)
     return time.perf_counter() - t
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class _AnonSampler:
@@ -126,12 +122,12 @@ def one(args) -> dict:
         epochs_per_iter=args.epochs, batch_size=args.batch_size, width_scale=args.width_scale,
         feature_dim=args.feature_dim, precision=precision, seed=0,
     )  # fmt: skip
-    rss0 = _peak_rss_mb()
+    rss0 = peak_rss_mb()
     t = time.time()
     with _AnonSampler() as anon:
         res = run_em(store, rows, cfg)
     em_total = time.time() - t
-    rss_em = _peak_rss_mb()
+    rss_em = peak_rss_mb()
     trained = [h for h in res.history if np.isfinite(h.loss)]
     later = trained[1:] or trained
     it_s = float(np.median([h.seconds for h in later]))
@@ -164,9 +160,12 @@ def one(args) -> dict:
         epochs=1,
         verbose=0,
     )
-    t = time.time()
-    model.fit(xx, y, batch_size=cfg.batch_size, epochs=cfg.epochs_per_iter, verbose=0)
-    bare_fit = time.time() - t
+    # the same statistic as the EM side: the median of several timings (a shared CPU is noisy)
+    fit_runs = [
+        _seconds(model.fit, xx, y, batch_size=cfg.batch_size, epochs=cfg.epochs_per_iter, verbose=0)
+        for _ in range(args.fit_repeats)
+    ]
+    bare_fit = float(np.median(fit_runs))
     ext = Y.feature_extractor(model)
     ext.predict(xx[:64, ...], batch_size=cfg.predict_batch_size, verbose=0)
     predict_features(ext, store, rows[:64], cfg.predict_batch_size)
@@ -186,6 +185,8 @@ def one(args) -> dict:
         "iterations": len(res.history),
         "k_found": res.k,
         "bare_fit_s": bare_fit,
+        "bare_fit_runs_s": fit_runs,
+        "iteration_runs_s": [h.seconds for h in later],
         "bare_predict_s": bare_pred,
         "ratio_iteration_over_bare": it_s / (bare_fit + bare_pred),
         "predict_throughput_stream": n / stream_pred,
@@ -211,6 +212,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument(
+        "--fit-repeats", type=int, default=3, help="bare fit timings (their median is used)"
+    )
+    ap.add_argument(
         "--predict-repeats", type=int, default=3, help="prediction timings (best of, alternated)"
     )
     ap.add_argument("--store", default=None)
@@ -235,7 +239,7 @@ def main() -> None:
                    "--width-scale", str(args.width_scale), "--feature-dim", str(args.feature_dim),
                    "--precision", args.precision, "--k-candidates", args.k_candidates,
                    "--iters", str(args.iters), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                   "--predict-repeats", str(args.predict_repeats)]  # fmt: skip
+                   "--predict-repeats", str(args.predict_repeats), "--fit-repeats", str(args.fit_repeats)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from result_files import save_result  # noqa: E402
+from common import save_result  # noqa: E402
 
 from disca_tools.cli.extract import main as extract_main  # noqa: E402
 from disca_tools.extract import ExtractParams, StoreWriter, box_starts, iter_boxes  # noqa: E402

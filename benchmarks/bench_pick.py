@@ -7,7 +7,8 @@
    float32) volume with the picker's larger σ; both timed side by side in this run (goal ≤ 3).
 2. Peak memory: a tomogram larger than ``--big-gb`` GB on disk (a sparse MRC made with
    ``create_volume_memmap``, noise written into a z band so there is something to pick) is picked in a
-   fresh subprocess; its ``ru_maxrss`` is the peak resident memory (goal ≤ 1.5 GB).
+   fresh subprocess; its own peak resident memory (``VmHWM``, see ``common.peak_rss_mb``) is the
+   figure (goal ≤ 1.5 GB).
 3. Recall/precision against ground truth on simulated tomograms (CTF, ±60° wedge; 4 structures of
    15–33 nm at 10 Å) at SNR 0.1 and 0.01. A pick counts when it lies within half a particle radius of
    a not-yet-matched true particle (greedy one-to-one matching by distance); goal recall ≥ 0.9 at SNR 0.1.
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from result_files import RESULTS, save_result  # noqa: E402
+from common import RESULTS, save_result  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from scipy.spatial import cKDTree  # noqa: E402
 
@@ -98,8 +99,10 @@ def bench_speed(size_xyz: tuple[int, int, int], workdir: Path) -> dict:
 
 
 _CHILD = r"""
-import resource, sys, time
+import sys, time
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {benchmarks!r})
+from common import peak_rss_mb
 from disca_tools.io.mrc import open_volume
 from disca_tools.pick import PickParams, pick_volume, sigmas_for_diameter
 data, _ = open_volume({path!r})
@@ -107,7 +110,7 @@ lo, hi = sigmas_for_diameter(120.0, 10.0)
 t0 = time.perf_counter()
 res = pick_volume(data, PickParams(lo, hi, threshold_sd=2.5, border=6))
 dt = time.perf_counter() - t0
-print(len(res), dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(len(res), dt, peak_rss_mb())
 """
 
 
@@ -122,17 +125,21 @@ def bench_memory(size_gb: float, workdir: Path) -> dict:
     del mm
     file_gb = path.stat().st_size / 1e9
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD.format(root=str(ROOT), path=str(path))],
+        [
+            sys.executable,
+            "-c",
+            _CHILD.format(root=str(ROOT), benchmarks=str(ROOT / "benchmarks"), path=str(path)),
+        ],
         capture_output=True,
         text=True,
         check=True,
     )
-    n, dt, rss_kb = out.stdout.split()
+    n, dt, rss_mb = out.stdout.split()
     path.unlink()
     return {
         "size_xyz": [nx, ny, nz],
         "file_gb": round(file_gb, 3),
-        "peak_rss_gb": round(int(rss_kb) / 1024**2, 3),
+        "peak_rss_gb": round(float(rss_mb) / 1024, 3),
         "pick_s": round(float(dt), 1),
         "picks": int(n),
         "goal": "<= 1.5 GB",

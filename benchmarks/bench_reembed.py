@@ -4,7 +4,8 @@
 
 For each N, particles of three shipped structures (1bxn, 3j9i, 4v4r at ``--angpix``; map boxes 41–86
 voxels) with uniform random orientations and random positions are placed into a tomogram of
-``--shape`` (x y z) voxels, each run in a fresh subprocess so its ``ru_maxrss`` is its own peak:
+``--shape`` (x y z) voxels, each run in a fresh subprocess so its peak resident memory is its own
+(``VmHWM``, see ``common.peak_rss_mb``):
 
 * ``streamed``: :func:`disca_tools.reembed.write_reembedded` — slab by slab into on-disk memmaps
   (float32 density + int16 labels written to a temporary folder), as the tool does;
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from result_files import save_result  # noqa: E402
+from common import peak_rss_mb, save_result  # noqa: E402
 
 STRUCTURES = ["1bxn", "3j9i", "4v4r"]
 
@@ -51,7 +51,7 @@ def _worker(mode: str, n: int, shape_xyz: list[int], angpix: float, out_dir: str
     centres = rng.uniform(0, 1, (n, 3)) * (np.array(shape_xyz) - 1)
     pl = Placements(centres, rng.integers(1, len(STRUCTURES) + 1, n), random_rotations(n, rng))
     shape_zyx = (shape_xyz[2], shape_xyz[1], shape_xyz[0])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     if mode == "streamed":
         write_reembedded(
@@ -66,7 +66,7 @@ def _worker(mode: str, n: int, shape_xyz: list[int], angpix: float, out_dir: str
         dens, labels = reembed_arrays(pl, maps, shape_zyx, slab=64)
         float(dens[::97, ::97, ::97].sum()) + float(labels[::97, ::97, ::97].sum())
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = peak_rss_mb()
     return {
         "mode": mode,
         "n": n,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from result_files import RESULTS, save_figure, save_result  # noqa: E402
+from common import RESULTS, peak_rss_mb, save_figure, save_result  # noqa: E402
 
 from disca_tools.geometry import random_euler, rotate_volume  # noqa: E402
 from disca_tools.simulate.imaging import Imaging, apply_imaging  # noqa: E402
@@ -167,7 +166,7 @@ def main() -> None:
     snrs = [0.1, 0.03, 0.01, 0.003, 0.001]
     snr_rows = _subtomogram_snr(snrs, n_per_class, 24, 12.0)
     snr_rows += _tomogram_snr([0.1, 0.01], tomo_shape, 30, 10.0)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
 
     print(
         f"\nTomogram {speed['shape_xyz']} with {speed['n_particles']} particles at {speed['angpix']} Å"
@@ -180,7 +179,7 @@ def main() -> None:
         f"({speed['naive_full_volume_rotation_seconds_per_particle']:.2f} s/particle × {speed_n}, "
         f"extrapolated) → {speed['speedup_vs_naive']:.0f}× slower"
     )
-    print(f"  peak RSS of this process          {peak_rss_mb:8.0f} MB")
+    print(f"  peak RSS of this process          {peak_mb:8.0f} MB")
     print("\nRequested vs measured SNR")
     print(f"  {'kind':<13}{'requested':>10}{'measured':>10}{'ratio':>8}  details")
     for r in [{"kind": "tomogram*", **speed}] + snr_rows:
@@ -199,7 +198,7 @@ def main() -> None:
         "benchmark": "bench_simulate",
         "tomogram_speed": speed,
         "snr": snr_rows,
-        "peak_rss_mb": peak_rss_mb,
+        "peak_rss_mb": peak_mb,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     name = "bench_simulate_quick" if args.quick else "bench_simulate"

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from result_files import save_result  # noqa: E402
+from common import save_result  # noqa: E402
 from table_s1_cell import (  # noqa: E402
     PAPER,
     STRUCTURES,

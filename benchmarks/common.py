@@ -1,4 +1,4 @@
-"""How every benchmark and probe saves what it measured.
+"""What every benchmark and probe shares: how it saves results and how it measures peak memory.
 
 One writer for all of them: the JSON (and the optional markdown table or figure) is written through a
 temporary file and a rename, so an interrupted run never leaves half a result behind, and every JSON
@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,23 @@ from disca_tools.runtime.outputs import atomic_path, write_text_atomic
 from disca_tools.runtime.provenance import library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux: ``VmHWM``).
+
+    Not ``ru_maxrss``: Linux carries it over ``fork`` and ``exec``, so a child process started by a
+    parent that holds gigabytes reports the parent's memory as its own peak. ``VmHWM`` belongs to
+    the process's own address space, which ``exec`` starts afresh.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return maxrss / (1024.0**2 if sys.platform == "darwin" else 1024.0)
 
 
 def machine() -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +15,15 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def result_files():
-    spec = importlib.util.spec_from_file_location("result_files", BENCHMARKS / "result_files.py")
+def common():
+    spec = importlib.util.spec_from_file_location("common", BENCHMARKS / "common.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_save_result_records_machine_and_libraries(result_files, tmp_path):
-    path = result_files.save_result("bench_x", "tag1", {"rows": [1, 2]}, "| a |\n", folder=tmp_path)
+def test_save_result_records_machine_and_libraries(common, tmp_path):
+    path = common.save_result("bench_x", "tag1", {"rows": [1, 2]}, "| a |\n", folder=tmp_path)
     assert path == tmp_path / "bench_x_tag1.json"
     record = json.loads(path.read_text())
     assert record["rows"] == [1, 2]
@@ -33,10 +35,8 @@ def test_save_result_records_machine_and_libraries(result_files, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_x_tag1.json", "bench_x_tag1.md"]
 
 
-def test_a_save_interrupted_while_writing_keeps_the_previous_result(
-    result_files, tmp_path, monkeypatch
-):
-    first = result_files.save_result("bench_x", "", {"value": 1}, folder=tmp_path)
+def test_a_save_interrupted_while_writing_keeps_the_previous_result(common, tmp_path, monkeypatch):
+    first = common.save_result("bench_x", "", {"value": 1}, folder=tmp_path)
     real_write_text = Path.write_text
 
     def write_half_then_fail(self, text, *args, **kwargs):
@@ -45,20 +45,20 @@ def test_a_save_interrupted_while_writing_keeps_the_previous_result(
 
     monkeypatch.setattr(Path, "write_text", write_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        result_files.save_result("bench_x", "", {"value": 2}, folder=tmp_path)
+        common.save_result("bench_x", "", {"value": 2}, folder=tmp_path)
     monkeypatch.undo()
     assert json.loads(first.read_text())["value"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["bench_x.json"]
 
 
-def test_json_default_converts_what_json_cannot(result_files, tmp_path):
-    path = result_files.save_result(
+def test_json_default_converts_what_json_cannot(common, tmp_path):
+    path = common.save_result(
         "bench_x", "", {"snr": np.float32(0.5)}, folder=tmp_path, json_default=float
     )
     assert json.loads(path.read_text())["snr"] == 0.5
 
 
-def test_save_figure_writes_the_format_of_its_suffix(result_files, tmp_path):
+def test_save_figure_writes_the_format_of_its_suffix(common, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,7 +66,32 @@ def test_save_figure_writes_the_format_of_its_suffix(result_files, tmp_path):
 
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
-    path = result_files.save_figure(fig, tmp_path / "plot.png")
+    path = common.save_figure(fig, tmp_path / "plot.png")
     plt.close(fig)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_peak_rss_follows_this_process_allocations(common):
+    before = common.peak_rss_mb()
+    block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+    assert common.peak_rss_mb() >= before + 250
+    del block
+
+
+def test_peak_rss_of_a_child_is_not_its_parents(common):
+    """A child started while the parent holds 600 MiB reports its own small peak."""
+    code = (
+        "import resource, sys; sys.path.insert(0, sys.argv[1]); import common; "
+        "print(common.peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    block = np.ones(600 * 2**20 // 8)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(BENCHMARKS)], capture_output=True, text=True, check=True
+    )
+    del block
+    own_peak, maxrss = map(float, out.stdout.split())
+    assert own_peak < 300
+    # what ru_maxrss would have said on Linux (carried over fork and exec)
+    if sys.platform.startswith("linux"):
+        assert maxrss > 550
