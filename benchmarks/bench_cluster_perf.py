@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-from common import RESULTS, peak_rss_mb, save_figure, save_result  # noqa: E402
+from common import RESULTS, peak_rss_mb, proc_status_mb, save_figure, save_result  # noqa: E402
 
 STRUCTURES = ["4v4r", "1bxn", "3j9i", "1s3x", "3d2f"]
 
@@ -63,10 +63,7 @@ class _AnonSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _read(self) -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return float(line.split()[1]) / 1024.0
-        return 0.0
+        return proc_status_mb("RssAnon") or 0.0
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -22,6 +22,17 @@ from disca_tools.runtime.provenance import library_versions
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def proc_status_mb(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmHWM``, ``RssAnon``, …) in MiB; None without it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MiB (Linux: ``VmHWM``).
 
@@ -29,12 +40,9 @@ def peak_rss_mb() -> float:
     parent that holds gigabytes reports the parent's memory as its own peak. ``VmHWM`` belongs to
     the process's own address space, which ``exec`` starts afresh.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
+    hwm = proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
     return maxrss / (1024.0**2 if sys.platform == "darwin" else 1024.0)
 
