@@ -33,12 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from common import RESULTS, save_result  # noqa: E402
+from common import RESULTS, machine, save_result  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from scipy.spatial import cKDTree  # noqa: E402
 
 from disca_tools.io.mrc import create_volume_memmap, open_volume  # noqa: E402
 from disca_tools.pick import PickParams, pick_volume, sigmas_for_diameter  # noqa: E402
+from disca_tools.runtime.provenance import library_versions  # noqa: E402
+
+NAME = "bench_pick"  # benchmarks/results/bench_pick.json
 
 STRUCTURES = ["4v4r", "1qvr", "3cf3", "1bxn"]
 
@@ -225,11 +228,21 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="where temporary tomograms go")
     args = ap.parse_args()
-    out = RESULTS / "bench_pick.json"
+    out = RESULTS / f"{NAME}.json"
     parts = set(args.only or ["speed", "memory", "accuracy"])
     if args.skip_big:
         parts.discard("memory")
     record: dict = json.loads(out.read_text()) if args.only and out.exists() else {}
+    # with --only, the parts kept from the saved result keep the machine and libraries they were
+    # measured with; the top-level record (save_result) is this run's
+    measured_with = record.get("measured_with") or {
+        part: {"machine": record.get("machine"), "libraries": record.get("libraries")}
+        for part in ("speed", "memory", "accuracy")
+        if part in record
+    }
+    for part in parts:
+        measured_with[part] = {"machine": machine(), "libraries": library_versions()}
+    record["measured_with"] = measured_with
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         if "speed" in parts:
@@ -262,7 +275,7 @@ def main() -> None:
                 f"   {r['snr']:>6} {r['threshold_sd']:>7} {r['particles']:>6} {r['picks']:>6} "
                 f"{r['recall']:>7.3f} {r['precision']:>9.3f}"
             )
-    print(f"saved {save_result('bench_pick', '', record)}")
+    print(f"saved {save_result(NAME, '', record)}")
 
 
 if __name__ == "__main__":

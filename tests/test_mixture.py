@@ -170,3 +170,18 @@ def test_nested_subclusters_refine_the_clusters():
     assert homogeneity_score(hidden, sub) > 0.95  # the merged pair is split along its groups
     few, few_parent = nested_subclusters(x[:30], labels[:30], n_total=10, seed=0, min_size=20)
     assert len(few_parent) == 1  # 30 points cannot make parts of ≥ 20
+
+
+def test_parallel_fits_equal_serial_fits():
+    # every candidate is seeded on its own: worker processes change nothing, bit for bit, in the
+    # inherited fit of the current K and in the refinement of the two best subset fits
+    x, _ = blobs(k=4, n=150)
+    prev = mixture.select_mixture(x, [4], seed=0).labels
+    kw = dict(seed=3, prev_labels=prev, prev_k=4, max_fit_points=400)
+    serial = mixture.select_mixture(x, list(range(2, 8)), n_jobs=1, **kw)
+    parallel = mixture.select_mixture(x, list(range(2, 8)), n_jobs=2, **kw)
+    assert serial.k == 4 and serial.inherited
+    assert parallel.bic_by_k == serial.bic_by_k
+    assert parallel.inherited == serial.inherited
+    np.testing.assert_array_equal(parallel.labels, serial.labels)
+    np.testing.assert_array_equal(parallel.posteriors, serial.posteriors)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from disca_tools.runtime.cli import (
     ToolSpec,
     is_relion_external,
     opt,
+    resolve_jobs,
     run_tool,
     translate_relion_args,
 )
@@ -152,3 +154,11 @@ def test_relion_external_abort(tmp_path, monkeypatch):
 def test_unknown_relion_input_is_user_error():
     with pytest.raises(UserError, match="--in_mics"):
         translate_relion_args(["--in_mics", "x.star"], SPEC.relion_inputs, _Options)
+
+
+def test_resolve_jobs(monkeypatch):
+    assert resolve_jobs(3) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert resolve_jobs(0) == 3  # the cores this process may use, not the machine's
+    with pytest.raises(UserError, match="--j"):
+        resolve_jobs(-1)

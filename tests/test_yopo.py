@@ -17,6 +17,7 @@ from disca_tools.model import yopo as Y
 from disca_tools.model.data import (
     SubtomogramStore,
     batch_bounds,
+    compiled_rotation,
     gather,
     predict_features,
     rotate_volumes,
@@ -91,11 +92,13 @@ def test_features_of_shifted_content_equal_in_inference_mode():
     assert np.abs(g - f[:1]).max() > 1e-4
 
 
-def test_in_graph_rotation_matches_geometry_rotate_volume():
+@pytest.mark.parametrize("compiled", [False, True], ids=["graph", "xla"])
+def test_in_graph_rotation_matches_geometry_rotate_volume(compiled):
     rng = np.random.default_rng(0)
     vols = rng.normal(size=(3, 24, 24, 24)).astype(np.float32)
     mats = np.concatenate([np.eye(3)[None], random_rotations(2, rng)]).astype(np.float32)
-    out = rotate_volumes(vols, mats, np.full(vols.shape, 1e6, np.float32)).numpy()
+    rotate = compiled_rotation() if compiled else rotate_volumes  # XLA: what training uses
+    out = rotate(vols, mats, np.full(vols.shape, 1e6, np.float32)).numpy()
     np.testing.assert_array_equal(out[0], vols[0])  # identity is exact (originals pass unchanged)
     for i in (1, 2):
         ref = rotate_volume(vols[i], mats[i], order=1, fill=np.nan)  # about the centre N//2
@@ -216,3 +219,36 @@ def test_batchnorm_calibration_sets_the_data_statistics(tmp_path):
     np.testing.assert_allclose(layer.moving_mean.numpy(), inp.mean(0), rtol=1e-3, atol=1e-4)
     model.save(tmp_path / "calibrated.keras")
     assert len(keras.models.load_model(tmp_path / "calibrated.keras").weights) == len(model.weights)
+
+
+def test_dataset_rotation_is_xla_here_and_falls_back_when_xla_fails(monkeypatch, caplog):
+    import tensorflow as tf
+
+    from disca_tools.model import data
+
+    data.dataset_rotation.cache_clear()
+    assert data.dataset_rotation() is data.compiled_rotation()  # XLA works inside tf.data here
+
+    @tf.function
+    def broken(vols, mats, noise):
+        tf.debugging.assert_equal(1, 0, message="no XLA here")
+        return vols
+
+    monkeypatch.setattr(data, "compiled_rotation", lambda: broken)
+    data.dataset_rotation.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="disca_tools"):
+            fallback = data.dataset_rotation()
+        assert fallback is not broken
+        assert "XLA rotation unavailable" in caplog.text
+        rng = np.random.default_rng(1)
+        vols = rng.normal(size=(2, 8, 8, 8)).astype(np.float32)
+        mats = random_rotations(2, rng).astype(np.float32)
+        noise = np.zeros_like(vols)
+        np.testing.assert_allclose(
+            fallback(vols, mats, noise).numpy(),
+            rotate_volumes(vols, mats, noise).numpy(),
+            atol=1e-5,
+        )
+    finally:
+        data.dataset_rotation.cache_clear()

@@ -44,6 +44,8 @@ feature pass. On a CPU-sized network at low SNR,
 
 The full network (--width-scale 1) wants a GPU; on a CPU use e.g. --width-scale 0.25
 --feature-dim 256. --precision auto computes in bfloat16 where the hardware supports it.
+--j N fits the candidate-K mixtures in N worker processes (default 0: one per core this job may
+use, e.g. its SLURM allocation's); the result does not depend on N. TensorFlow uses every core.
 
 Several GPUs and nodes (--distribute, training and --init-model only). The network, its
 optimizer and head are built in a tf.distribute strategy; each batch of --batch-size is split
@@ -101,7 +103,7 @@ from ..cluster.shards import (
 )
 from ..io.particles import CLASS, POSTERIOR
 from ..io.star import read_particles, relion5_paths, write_particles
-from ..runtime.cli import CommonOptions, ToolSpec, opt, run_tool
+from ..runtime.cli import CommonOptions, ToolSpec, opt, resolve_jobs, run_tool
 from ..runtime.errors import UserError, file_error
 from ..runtime.log import logger
 from ..runtime.outputs import atomic_path, check_not_input, prepare_output_dir, write_text_atomic
@@ -122,6 +124,13 @@ class Options(CommonOptions):
         help="particles STAR file (RELION 3.1 / 4 / 5, Warp); required except with --merge-shards",
     )
     o: str = opt("--o", "--output-dir", help="output folder")
+    j: int = opt(
+        "--j",
+        "--jobs",
+        default=0,
+        help="processes fitting the candidate-K mixtures in parallel, 0: one per core this job may "
+        "use (TensorFlow uses every core by itself; the result does not depend on --j)",
+    )
     seed: int = opt(
         "--seed", default=EMConfig.seed, help="random seed (runs with one seed are reproducible)"
     )
@@ -522,6 +531,7 @@ def run(o: Options) -> dict:
         batch_size=o.batch_size, lr=o.lr, lr_decay=o.lr_decay, label_smoothing=o.label_smoothing,
         width_scale=width, feature_dim=fdim, precision=precision, seed=o.seed, init=o.init,
         train_clusters=o.train_clusters, calibrate_bn=o.calibrate_bn, init_epochs=o.init_epochs,
+        mixture_jobs=resolve_jobs(o.j),
     )  # fmt: skip
     logger.info(
         "%d particles, box %d, precision %s, YOPO widths %s, features %d",

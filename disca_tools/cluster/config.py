@@ -45,6 +45,7 @@ class EMConfig:
     init_epochs: int = 0  # 0: epochs_per_iter
     calibrate_bn: bool = False  # BatchNorm statistics from the clean data before each feature pass
     calibrate_samples: int = 512
+    mixture_jobs: int = 1  # processes fitting the candidate K (the result does not depend on it)
 
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³
@@ -66,6 +67,8 @@ class EMConfig:
             )
         if self.init_epochs < 0:
             raise UserError(f"--init-epochs: must be ≥ 0, got {self.init_epochs}")
+        if self.mixture_jobs < 1:
+            raise UserError(f"--j: must be at least 1, got {self.mixture_jobs}")
         if self.train_clusters < 0:
             raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")
 

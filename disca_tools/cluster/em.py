@@ -87,6 +87,9 @@ CHECKPOINT_WEIGHTS = "weights.weights.h5"
 CHECKPOINT_LABELS = "labels.npy"
 BEST_DIR = "best"
 INACTIVE_BIAS = -1e4
+# settings a continued run may change without a warning: more iterations, more mixture processes
+# (whose results do not depend on their number)
+_NOT_IN_RESULTS = {"max_iter", "mixture_jobs"}
 
 
 @dataclass
@@ -425,7 +428,7 @@ def run_em(
         changed = {
             key: (old, asdict(cfg).get(key))
             for key, old in state["config"].items()
-            if key != "max_iter" and asdict(cfg).get(key) != old
+            if key not in _NOT_IN_RESULTS and asdict(cfg).get(key) != old
         }
         if changed:
             logger.warning(
@@ -469,7 +472,10 @@ def run_em(
         else:
             pca = fit_pca(feats, cfg.pca_dim, seed_it)
             x = pca.transform(feats)
-        sel = select_mixture(x, cfg.k_candidates, seed_it, prev_labels=prev_labels, prev_k=prev_k)
+        sel = select_mixture(
+            x, cfg.k_candidates, seed_it, prev_labels=prev_labels, prev_k=prev_k,
+            n_jobs=cfg.mixture_jobs,
+        )  # fmt: skip
         k = sel.k
         mapping = {c: c for c in range(k)}
         labels = sel.labels

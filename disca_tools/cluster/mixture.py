@@ -15,13 +15,16 @@ and its BIC computed on all N points; the two best candidates (and the current K
 so selection is linear in N (Theorem 1 of the paper). With N ≤ ``max_fit_points`` every fit uses all
 points and nothing is approximated. The linear algebra is
 on P × P matrices, where multi-threaded BLAS only adds overhead (30× slower measured on the 2-core
-machine when other processes compete), so fitting runs with one BLAS/OpenMP thread.
+machine when other processes compete), so fitting runs with one BLAS/OpenMP thread. The candidate
+K are independent fits, each seeded on its own: ``n_jobs`` fits them in parallel worker processes,
+with the same result as one process (on 2 cores ×1.75–1.87: benchmarks/bench_em_parts.py).
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -260,6 +263,57 @@ class _Fitter:
         return self._fit(gmm, self.x)
 
 
+SCORES = {"paper": paper_bic, "sklearn": sklearn_bic}
+
+
+def _fit_candidate(
+    fitter: _Fitter, criterion: str, task: tuple[int, np.ndarray | None]
+) -> tuple[GaussianMixture, bool, bool, float]:
+    """Fit one candidate K: ``(gmm, inherited, refined, criterion on all points)``.
+
+    ``task`` is ``(k, prev_labels)``; with ``prev_labels`` (the current K) the de-novo fit is
+    refined on all points and an inherited fit made too; the higher likelihood is kept (ties go to
+    the inherited fit, which keeps the previous numbering). One BLAS thread (also in a worker).
+    """
+    k, prev_labels = task
+    with threadpool_limits(limits=1):
+        gmm = fitter.de_novo(k)
+        inherited, refined = False, False
+        if prev_labels is not None:
+            gmm, refined = fitter.refine(gmm), True
+            ginh = fitter.inherited(prev_labels)
+            ll_new = float(np.sum(gmm.score_samples(fitter.x)))
+            ll_inh = float(np.sum(ginh.score_samples(fitter.x)))
+            logger.debug("K=%d: log-likelihood inherited %.2f, de novo %.2f", k, ll_inh, ll_new)
+            if ll_inh >= ll_new - 1e-9 * abs(ll_new):
+                gmm, inherited = ginh, True
+        return gmm, inherited, refined, float(SCORES[criterion](gmm, fitter.x))
+
+
+def _refine(fitter: _Fitter, criterion: str, gmm: GaussianMixture) -> tuple[GaussianMixture, float]:
+    """Refine a subset fit on all points: ``(gmm, criterion on all points)``."""
+    with threadpool_limits(limits=1):
+        gmm = fitter.refine(gmm)
+        return gmm, float(SCORES[criterion](gmm, fitter.x))
+
+
+def _map(func, items: list, n_jobs: int) -> Iterator:
+    """``func`` over ``items`` in order: here, or in ``n_jobs`` joblib worker processes (loky, kept
+    alive between calls, so a run pays for starting them once). Checks for an abort between items."""
+    n_jobs = min(int(n_jobs), len(items))
+    if n_jobs <= 1:
+        for item in items:
+            check_abort()
+            yield func(item)
+        return
+    from joblib import Parallel, delayed
+
+    parallel = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator")
+    for out in parallel(delayed(func)(item) for item in items):
+        check_abort()
+        yield out
+
+
 def _single_threaded(func):
     """Run ``func`` with BLAS/OpenMP limited to one thread (P × P algebra: threads only add overhead;
     multi-threaded BLAS was 30× slower here with other jobs on the cores)."""
@@ -288,6 +342,7 @@ def select_mixture(
     max_fit_points: int = 20000,
     refine_iter: int = 10,
     min_points_per_cluster: int | None = None,
+    n_jobs: int = 1,
 ) -> MixtureSelection:
     """Fit a Gaussian mixture for each candidate K and keep the lowest BIC.
 
@@ -303,6 +358,9 @@ def select_mixture(
     De-novo fits start from the best of 10 k-means runs (``n_init`` such starts, best kept). Clusters
     that no point chooses (argmax) are dropped and the labels made contiguous, with posteriors
     recomputed from the reduced mixture.
+
+    ``n_jobs`` > 1 fits the candidates in that many worker processes (joblib); every fit is seeded
+    on its own, so the result does not depend on ``n_jobs``.
     """
 
     if criterion not in CRITERIA:
@@ -330,8 +388,6 @@ def select_mixture(
         logger.warning(
             "Skipping candidate K %s: too few particles (%d) for %d dimensions", skipped, n, p
         )
-    score = paper_bic if criterion == "paper" else sklearn_bic
-
     fitter = _Fitter(
         x, int(seed), covariance, reg, int(n_init), max_iter, tol, max_fit_points, refine_iter
     )
@@ -341,29 +397,26 @@ def select_mixture(
     use_prev = use_prev and covariance in ("full", "diag", "spherical")  # tied: de novo only
     if use_prev and len(prev_labels) != n:
         raise ValueError(f"prev_labels has {len(prev_labels)} entries for {n} points")
+    prev = np.asarray(prev_labels) if use_prev else None
+    tasks = [(k, prev if use_prev and k == int(prev_k) else None) for k in feasible]
     fits: dict[int, tuple[GaussianMixture, bool, bool]] = {}  # k -> (gmm, inherited, refined)
-    for k in feasible:
-        check_abort()
-        gmm = fitter.de_novo(k)
-        inherited, refined = False, False
-        if use_prev and k == int(prev_k):
-            gmm, refined = fitter.refine(gmm), True
-            ginh = fitter.inherited(np.asarray(prev_labels))
-            ll_new = float(np.sum(gmm.score_samples(x)))
-            ll_inh = float(np.sum(ginh.score_samples(x)))
-            logger.debug("K=%d: log-likelihood inherited %.2f, de novo %.2f", k, ll_inh, ll_new)
-            # ties (within round-off) go to the inherited fit: it keeps the previous numbering
-            if ll_inh >= ll_new - 1e-9 * abs(ll_new):
-                gmm, inherited = ginh, True
+    for (k, _), (gmm, inherited, refined, bic) in zip(
+        tasks,
+        _map(functools.partial(_fit_candidate, fitter, criterion), tasks, n_jobs),
+        strict=True,
+    ):
         fits[k] = (gmm, inherited, refined)
-        bic_by_k[k] = float(score(gmm, x))
+        bic_by_k[k] = bic
     if fitter.sub is not None:
         # fitted on a subset, scored on all points: refine the two best on all points, rescore
-        for k in sorted(bic_by_k, key=bic_by_k.get)[:2]:
-            gmm, inherited, refined = fits[k]
-            if not refined:
-                fits[k] = (fitter.refine(gmm), inherited, True)
-                bic_by_k[k] = float(score(fits[k][0], x))
+        two = [k for k in sorted(bic_by_k, key=bic_by_k.get)[:2] if not fits[k][2]]
+        for k, (gmm, bic) in zip(
+            two,
+            _map(functools.partial(_refine, fitter, criterion), [fits[k][0] for k in two], n_jobs),
+            strict=True,
+        ):
+            fits[k] = (gmm, fits[k][1], True)
+            bic_by_k[k] = bic
     for k in feasible:
         logger.debug("K=%d: BIC %.2f%s", k, bic_by_k[k], " (inherited)" if fits[k][1] else "")
         if best is None or bic_by_k[k] < best[0]:

@@ -85,6 +85,19 @@ class CommonOptions:
     j: int = opt("--j", "--jobs", default=1, help="worker processes/threads")
 
 
+def resolve_jobs(j: int) -> int:
+    """``--j``: ``j`` itself when positive; 0 means one per CPU core this process may use (its
+    affinity: a SLURM allocation's cores, not the node's)."""
+    if j < 0:
+        raise UserError(f"--j: must be 0 (one per core) or more, got {j}")
+    if j > 0:
+        return int(j)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class _Parser(argparse_dataclass.ArgumentParser):
     """argparse-dataclass parser with negatable booleans and one-line usage errors."""
 

@@ -1,0 +1,153 @@
+"""Two parts of a DISCA EM iteration, each against its alternative, side by side in one run.
+
+1. Mixtures: ``select_mixture`` for K = 2…20 (full covariances, the current K inherited as in an
+   iteration after the first) on N points in 16 dimensions (5 Gaussian clusters), serial
+   (``--j 1``) and in worker processes (``--j`` of ``disca_cluster``; default one per core).
+   Timings alternate serial/parallel, ``--repeats`` each, after one parallel call that starts the
+   workers (its time is reported apart: a run pays it once). Checks that both give the same BIC,
+   labels and posteriors, bit for bit.
+2. Rotation augmentation: ``rotate_volumes`` as a plain TensorFlow graph and as the XLA-compiled
+   function that training uses (``compiled_rotation``), on ``--volumes`` 24³ volumes in batches of
+   32, alternated, ``--repeats`` each; the largest difference between the two outputs.
+
+  python benchmarks/bench_em_parts.py [--sizes 2000 8000 32000] [--volumes 2000] [--repeats 3]
+
+Prints a table and writes benchmarks/results/bench_em_parts.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+from common import save_result  # noqa: E402
+
+from disca_tools.cluster.mixture import select_mixture  # noqa: E402
+from disca_tools.runtime.cli import resolve_jobs  # noqa: E402
+
+K_CANDIDATES = list(range(2, 21))
+
+
+def _clusters(n: int, dim: int = 16, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n points of k overlapping Gaussian clusters and their labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 1.5, (k, dim))
+    labels = rng.integers(0, k, n)
+    return centres[labels] + rng.normal(size=(n, dim)), labels
+
+
+def _timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t, out
+
+
+def mixtures(sizes: list[int], jobs: int, repeats: int) -> list[dict]:
+    """Serial against parallel candidate fits at each N."""
+    rows = []
+    for n in sizes:
+        x, labels = _clusters(n)
+        kw = dict(seed=1, prev_labels=labels, prev_k=5)
+        start_s, _ = _timed(select_mixture, x, K_CANDIDATES, n_jobs=jobs, **kw)
+        serial, parallel = [], []
+        for _ in range(repeats):
+            t, a = _timed(select_mixture, x, K_CANDIDATES, n_jobs=1, **kw)
+            serial.append(t)
+            t, b = _timed(select_mixture, x, K_CANDIDATES, n_jobs=jobs, **kw)
+            parallel.append(t)
+        same = (
+            a.bic_by_k == b.bic_by_k
+            and np.array_equal(a.labels, b.labels)
+            and np.array_equal(a.posteriors, b.posteriors)
+        )
+        row = {
+            "n": n,
+            "jobs": jobs,
+            "k_found": a.k,
+            "serial_s": float(np.median(serial)),
+            "parallel_s": float(np.median(parallel)),
+            "serial_runs_s": serial,
+            "parallel_runs_s": parallel,
+            "first_parallel_call_s": start_s,
+            "identical": bool(same),
+        }
+        row["speedup"] = row["serial_s"] / row["parallel_s"]
+        rows.append(row)
+        print(
+            f"mixtures N={n}: serial {row['serial_s']:.2f} s, {jobs} processes "
+            f"{row['parallel_s']:.2f} s (×{row['speedup']:.2f}), identical {same}",
+            flush=True,
+        )
+    return rows
+
+
+def rotation(n_volumes: int, repeats: int, batch: int = 32) -> dict:
+    """The rotation as a plain graph against the XLA-compiled one."""
+    import tensorflow as tf
+
+    from disca_tools.geometry import random_rotations
+    from disca_tools.model.data import compiled_rotation, rotate_volumes
+
+    rng = np.random.default_rng(0)
+    vols = rng.normal(size=(batch, 24, 24, 24)).astype(np.float32)
+    noise = rng.normal(size=vols.shape).astype(np.float32)
+    n_batches = -(-n_volumes // batch)
+    mats = [random_rotations(batch, rng).astype(np.float32) for _ in range(n_batches)]
+    variants = {"graph": tf.function(rotate_volumes), "xla": compiled_rotation()}
+    for fn in variants.values():  # trace / compile
+        fn(vols, mats[0], noise)
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            for m in mats:
+                fn(vols, m, noise)
+            runs[name].append(time.perf_counter() - t)
+    diff = max(
+        float(np.abs(variants["graph"](vols, m, noise) - variants["xla"](vols, m, noise)).max())
+        for m in mats[:4]
+    )
+    out = {
+        "volumes": n_batches * batch,
+        "graph_s": float(np.median(runs["graph"])),
+        "xla_s": float(np.median(runs["xla"])),
+        "runs_s": runs,
+        "max_abs_difference": diff,
+    }
+    out["speedup"] = out["graph_s"] / out["xla_s"]
+    print(
+        f"rotation of {out['volumes']} volumes: graph {out['graph_s']:.2f} s, XLA {out['xla_s']:.2f} s "
+        f"(×{out['speedup']:.2f}), largest difference {diff:.2g}",
+        flush=True,
+    )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000, 32000])
+    ap.add_argument("--j", type=int, default=0, help="mixture processes (0: one per core)")
+    ap.add_argument("--volumes", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    jobs = resolve_jobs(args.j)
+    payload = {
+        "protocol": vars(args) | {"jobs": jobs, "k_candidates": "2-20", "dim": 16},
+        "mixtures": mixtures(args.sizes, jobs, args.repeats),
+        "rotation": rotation(args.volumes, args.repeats),
+    }
+    print(f"saved {save_result('bench_em_parts', args.tag, payload)}")
+
+
+if __name__ == "__main__":
+    main()
