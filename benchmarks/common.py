@@ -8,8 +8,6 @@ records the machine and the library versions, because speed and seeded results d
 from __future__ import annotations
 
 import json
-import os
-import platform
 import resource
 import sys
 from collections.abc import Callable
@@ -17,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from disca_tools.runtime.outputs import atomic_path, write_text_atomic
-from disca_tools.runtime.provenance import library_versions
+from disca_tools.runtime.provenance import library_versions, machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,15 +45,6 @@ def peak_rss_mb() -> float:
     return maxrss / (1024.0**2 if sys.platform == "darwin" else 1024.0)
 
 
-def machine() -> dict[str, Any]:
-    """The machine a result was measured on: platform string, Python version, CPU cores."""
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-    }
-
-
 def save_result(
     name: str,
     tag: str,
@@ -70,7 +59,7 @@ def save_result(
     The JSON is ``payload`` plus ``machine`` and ``libraries``.
     """
     stem = name + (f"_{tag}" if tag else "")
-    record = {**payload, "machine": machine(), "libraries": library_versions()}
+    record = {**payload, "machine": machine_info(), "libraries": library_versions()}
     if markdown is not None:
         write_text_atomic(Path(folder) / f"{stem}.md", markdown)
     text = json.dumps(record, indent=1, default=json_default) + "\n"

@@ -73,6 +73,7 @@ def test_aliases_provenance_and_refusal(tmp_path, capsys):
     assert record["results"]["box"] == 32
     assert record["libraries"]["numpy"] == importlib.metadata.version("numpy")
     assert record["libraries"]["keras"] == importlib.metadata.version("keras")
+    assert record["cpus"] == os.cpu_count() and record["python"].count(".") == 2  # the machine
     assert "--box-size 32" in (out / "note.txt").read_text()
     # a second run refuses to overwrite, with one line naming the file, exit 2
     capsys.readouterr()

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as _dt
 import importlib.metadata
 import json
+import os
 import platform
 import shlex
 import sys
@@ -63,6 +64,16 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+def machine_info() -> dict[str, Any]:
+    """The machine a run or a measurement happened on: Python version, host, platform, CPU cores."""
+    return {
+        "python": sys.version.split()[0],
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
@@ -103,9 +114,7 @@ def write_provenance(
         "started": started,
         "finished": finished,
         "status": status,
-        "python": sys.version.split()[0],
-        "host": platform.node(),
-        "platform": platform.platform(),
+        **machine_info(),
         "libraries": library_versions(),
     }
     if extra:
