@@ -37,8 +37,6 @@ from threadpoolctl import threadpool_limits
 from ..runtime.errors import UserError
 from ..runtime.log import check_abort, logger
 
-CRITERIA = ("paper", "sklearn")
-
 
 def fit_pca(features: np.ndarray, dim: int, seed: int) -> PCA:
     """Fit a PCA of ``features`` (N, F) with ``dim`` components, capped at ``min(N - 1, F)``."""
@@ -73,6 +71,10 @@ def paper_bic(gmm: GaussianMixture, x: np.ndarray) -> float:
 def sklearn_bic(gmm: GaussianMixture, x: np.ndarray) -> float:
     """scikit-learn's BIC (all free parameters counted)."""
     return float(gmm.bic(np.asarray(x, dtype=np.float64)))
+
+
+SCORES = {"paper": paper_bic, "sklearn": sklearn_bic}  # selection criteria by name
+CRITERIA = tuple(SCORES)
 
 
 @dataclass
@@ -261,9 +263,6 @@ class _Fitter:
             precisions_init=prec,
         )
         return self._fit(gmm, self.x)
-
-
-SCORES = {"paper": paper_bic, "sklearn": sklearn_bic}
 
 
 def _fit_candidate(
