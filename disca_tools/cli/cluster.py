@@ -716,6 +716,9 @@ def main(argv=None) -> int:
         # a failed worker can block at exit in TensorFlow's coordination service, waiting for its
         # peers (seen in tests/test_distribute.py): end the process now so the job fails, not hangs
         _remove_scratch()  # os._exit skips atexit
+        from ..cluster.mixture import stop_workers
+
+        stop_workers()  # the mixture workers too, which would otherwise outlive this process
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

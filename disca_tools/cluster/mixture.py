@@ -313,6 +313,18 @@ def _map(func, items: list, n_jobs: int) -> Iterator:
         yield out
 
 
+def stop_workers() -> None:
+    """Stop the worker processes of parallel fits now, if any were started. For exits that skip
+    ``atexit`` (``os._exit``), which would leave them idle until their timeout (300 s)."""
+    try:
+        from joblib.externals.loky import reusable_executor
+    except ImportError:
+        return
+    executor = getattr(reusable_executor, "_executor", None)  # loky's one reusable executor
+    if executor is not None:
+        executor.shutdown(wait=True, kill_workers=True)
+
+
 def _single_threaded(func):
     """Run ``func`` with BLAS/OpenMP limited to one thread (P × P algebra: threads only add overhead;
     multi-threaded BLAS was 30× slower here with other jobs on the cores)."""
