@@ -40,16 +40,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-from common import RESULTS, peak_rss_mb, proc_status_mb, save_figure, save_result  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    peak_rss_mb,
+    proc_status_mb,
+    save_figure,
+    save_result,
+    timed,
+)
 
 STRUCTURES = ["4v4r", "1bxn", "3j9i", "1s3x", "3d2f"]
-
-
-def _seconds(fn, *args, **kwargs) -> float:
-    """Wall-clock seconds of one call."""
-    t = time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - t
 
 
 class _AnonSampler:
@@ -161,7 +161,7 @@ def one(args) -> dict:
     )
     # the same statistic as the EM side: the median of several timings (a shared CPU is noisy)
     fit_runs = [
-        _seconds(model.fit, xx, y, batch_size=cfg.batch_size, epochs=cfg.epochs_per_iter, verbose=0)
+        timed(model.fit, xx, y, batch_size=cfg.batch_size, epochs=cfg.epochs_per_iter, verbose=0)[0]
         for _ in range(args.fit_repeats)
     ]
     bare_fit = float(np.median(fit_runs))
@@ -171,9 +171,9 @@ def one(args) -> dict:
     bare_runs, stream_runs = [], []
     for _ in range(args.predict_repeats):  # alternated, medians: a shared CPU is noisy
         bare_runs.append(
-            _seconds(ext.predict, xx[:n], batch_size=cfg.predict_batch_size, verbose=0)
+            timed(ext.predict, xx[:n], batch_size=cfg.predict_batch_size, verbose=0)[0]
         )
-        stream_runs.append(_seconds(predict_features, ext, store, rows, cfg.predict_batch_size))
+        stream_runs.append(timed(predict_features, ext, store, rows, cfg.predict_batch_size)[0])
     bare_pred, stream_pred = float(np.median(bare_runs)), float(np.median(stream_runs))
     return {
         "n": n,

@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
-from common import save_result  # noqa: E402
+from common import save_result, timed  # noqa: E402
 
 from disca_tools.cluster.mixture import select_mixture  # noqa: E402
 from disca_tools.runtime.cli import resolve_jobs  # noqa: E402
@@ -43,24 +43,18 @@ def _clusters(n: int, dim: int = 16, k: int = 5, seed: int = 0) -> tuple[np.ndar
     return centres[labels] + rng.normal(size=(n, dim)), labels
 
 
-def _timed(fn, *args, **kwargs):
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return time.perf_counter() - t, out
-
-
 def mixtures(sizes: list[int], jobs: int, repeats: int) -> list[dict]:
     """Serial against parallel candidate fits at each N."""
     rows = []
     for n in sizes:
         x, labels = _clusters(n)
         kw = dict(seed=1, prev_labels=labels, prev_k=5)
-        start_s, _ = _timed(select_mixture, x, K_CANDIDATES, n_jobs=jobs, **kw)
+        start_s, _ = timed(select_mixture, x, K_CANDIDATES, n_jobs=jobs, **kw)
         serial, parallel = [], []
         for _ in range(repeats):
-            t, a = _timed(select_mixture, x, K_CANDIDATES, n_jobs=1, **kw)
+            t, a = timed(select_mixture, x, K_CANDIDATES, n_jobs=1, **kw)
             serial.append(t)
-            t, b = _timed(select_mixture, x, K_CANDIDATES, n_jobs=jobs, **kw)
+            t, b = timed(select_mixture, x, K_CANDIDATES, n_jobs=jobs, **kw)
             parallel.append(t)
         same = (
             a.bic_by_k == b.bic_by_k

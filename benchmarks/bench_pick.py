@@ -33,13 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from common import RESULTS, save_result  # noqa: E402
+from common import RESULTS, measured_on, save_result  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from scipy.spatial import cKDTree  # noqa: E402
 
 from disca_tools.io.mrc import create_volume_memmap, open_volume  # noqa: E402
 from disca_tools.pick import PickParams, pick_volume, sigmas_for_diameter  # noqa: E402
-from disca_tools.runtime.provenance import library_versions, machine_info  # noqa: E402
 
 NAME = "bench_pick"  # benchmarks/results/bench_pick.json
 
@@ -241,7 +240,7 @@ def main() -> None:
         if part in record
     }
     for part in parts:
-        measured_with[part] = {"machine": machine_info(), "libraries": library_versions()}
+        measured_with[part] = measured_on()
     record["measured_with"] = measured_with
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,18 @@ def peak_rss_mb() -> float:
     return maxrss / (1024.0**2 if sys.platform == "darwin" else 1024.0)
 
 
+def measured_on() -> dict[str, Any]:
+    """What a figure depends on besides the code: ``machine`` and ``libraries`` (their versions)."""
+    return {"machine": machine_info(), "libraries": library_versions()}
+
+
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
+    """Wall-clock seconds of one call ``fn(*args, **kwargs)``, and its result."""
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t, out
+
+
 def save_result(
     name: str,
     tag: str,
@@ -59,7 +72,7 @@ def save_result(
     The JSON is ``payload`` plus ``machine`` and ``libraries``.
     """
     stem = name + (f"_{tag}" if tag else "")
-    record = {**payload, "machine": machine_info(), "libraries": library_versions()}
+    record = {**payload, **measured_on()}
     if markdown is not None:
         write_text_atomic(Path(folder) / f"{stem}.md", markdown)
     text = json.dumps(record, indent=1, default=json_default) + "\n"

@@ -95,3 +95,17 @@ def test_peak_rss_of_a_child_is_not_its_parents(common):
     # what ru_maxrss would have said on Linux (carried over fork and exec)
     if sys.platform.startswith("linux"):
         assert maxrss > 550
+
+
+def test_timed_returns_the_seconds_and_the_result(common):
+    import time
+
+    seconds, out = common.timed(lambda a, b=0: (time.sleep(0.05), a + b)[1], 2, b=3)
+    assert out == 5
+    assert 0.05 <= seconds < 5.0
+
+
+def test_measured_on_is_what_save_result_records(common, tmp_path):
+    record = json.loads(common.save_result("bench_y", "", {}, folder=tmp_path).read_text())
+    on = common.measured_on()
+    assert record["machine"] == on["machine"] and record["libraries"] == on["libraries"]
