@@ -118,10 +118,11 @@ def test_augmentation_rotations_are_uniform_on_so3():
     targets = np.eye(2, dtype=np.float32)[np.arange(1500) % 2]
     mats = []
     n_identity = 0
-    for _x, m, _seed, _y in train_batches(
+    for _x, m, n_orig, _seed, _y in train_batches(
         store, np.arange(1500), targets, 250, np.random.default_rng(5)
     ):
         ident = np.all(np.abs(m - np.eye(3)) < 1e-7, axis=(1, 2))
+        assert ident[:n_orig].all() and not ident[n_orig:].any()  # the originals come first
         n_identity += int(ident.sum())
         mats.append(m[~ident])
     mats = np.concatenate(mats).astype(np.float64)

@@ -274,11 +274,12 @@ def train_batches(
     augment: bool = True,
     multiple: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """One epoch of training batches ``(volumes, rotations, noise_seed, targets)``.
+    """One epoch of training batches ``(volumes, rotations, n_originals, noise_seed, targets)``.
 
     The epoch covers the N originals and, with ``augment``, N rotated copies, in a random order
-    (within a batch, originals first). Originals carry the identity matrix; copies a uniform
-    random rotation. Batches are of ``batch_size``; see :func:`batch_bounds` for ``multiple``.
+    (within a batch, originals first: the first ``n_originals``). Originals carry the identity
+    matrix; copies a uniform random rotation. Batches are of ``batch_size``; see
+    :func:`batch_bounds` for ``multiple``.
     """
     n = len(rows)
     order = rng.permutation(2 * n if augment else n)
@@ -292,7 +293,9 @@ def train_batches(
         if rotated.any():
             mats[rotated] = random_rotations(int(rotated.sum()), rng).astype(np.float32)
         noise_seed = rng.integers(0, 2**31 - 1, size=2, dtype=np.int64)
-        yield gather(store, rows[p]), mats, noise_seed, np.asarray(targets[p], dtype=np.float32)
+        n_originals = np.int32(len(e) - int(rotated.sum()))
+        y = np.asarray(targets[p], dtype=np.float32)
+        yield gather(store, rows[p]), mats, n_originals, noise_seed, y
 
 
 def rotate_volumes(vols, mats, noise):
@@ -388,19 +391,18 @@ def train_dataset(
     sig = (
         tf.TensorSpec((None, s, s, s), tf.float32),
         tf.TensorSpec((None, 3, 3), tf.float32),
+        tf.TensorSpec((), tf.int32),
         tf.TensorSpec((2,), tf.int64),
         tf.TensorSpec((None, k), tf.float32),
     )
     ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
 
-    eye = tf.eye(3, dtype=tf.float32)
     rotate_batch = dataset_rotation()
 
-    def rotate(x, m, noise_seed, y):
-        # originals come first in a batch (identity matrices, which reproduce them exactly): only
-        # the copies need noise. The whole batch is rotated so that the compiled function sees
-        # two shapes (full and last batch), not one per number of copies.
-        k = tf.reduce_sum(tf.cast(tf.reduce_all(tf.abs(m - eye) < 1e-7, axis=[1, 2]), tf.int32))
+    def rotate(x, m, k, noise_seed, y):
+        # the k originals come first in a batch (identity matrices, which reproduce them exactly):
+        # only the copies need noise. The whole batch is rotated so that the compiled function
+        # sees two shapes (full and last batch), not one per number of copies.
         noise = tf.random.stateless_normal(tf.shape(x[k:]), seed=noise_seed)
         noise = tf.concat([tf.zeros_like(x[:k]), noise], axis=0)
         return rotate_batch(x, m, noise)[..., None], y
