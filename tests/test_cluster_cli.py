@@ -60,6 +60,13 @@ def test_finds_three_classes_and_writes_everything(project):
         "seconds",
     } <= set(hist.columns)
     assert hist["reported"].sum() == 1 and hist.loc[hist["reported"] == 1, "iteration"].item() >= 1
+    # every iteration's classes; the reported iteration's are clusters.star
+    stars = sorted(p.name for p in Path("Full/iterations").glob("*.star"))
+    assert stars == [C.iteration_star("Full", i).name for i in hist["iteration"]]
+    for it, k in zip(hist["iteration"], hist["K"], strict=True):
+        assert len(set(_classes(C.iteration_star("Full", it)))) == k
+    best = hist.loc[hist["reported"] == 1, "iteration"].item()
+    pd.testing.assert_frame_equal(read_particles(C.iteration_star("Full", best)).particles, table)
     trained = hist["loss"].notna().to_numpy()  # every iteration but the last is trained
     assert (hist.loc[trained, "epochs"] > 0).all() and (hist.loc[~trained, "epochs"] == 0).all()
     cfg = json.loads(Path("Full/run_config.json").read_text())
@@ -87,6 +94,10 @@ def test_continue_after_interruption_equals_uninterrupted_run(project):
     same = [c for c in b.columns if not c.startswith("seconds")]
     pd.testing.assert_frame_equal(a[same], b[same])
     np.testing.assert_array_equal(np.load("Cut/features.npy"), np.load("Full/features.npy"))
+    for it in b["iteration"]:  # the iterations before and after the interruption
+        np.testing.assert_array_equal(
+            _classes(C.iteration_star("Cut", it)), _classes(C.iteration_star("Full", it))
+        )
 
 
 def test_warning_about_skipped_candidate_k_is_logged_once(project):

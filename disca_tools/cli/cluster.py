@@ -25,6 +25,9 @@ Outputs in DIR:
                       and rlnMaxValueProbDistribution (posterior of the chosen class)
   history.tsv         per iteration: K, BIC per candidate K, DDBI, fraction of labels changed,
                       loss, seconds (and whether it was eligible / reported)
+  iterations/         run_itNNN_clusters.star: every iteration's classes, the same table as
+                      clusters.star (whose iteration is the lowest DDBI's): to take another
+                      iteration, give its file to disca_split_star
   model.keras         the feature extractor of the reported iteration (subtomogram → features)
   features.npy        the features (N, F) of the reported iteration
   mixture.pkl         pickled dict: fitted PCA, Gaussian mixture, component → class mapping
@@ -113,6 +116,12 @@ MODEL_FILE = "model.keras"
 MIXTURE_FILE = "mixture.pkl"
 FEATURES_FILE = "features.npy"
 PLOTS = ("bic.png", "iterations.png", "embedding.png", "montage.png", "sizes.png")
+ITERATIONS_DIR = "iterations"
+
+
+def iteration_star(out: str | Path, iteration: int) -> Path:
+    """Where a training run writes iteration ``iteration``'s classes (RELION's run_itNNN naming)."""
+    return Path(out) / ITERATIONS_DIR / f"run_it{iteration:03d}_clusters.star"
 
 
 @dataclass(kw_only=True)
@@ -311,7 +320,7 @@ def _output_names(o: Options, table) -> list[str]:
             str(p.relative_to(o.o)) for k, p in relion5_paths(star).items() if k != "particles"
         ]
     if o.model is None:
-        names += ["history.tsv", MODEL_FILE, MIXTURE_FILE, RUN_CONFIG]
+        names += ["history.tsv", MODEL_FILE, MIXTURE_FILE, RUN_CONFIG, ITERATIONS_DIR]
     return names
 
 
@@ -359,13 +368,12 @@ def _write_history(path: Path, history, best_it: int, ks: list[int]) -> None:
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def _write_table(o: Options, table, labels: np.ndarray, posteriors: np.ndarray) -> Path:
+def _write_table(table, labels: np.ndarray, posteriors: np.ndarray, out: Path) -> Path:
+    """``table`` with rlnClassNumber (1-based) and the chosen class's posterior, written to ``out``."""
     df = table.particles.copy()
-    if CLASS in df.columns:
-        logger.info("Replacing the input's %s with the clustering", CLASS)
     df[CLASS] = np.asarray(labels, dtype=np.int64) + 1
     df[POSTERIOR] = np.max(posteriors, axis=1).astype(np.float64)
-    out = Path(o.o) / "clusters.star"
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_particles(out, table.with_particles(df), overwrite=True)
     return out
 
@@ -456,6 +464,8 @@ def run(o: Options) -> dict:
     n = len(table)
     if n == 0:
         raise file_error(o.i, "no particles")
+    if CLASS in table.particles.columns:
+        logger.info("Replacing the input's %s with the clustering", CLASS)
     shard_info = None
     if o.shard:
         si, sn = parse_shard(o.shard)
@@ -542,16 +552,20 @@ def run(o: Options) -> dict:
         fdim,
     )
     ckpt = out / "checkpoint"
-    if not o.resume and ckpt.exists():
-        shutil.rmtree(ckpt)  # a new run (with --overwrite): stale checkpoints must not be continued
+    for stale in (ckpt, out / ITERATIONS_DIR):
+        if not o.resume and stale.exists():
+            shutil.rmtree(stale)  # a new run (with --overwrite): nothing of the old run is kept
     replicas = int(strategy.num_replicas_in_sync) if strategy is not None else 1
     logger.info("Distribution: %s (%d replica%s)", mode, replicas, "s" * (replicas != 1))
+    def write_iteration(c) -> None:  # every iteration's classes, to take another than the reported
+        _write_table(table, c.labels, c.posteriors, iteration_star(out, c.iteration))
+
     result = run_em(
         store, rows, cfg, checkpoint_dir=ckpt, resume=o.resume, init_extractor_weights=init_weights,
-        strategy=strategy,
+        strategy=strategy, on_iteration=write_iteration,
     )  # fmt: skip
 
-    _write_table(o, table, result.labels, result.posteriors)
+    _write_table(table, result.labels, result.posteriors, out / "clusters.star")
     _write_history(out / "history.tsv", result.history, result.best_iteration, ks)
     with atomic_path(out / FEATURES_FILE) as tmp:
         np.save(tmp, result.features)
@@ -627,7 +641,7 @@ def _assign(
             o.model, f"--model: cannot load the trained run ({type(exc).__name__}: {exc})"
         ) from None
     a = assign(extractor, mixture, store, rows)
-    _write_table(o, table, a.labels, a.posteriors)
+    _write_table(table, a.labels, a.posteriors, out / "clusters.star")
     with atomic_path(out / FEATURES_FILE) as tmp:
         np.save(tmp, a.features)
     sizes = np.bincount(a.labels, minlength=a.posteriors.shape[1]).tolist()

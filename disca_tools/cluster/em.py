@@ -123,6 +123,7 @@ class IterationClustering:
     labels: np.ndarray
     x: np.ndarray  # the points the mixtures were fitted to (PCA of the features or descriptors)
     eligible: bool
+    posteriors: np.ndarray  # (N, K), columns in the order of ``labels``
 
 
 @dataclass
@@ -499,7 +500,7 @@ def run_em(
             pretrained or it >= 2 or (it == 1 and not on_subclusters)
         )
         if on_iteration is not None:
-            on_iteration(IterationClustering(it, k, labels, x, bool(eligible)))
+            on_iteration(IterationClustering(it, k, labels, x, bool(eligible), post))
         if eligible and score < best_ddbi:
             best_it, best_ddbi = it, score
             best = {
