@@ -557,6 +557,7 @@ def run(o: Options) -> dict:
             shutil.rmtree(stale)  # a new run (with --overwrite): nothing of the old run is kept
     replicas = int(strategy.num_replicas_in_sync) if strategy is not None else 1
     logger.info("Distribution: %s (%d replica%s)", mode, replicas, "s" * (replicas != 1))
+
     def write_iteration(c) -> None:  # every iteration's classes, to take another than the reported
         _write_table(table, c.labels, c.posteriors, iteration_star(out, c.iteration))
 
