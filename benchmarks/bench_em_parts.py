@@ -9,8 +9,12 @@
 2. Rotation augmentation: ``rotate_volumes`` as a plain TensorFlow graph and as the XLA-compiled
    function that training uses (``compiled_rotation``), on ``--volumes`` 24³ volumes in batches of
    32, alternated, ``--repeats`` each; the largest difference between the two outputs.
+3. The classes STAR that ``disca_cluster`` writes after every iteration
+   (``iterations/run_itNNN_clusters.star``, by ``write_clusters``): a shipped RELION 3.1 refine
+   table repeated to ``--star-rows`` particles, written ``--repeats`` times; seconds and size.
 
   python benchmarks/bench_em_parts.py [--sizes 2000 8000 32000] [--volumes 2000] [--repeats 3]
+      [--star-rows 100000 1000000] [--parts mixtures rotation star]
 
 Prints a table and writes benchmarks/results/bench_em_parts.json.
 """
@@ -33,6 +37,7 @@ from disca_tools.cluster.mixture import select_mixture  # noqa: E402
 from disca_tools.runtime.cli import resolve_jobs  # noqa: E402
 
 K_CANDIDATES = list(range(2, 21))
+PARTS = ("mixtures", "rotation", "star")
 
 
 def _clusters(n: int, dim: int = 16, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -124,6 +129,44 @@ def rotation(n_volumes: int, repeats: int, batch: int = 32) -> dict:
     return out
 
 
+def star_writing(sizes: list[int], repeats: int) -> list[dict]:
+    """Time writing a classes STAR of each size, as disca_cluster does after every iteration."""
+    import tempfile
+
+    import pandas as pd
+
+    from disca_tools.cli.cluster import write_clusters
+    from disca_tools.io.star import read_particles
+
+    source = (
+        Path(__file__).resolve().parent.parent
+        / "tests/data/star/relion3/refine_relion31_optics.star"
+    )
+    base = read_particles(source)
+    rows = []
+    for n in sizes:
+        reps = -(-n // len(base.particles))
+        table = base.with_particles(
+            pd.concat([base.particles] * reps, ignore_index=True).iloc[:n].reset_index(drop=True)
+        )
+        rng = np.random.default_rng(0)
+        post = rng.dirichlet(np.ones(5), size=n)
+        labels = np.argmax(post, axis=1)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "iterations" / "run_it001_clusters.star"
+            runs = [timed(write_clusters, table, labels, post, path)[0] for _ in range(repeats)]
+            size_mb = path.stat().st_size / 1e6
+        row = {"rows": n, "columns": len(table.particles.columns) + 2, "seconds": float(np.median(runs)),
+               "runs_s": runs, "size_mb": round(size_mb, 1)}  # fmt: skip
+        rows.append(row)
+        print(
+            f"classes STAR of {n} rows ({row['columns']} columns): {row['seconds']:.2f} s, "
+            f"{size_mb:.0f} MB",
+            flush=True,
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,14 +175,18 @@ def main() -> None:
     ap.add_argument("--j", type=int, default=0, help="mixture processes (0: one per core)")
     ap.add_argument("--volumes", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--star-rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     jobs = resolve_jobs(args.j)
-    payload = {
-        "protocol": vars(args) | {"jobs": jobs, "k_candidates": "2-20", "dim": 16},
-        "mixtures": mixtures(args.sizes, jobs, args.repeats),
-        "rotation": rotation(args.volumes, args.repeats),
-    }
+    payload = {"protocol": vars(args) | {"jobs": jobs, "k_candidates": "2-20", "dim": 16}}
+    if "mixtures" in args.parts:
+        payload["mixtures"] = mixtures(args.sizes, jobs, args.repeats)
+    if "rotation" in args.parts:
+        payload["rotation"] = rotation(args.volumes, args.repeats)
+    if "star" in args.parts:
+        payload["star"] = star_writing(args.star_rows, args.repeats)
     print(f"saved {save_result('bench_em_parts', args.tag, payload)}")
 
 

@@ -27,7 +27,7 @@ Outputs in DIR:
                       loss, seconds (and whether it was eligible / reported)
   iterations/         run_itNNN_clusters.star: every iteration's classes, the same table as
                       clusters.star (whose iteration is the lowest DDBI's): to take another
-                      iteration, give its file to disca_split_star
+                      iteration, give its file to disca_split_star (--no-iteration-stars: none)
   model.keras         the feature extractor of the reported iteration (subtomogram → features)
   features.npy        the features (N, F) of the reported iteration
   mixture.pkl         pickled dict: fitted PCA, Gaussian mixture, component → class mapping
@@ -209,6 +209,12 @@ class Options(CommonOptions):
         help="compute precision",
     )
     resume: bool = opt("--continue", default=False, help="continue the interrupted run in --o")
+    no_iteration_stars: bool = opt(
+        "--no-iteration-stars",
+        default=False,
+        help="do not write iterations/run_itNNN_clusters.star (every iteration's classes; "
+        "see benchmarks/bench_em_parts.py for their time and size per million particles)",
+    )
     model: str | None = opt(
         "--model",
         default=None,
@@ -368,7 +374,7 @@ def _write_history(path: Path, history, best_it: int, ks: list[int]) -> None:
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def _write_table(table, labels: np.ndarray, posteriors: np.ndarray, out: Path) -> Path:
+def write_clusters(table, labels: np.ndarray, posteriors: np.ndarray, out: Path) -> Path:
     """``table`` with rlnClassNumber (1-based) and the chosen class's posterior, written to ``out``."""
     df = table.particles.copy()
     df[CLASS] = np.asarray(labels, dtype=np.int64) + 1
@@ -559,14 +565,14 @@ def run(o: Options) -> dict:
     logger.info("Distribution: %s (%d replica%s)", mode, replicas, "s" * (replicas != 1))
 
     def write_iteration(c) -> None:  # every iteration's classes, to take another than the reported
-        _write_table(table, c.labels, c.posteriors, iteration_star(out, c.iteration))
+        write_clusters(table, c.labels, c.posteriors, iteration_star(out, c.iteration))
 
     result = run_em(
         store, rows, cfg, checkpoint_dir=ckpt, resume=o.resume, init_extractor_weights=init_weights,
-        strategy=strategy, on_iteration=write_iteration,
+        strategy=strategy, on_iteration=None if o.no_iteration_stars else write_iteration,
     )  # fmt: skip
 
-    _write_table(table, result.labels, result.posteriors, out / "clusters.star")
+    write_clusters(table, result.labels, result.posteriors, out / "clusters.star")
     _write_history(out / "history.tsv", result.history, result.best_iteration, ks)
     with atomic_path(out / FEATURES_FILE) as tmp:
         np.save(tmp, result.features)
@@ -642,7 +648,7 @@ def _assign(
             o.model, f"--model: cannot load the trained run ({type(exc).__name__}: {exc})"
         ) from None
     a = assign(extractor, mixture, store, rows)
-    _write_table(table, a.labels, a.posteriors, out / "clusters.star")
+    write_clusters(table, a.labels, a.posteriors, out / "clusters.star")
     with atomic_path(out / FEATURES_FILE) as tmp:
         np.save(tmp, a.features)
     sizes = np.bincount(a.labels, minlength=a.posteriors.shape[1]).tolist()
