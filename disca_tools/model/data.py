@@ -273,7 +273,7 @@ def train_batches(
     rng: np.random.Generator,
     augment: bool = True,
     multiple: int = 1,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.int32, np.ndarray, np.ndarray]]:
     """One epoch of training batches ``(volumes, rotations, n_originals, noise_seed, targets)``.
 
     The epoch covers the N originals and, with ``augment``, N rotated copies, in a random order
