@@ -106,6 +106,7 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
         train_clusters=0 if paper else args.train_clusters,
         calibrate_bn=False if paper else args.calibrate_bn,
         init_epochs=0 if paper else args.init_epochs,
+        input_dropout=0.5 if paper else args.input_dropout,
     )
     watch = IterationWatcher(truth)
     res = run_em(store, np.arange(len(volumes)), cfg, on_iteration=watch)
@@ -153,6 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train-clusters", type=int, default=0, help="disca_cluster --train-clusters")
     ap.add_argument("--calibrate-bn", action="store_true", help="disca_cluster --calibrate-bn")
     ap.add_argument("--init-epochs", type=int, default=0, help="disca_cluster --init-epochs")
+    ap.add_argument(
+        "--input-dropout", type=float, default=0.5, help="disca_cluster --input-dropout"
+    )
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     from disca_tools.runtime.log import configure

@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--feature-dim", type=int, default=1024)
     ap.add_argument("--epochs", type=int, nargs="+", default=[2, 4, 8], help="cumulative stages")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--input-dropout", type=float, default=0.5, help="disca_cluster --input-dropout"
+    )
     ap.add_argument("--alpha", type=float, default=0.1, help="label smoothing")
     ap.add_argument("--pca-dim", type=int, default=16)
     ap.add_argument("--precision", default="auto")
@@ -96,6 +99,7 @@ def main() -> None:
         width_scale=args.width_scale,
         feature_dim=args.feature_dim,
         precision=Y.resolve_precision(args.precision),
+        input_dropout=args.input_dropout,
     )
     k = len(STRUCTURES)
     model = Y.build_yopo(cfg.yopo(24, k), seed=0)

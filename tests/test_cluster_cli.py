@@ -157,7 +157,8 @@ def _mrc(path: str, data: np.ndarray) -> str:
 
 
 @pytest.mark.parametrize(
-    "case", ["missing", "mixed", "nan", "constant", "few", "model_dir", "model_box", "continue"]
+    "case",
+    ["missing", "mixed", "nan", "constant", "few", "model_dir", "model_box", "continue", "dropout"],
 )
 def test_bad_inputs_exit_2_and_write_nothing(project, case, capsys):
     Path("Bad").mkdir(exist_ok=True)
@@ -196,6 +197,9 @@ def test_bad_inputs_exit_2_and_write_nothing(project, case, capsys):
     elif case == "continue":
         _star_with(star, lambda df: df)
         args.append("--continue")
+    elif case == "dropout":
+        _star_with(star, lambda df: df)
+        args += ["--input-dropout", "1"]
     capsys.readouterr()
     assert C.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

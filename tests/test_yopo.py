@@ -107,6 +107,18 @@ def test_in_graph_rotation_matches_geometry_rotate_volume(compiled):
         np.testing.assert_allclose(out[i][inside], ref[inside], atol=1e-4)
 
 
+def test_input_dropout_rate_is_the_configured_one():
+    """The paper's rate 0.5 multiplies the input by N(1, 1) noise in training; 0 leaves it alone."""
+    x = np.random.default_rng(0).normal(size=(4, 24, 24, 24, 1)).astype(np.float32)
+    for rate in (0.5, 0.0):
+        model = Y.build_yopo(Y.YopoConfig(24, 2, 0.05, 8, input_dropout=rate), seed=1)
+        layer = model.get_layer(Y.DROPOUT_LAYER)
+        np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+        factor = np.asarray(layer(x, training=True)) / x
+        assert abs(float(factor.std()) - np.sqrt(rate / (1 - rate))) < 0.01
+        Y.reset_dropout_seed(model, 3)  # no random state to reset at rate 0: must not fail
+
+
 def _store(n: int, box: int, seed: int = 0) -> SubtomogramStore:
     rng = np.random.default_rng(seed)
     vols = rng.normal(2.0, 3.0, size=(n, box, box, box)).astype(np.float32)

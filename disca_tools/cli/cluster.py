@@ -188,6 +188,13 @@ class Options(CommonOptions):
         "paper; 0 = off): keeps merged classes separable; iteration 1 (trained on the K clusters) "
         "is then not reported (when N > its K). See README 'Clustering accuracy'",
     )
+    input_dropout: float = opt(
+        "--input-dropout",
+        default=EMConfig.input_dropout,
+        help="rate of YOPO's GaussianDropout on the input while training: the paper's 0.5 "
+        "multiplies each voxel by N(1, 1) noise; 0: none (not in the paper). See README "
+        "'Clustering accuracy'",
+    )
     calibrate_bn: bool = opt(
         "--calibrate-bn",
         default=EMConfig.calibrate_bn,
@@ -506,8 +513,9 @@ def run(o: Options) -> dict:
     box = located.box
     if o.model is None:
         EMConfig(
-            k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, feature_dim=o.feature_dim
-        ).check(n, box)
+            k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, feature_dim=o.feature_dim,
+            input_dropout=o.input_dropout,
+        ).check(n, box)  # fmt: skip
     if ref_cfg is not None and int(ref_cfg["box"]) != box:
         flag, folder = ("--model", o.model) if o.model else ("--init-model", o.init_model)
         raise file_error(
@@ -547,7 +555,7 @@ def run(o: Options) -> dict:
         batch_size=o.batch_size, lr=o.lr, lr_decay=o.lr_decay, label_smoothing=o.label_smoothing,
         width_scale=width, feature_dim=fdim, precision=precision, seed=o.seed, init=o.init,
         train_clusters=o.train_clusters, calibrate_bn=o.calibrate_bn, init_epochs=o.init_epochs,
-        mixture_jobs=resolve_jobs(o.j),
+        mixture_jobs=resolve_jobs(o.j), input_dropout=o.input_dropout,
     )  # fmt: skip
     logger.info(
         "%d particles, box %d, precision %s, YOPO widths %s, features %d",

@@ -46,6 +46,7 @@ class EMConfig:
     calibrate_bn: bool = False  # BatchNorm statistics from the clean data before each feature pass
     calibrate_samples: int = 512
     mixture_jobs: int = 1  # processes fitting the candidate K (the result does not depend on it)
+    input_dropout: float = 0.5  # YOPO's input GaussianDropout rate while training (the paper's 0.5)
 
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³
@@ -69,6 +70,8 @@ class EMConfig:
             raise UserError(f"--init-epochs: must be ≥ 0, got {self.init_epochs}")
         if self.mixture_jobs < 1:
             raise UserError(f"--j: must be at least 1, got {self.mixture_jobs}")
+        if not 0.0 <= self.input_dropout < 1.0:
+            raise UserError(f"--input-dropout: must be in [0, 1), got {self.input_dropout}")
         if self.train_clusters < 0:
             raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")
 
@@ -94,4 +97,6 @@ class EMConfig:
         """The network of this run for ``box``³ subtomograms and a head of ``k`` units."""
         from ..model.yopo import YopoConfig
 
-        return YopoConfig(box, k, self.width_scale, self.feature_dim, self.precision)
+        return YopoConfig(
+            box, k, self.width_scale, self.feature_dim, self.precision, self.input_dropout
+        )

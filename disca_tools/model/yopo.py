@@ -1,6 +1,6 @@
 """YOPO ("You Only Pool Once"): the DISCA feature extractor and its classification head.
 
-Architecture (METHOD.md, as in the reference): input S³×1 (S ≥ 21) → GaussianDropout(0.5) →
+Architecture (METHOD.md, as in the reference): input S³×1 (S ≥ 21) → GaussianDropout(0.5; ``input_dropout``) →
 10 blocks [Conv3D 3×3×3 'valid' with widths 64, 80, …, 208, ELU, BatchNormalization], each block
 tapped by a GlobalMaxPooling3D → concatenate the 10 taps (1360 values) → BatchNormalization →
 Dense(1024), linear: the features → Dense(K, softmax): the training head. Orthogonal kernels,
@@ -46,6 +46,7 @@ class YopoConfig:
     width_scale: float = 1.0
     feature_dim: int = 1024
     precision: str = "float32"
+    input_dropout: float = 0.5  # GaussianDropout rate on the input (training only; 0: none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,7 +117,9 @@ def build_yopo(config: YopoConfig, seed: int = 0) -> keras.Model:
     dtype = config.precision
     s = int(config.box)
     inp = keras.Input((s, s, s, 1), name="subtomogram")
-    x = layers.GaussianDropout(0.5, seed=_seed(seed, 100), name=DROPOUT_LAYER, dtype=dtype)(inp)
+    x = layers.GaussianDropout(
+        config.input_dropout, seed=_seed(seed, 100), name=DROPOUT_LAYER, dtype=dtype
+    )(inp)
     taps = []
     for i, w in enumerate(conv_widths(config.width_scale)):
         x = layers.Conv3D(
