@@ -42,7 +42,7 @@ centre and shells of the power spectrum) instead of the untrained network's feat
 --init-epochs N lets the random network learn those clusters for N epochs first; --train-clusters N
 trains on about N sub-clusters of the K clusters (over-clustering) so that merged classes can
 separate again; --calibrate-bn sets the BatchNorm statistics from the clean data before each
-feature pass. On a CPU-sized network at low SNR,
+feature pass; --input-dropout 0 removes the N(1, 1) input noise of the paper's GaussianDropout 0.5. On a CPU-sized network at low SNR,
 --init invariants --train-clusters 15 --pca-dim 8 did much better than the paper's choices.
 
 The full network (--width-scale 1) wants a GPU; on a CPU use e.g. --width-scale 0.25
