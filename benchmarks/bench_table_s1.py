@@ -47,6 +47,7 @@ from table_s1_cell import (  # noqa: E402
 )
 from threadpoolctl import threadpool_limits  # noqa: E402
 
+from disca_tools.cluster.config import EMConfig  # noqa: E402
 from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
 from disca_tools.evaluate import clustering_metrics  # noqa: E402
 from disca_tools.model.data import normalise  # noqa: E402
@@ -86,7 +87,7 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
 
     ``paper``: the paper's choices whatever the options say (iteration 0 from the untrained network,
     training on the K clusters, PCA 16, no BatchNorm calibration)."""
-    from disca_tools.cluster.em import EMConfig, run_em
+    from disca_tools.cluster.em import run_em
     from disca_tools.model.data import SubtomogramStore
     from disca_tools.model.yopo import resolve_precision
 
@@ -106,7 +107,7 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
         train_clusters=0 if paper else args.train_clusters,
         calibrate_bn=False if paper else args.calibrate_bn,
         init_epochs=0 if paper else args.init_epochs,
-        input_dropout=0.5 if paper else args.input_dropout,
+        input_dropout=EMConfig.input_dropout if paper else args.input_dropout,
     )
     watch = IterationWatcher(truth)
     res = run_em(store, np.arange(len(volumes)), cfg, on_iteration=watch)
@@ -155,7 +156,10 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate-bn", action="store_true", help="disca_cluster --calibrate-bn")
     ap.add_argument("--init-epochs", type=int, default=0, help="disca_cluster --init-epochs")
     ap.add_argument(
-        "--input-dropout", type=float, default=0.5, help="disca_cluster --input-dropout"
+        "--input-dropout",
+        type=float,
+        default=EMConfig.input_dropout,
+        help="disca_cluster --input-dropout",
     )
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)

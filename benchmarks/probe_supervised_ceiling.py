@@ -70,7 +70,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, nargs="+", default=[2, 4, 8], help="cumulative stages")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument(
-        "--input-dropout", type=float, default=0.5, help="disca_cluster --input-dropout"
+        "--input-dropout",
+        type=float,
+        default=EMConfig.input_dropout,
+        help="disca_cluster --input-dropout",
     )
     ap.add_argument("--alpha", type=float, default=0.1, help="label smoothing")
     ap.add_argument("--pca-dim", type=int, default=16)
