@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -102,13 +101,15 @@ def rotation(n_volumes: int, repeats: int, batch: int = 32) -> dict:
     variants = {"graph": tf.function(rotate_volumes), "xla": compiled_rotation()}
     for fn in variants.values():  # trace / compile
         fn(vols, mats[0], noise)
+
+    def rotate_all(fn) -> None:
+        for m in mats:
+            fn(vols, m, noise)
+
     runs: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            t = time.perf_counter()
-            for m in mats:
-                fn(vols, m, noise)
-            runs[name].append(time.perf_counter() - t)
+            runs[name].append(timed(rotate_all, fn)[0])
     diff = max(
         float(np.abs(variants["graph"](vols, m, noise) - variants["xla"](vols, m, noise)).max())
         for m in mats[:4]

@@ -265,6 +265,19 @@ class _Fitter:
         return self._fit(gmm, self.x)
 
 
+def _single_threaded(func):
+    """Run ``func`` with BLAS/OpenMP limited to one thread (P × P algebra: threads only add overhead;
+    multi-threaded BLAS was 30× slower here with other jobs on the cores)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with threadpool_limits(limits=1):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@_single_threaded  # also in a worker process
 def _fit_candidate(
     fitter: _Fitter, criterion: str, task: tuple[int, np.ndarray | None]
 ) -> tuple[GaussianMixture, bool, bool, float]:
@@ -272,28 +285,27 @@ def _fit_candidate(
 
     ``task`` is ``(k, prev_labels)``; with ``prev_labels`` (the current K) the de-novo fit is
     refined on all points and an inherited fit made too; the higher likelihood is kept (ties go to
-    the inherited fit, which keeps the previous numbering). One BLAS thread (also in a worker).
+    the inherited fit, which keeps the previous numbering).
     """
     k, prev_labels = task
-    with threadpool_limits(limits=1):
-        gmm = fitter.de_novo(k)
-        inherited, refined = False, False
-        if prev_labels is not None:
-            gmm, refined = fitter.refine(gmm), True
-            ginh = fitter.inherited(prev_labels)
-            ll_new = float(np.sum(gmm.score_samples(fitter.x)))
-            ll_inh = float(np.sum(ginh.score_samples(fitter.x)))
-            logger.debug("K=%d: log-likelihood inherited %.2f, de novo %.2f", k, ll_inh, ll_new)
-            if ll_inh >= ll_new - 1e-9 * abs(ll_new):
-                gmm, inherited = ginh, True
-        return gmm, inherited, refined, float(SCORES[criterion](gmm, fitter.x))
+    gmm = fitter.de_novo(k)
+    inherited, refined = False, False
+    if prev_labels is not None:
+        gmm, refined = fitter.refine(gmm), True
+        ginh = fitter.inherited(prev_labels)
+        ll_new = float(np.sum(gmm.score_samples(fitter.x)))
+        ll_inh = float(np.sum(ginh.score_samples(fitter.x)))
+        logger.debug("K=%d: log-likelihood inherited %.2f, de novo %.2f", k, ll_inh, ll_new)
+        if ll_inh >= ll_new - 1e-9 * abs(ll_new):
+            gmm, inherited = ginh, True
+    return gmm, inherited, refined, float(SCORES[criterion](gmm, fitter.x))
 
 
+@_single_threaded  # also in a worker process
 def _refine(fitter: _Fitter, criterion: str, gmm: GaussianMixture) -> tuple[GaussianMixture, float]:
     """Refine a subset fit on all points: ``(gmm, criterion on all points)``."""
-    with threadpool_limits(limits=1):
-        gmm = fitter.refine(gmm)
-        return gmm, float(SCORES[criterion](gmm, fitter.x))
+    gmm = fitter.refine(gmm)
+    return gmm, float(SCORES[criterion](gmm, fitter.x))
 
 
 def _map(func, items: list, n_jobs: int) -> Iterator:
@@ -323,18 +335,6 @@ def stop_workers() -> None:
     executor = getattr(reusable_executor, "_executor", None)  # loky's one reusable executor
     if executor is not None:
         executor.shutdown(wait=True, kill_workers=True)
-
-
-def _single_threaded(func):
-    """Run ``func`` with BLAS/OpenMP limited to one thread (P × P algebra: threads only add overhead;
-    multi-threaded BLAS was 30× slower here with other jobs on the cores)."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        with threadpool_limits(limits=1):
-            return func(*args, **kwargs)
-
-    return wrapper
 
 
 @_single_threaded
