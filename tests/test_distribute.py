@@ -99,20 +99,55 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _run_two_workers(name: str, script: str, timeout: float) -> tuple[list[int], Path, str]:
+def _consecutive_free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free ports (SlurmClusterResolver numbers a node's tasks'
+    ports from one base)."""
+    for _ in range(50):
+        base = _free_ports(1)[0]
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for i, s in enumerate(socks):
+                s.bind(("localhost", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def _worker_environments(slurm: bool) -> list[dict]:
+    """The cluster of two workers on this machine, as TF_CONFIG or as the variables of a SLURM
+    step of two tasks on one node without GPUs (what ``srun`` sets)."""
+    if slurm:
+        base = _consecutive_free_ports(2)
+        step = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost",
+                "SLURM_STEP_TASKS_PER_NODE": "2", "DISCA_PORT_BASE": str(base),
+                "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
+        return [dict(step, SLURM_PROCID=str(i)) for i in range(2)]
+    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
+    return [
+        {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+        for i in range(2)
+    ]
+
+
+def _run_two_workers(
+    name: str, script: str, timeout: float, slurm: bool = False
+) -> tuple[list[int], Path, str]:
     """Run ``script`` (a disca_cluster main) as the two workers of a MultiWorkerMirroredStrategy
-    on this machine with ``--o name``: the exit codes (-9: killed at ``timeout`` s), the folder
-    holding the non-chief worker's temporary files, and the logs' last lines."""
-    ports = _free_ports(2)
-    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    on this machine with ``--o name`` (the cluster from TF_CONFIG, or with ``slurm`` from SLURM's
+    variables): the exit codes (-9: killed at ``timeout`` s), the folder holding the non-chief
+    worker's temporary files, and the logs' last lines."""
     tmp = Path(f"{name}Tmp").resolve()  # the non-chief worker's temporary folder goes here
     tmp.mkdir()
     args = ["--i", "Sim/particles.star", "--o", name, "--distribute", "multiworker", *TINY]
     procs = []
-    for i in range(2):
-        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": i}}
-        env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp),
-                   TF_CONFIG=json.dumps(tf_config))  # fmt: skip
+    base = {k: v for k, v in os.environ.items() if k != "TF_CONFIG" and not k.startswith("SLURM_")}
+    for i, cluster_env in enumerate(_worker_environments(slurm)):
+        env = dict(base, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp),
+                   **cluster_env)  # fmt: skip
         with open(f"{name}_worker{i}.log", "w") as log:
             procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env,
                                           stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
@@ -152,11 +187,15 @@ MAIN = (
 )
 
 
-def test_multiworker_with_two_worker_processes(project):
-    codes, tmp, logs = _run_two_workers("Multi", MAIN, 300)
+@pytest.mark.parametrize("cluster_from", ["tf_config", "slurm"])
+def test_multiworker_with_two_worker_processes(project, cluster_from):
+    # "slurm": no TF_CONFIG; the cluster comes from an srun step's variables through TensorFlow's
+    # SlurmClusterResolver, on a node without GPUs (as `srun --ntasks-per-node=2` on a CPU node)
+    name = f"Multi_{cluster_from}"
+    codes, tmp, logs = _run_two_workers(name, MAIN, 300, slurm=cluster_from == "slurm")
     assert codes == [0, 0], f"exit codes {codes} (-9: killed after 300 s)\n{logs}"
-    _check_agrees_with_plain("Multi", replicas=2, distribute="multiworker")
-    loss = pd.read_csv("Multi/history.tsv", sep="\t")["loss"].to_numpy()
+    _check_agrees_with_plain(name, replicas=2, distribute="multiworker")
+    loss = pd.read_csv(f"{name}/history.tsv", sep="\t")["loss"].to_numpy()
     assert np.isfinite(loss[0]) and loss[0] > 0  # iteration 0 was trained
     # only the chief writes --o; the other worker's temporary folder is gone once it exits
     assert not list(tmp.glob("disca_cluster_worker*"))
@@ -298,3 +337,29 @@ def test_distribute_resolution_and_chief_from_environment(monkeypatch):
     # assigning with --model never trains: every task writes its own --o
     assert C._output_dir(C.Options(i="in.star", o="Out", model="Run")) == "Out"
     assert Y.worker_task("none") == (0, True)
+
+
+def test_slurm_cluster_on_nodes_without_gpus(monkeypatch):
+    # TensorFlow's SlurmClusterResolver alone fails here (nvidia-smi, then range() with step 0)
+    import tensorflow as tf
+
+    from disca_tools.runtime.errors import UserError
+
+    resolver_class = tf.distribute.cluster_resolver.SlurmClusterResolver
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    for name, value in {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4",
+                        "SLURM_STEP_NODELIST": "node[07-08]", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+                        "DISCA_PORT_BASE": "9100", "CUDA_VISIBLE_DEVICES": ""}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    resolver = Y._slurm_resolver(resolver_class)
+    spec = resolver.cluster_spec().as_dict()
+    assert spec == {"worker": ["node07:9100", "node07:9101", "node08:9100", "node08:9101"]}
+    assert (resolver.task_type, resolver.task_id) == ("worker", 3)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # not set from the placeholder slots
+    monkeypatch.setenv("DISCA_PORT_BASE", "88x")
+    with pytest.raises(UserError, match="DISCA_PORT_BASE"):
+        Y._slurm_resolver(resolver_class)
+    monkeypatch.setenv("DISCA_PORT_BASE", "9100")
+    monkeypatch.delenv("SLURM_STEP_NODELIST")
+    with pytest.raises(UserError, match="SLURM step not usable"):
+        Y._slurm_resolver(resolver_class)

@@ -28,6 +28,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from ..runtime.errors import UserError
+
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 BASE_WIDTHS = tuple(64 + 16 * i for i in range(10))
 MIN_BOX = 21
@@ -294,6 +296,35 @@ def worker_task(mode: str) -> tuple[int, bool]:
     return rank, rank == 0
 
 
+def _slurm_resolver(resolver_class):
+    """``resolver_class`` (TensorFlow's SlurmClusterResolver) for this srun step, ports from
+    ``DISCA_PORT_BASE``. A step it cannot describe is a UserError.
+
+    On a node without GPUs (CUDA_VISIBLE_DEVICES empty, or unset with no nvidia-smi) the resolver
+    cannot be used as it is: it asks nvidia-smi for the GPUs, and it pairs each task of a node with
+    a slot of ``gpus_per_task`` GPUs, so with none it lists no task (TensorFlow 2.21: ``range()``
+    with step 0 fails). It is then given one placeholder slot per task of the step and told not to
+    set CUDA_VISIBLE_DEVICES from them.
+    """
+    import shutil
+
+    raw = os.environ.get("DISCA_PORT_BASE", "8888")
+    try:
+        port = int(raw)
+    except ValueError:
+        raise UserError(f"DISCA_PORT_BASE: not a port number: {raw!r}") from None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    kwargs = {}
+    if visible == "" or (visible is None and shutil.which("nvidia-smi") is None):
+        tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
+        slots = int(tasks) if tasks.isdigit() and int(tasks) > 0 else 1
+        kwargs = {"gpus_per_node": slots, "gpus_per_task": 1, "auto_set_gpu": False}
+    try:
+        return resolver_class(port_base=port, **kwargs)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise UserError(f"--distribute multiworker: SLURM step not usable ({exc})") from None
+
+
 def make_strategy(mode: str):
     """The tf.distribute strategy for a resolved ``mode`` (none / mirrored / multiworker).
 
@@ -315,13 +346,7 @@ def make_strategy(mode: str):
     if mode == "multiworker":
         resolver = None
         if not os.environ.get("TF_CONFIG") and "SLURM_PROCID" in os.environ:
-            from tensorflow.distribute.cluster_resolver import SlurmClusterResolver
-
-            port = int(os.environ.get("DISCA_PORT_BASE", "8888"))
-            try:
-                resolver = SlurmClusterResolver(port_base=port)
-            except RuntimeError:  # no nvidia-smi: a CPU node
-                resolver = SlurmClusterResolver(port_base=port, gpus_per_node=0, auto_set_gpu=False)
+            resolver = _slurm_resolver(tf.distribute.cluster_resolver.SlurmClusterResolver)
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     raise ValueError(f"resolve the distribute mode first, got {mode!r}")
 
