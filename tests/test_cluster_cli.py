@@ -17,6 +17,7 @@ import pytest
 from helpers import simulate_subtomograms, working_directory  # noqa: E402
 
 from disca_tools.cli import cluster as C
+from disca_tools.cluster.config import EMConfig
 from disca_tools.cluster.matching import accuracy_after_matching
 from disca_tools.io.star import read_particles, read_star_blocks, write_star_blocks
 
@@ -70,7 +71,7 @@ def test_finds_three_classes_and_writes_everything(project):
     trained = hist["loss"].notna().to_numpy()  # every iteration but the last is trained
     assert (hist.loc[trained, "epochs"] > 0).all() and (hist.loc[~trained, "epochs"] == 0).all()
     cfg = json.loads(Path("Full/run_config.json").read_text())
-    assert cfg["box"] == 24 and cfg["k"] == 3
+    assert cfg["box"] == 24 and cfg["k"] == 3 and cfg["input_dropout"] == EMConfig.input_dropout
     assert np.load("Full/features.npy").shape == (150, 32)
     for p in C.PLOTS:
         assert Path("Full/plots", p).stat().st_size > 1000

@@ -596,7 +596,7 @@ def run(o: Options) -> dict:
     run_cfg = {
         "box": box, "width_scale": width, "feature_dim": fdim, "kmax": max(ks), "k": result.k,
         "pca_dim": o.pca_dim, "best_iteration": result.best_iteration, "precision": precision,
-        "seed": o.seed, "n_particles": n,
+        "seed": o.seed, "n_particles": n, "input_dropout": o.input_dropout,
     }  # fmt: skip
     write_text_atomic(out / RUN_CONFIG, json.dumps(run_cfg, indent=1) + "\n")
     _plots(
@@ -634,13 +634,8 @@ def _assign(
     from ..cluster.em import assign
     from ..model import yopo as Y
 
-    box = store.box
-    if int(ref_cfg["box"]) != box:
-        raise file_error(
-            o.model, f"--model: trained on box {ref_cfg['box']}, these subtomograms are {box}"
-        )
     cfg = Y.YopoConfig(
-        box,
+        store.box,
         int(ref_cfg["kmax"]),
         float(ref_cfg["width_scale"]),
         int(ref_cfg["feature_dim"]),
