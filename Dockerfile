@@ -18,11 +18,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
     MPLBACKEND=Agg
 
-RUN if [ "$WITH_RELION" = "1" ]; then \
-        apt-get update \
-        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends relion \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi
+# procps: joblib's process pool (the parallel mixture fits, --j) stops its workers with pgrep; the
+# slim base image lacks it, and without it a failing run's workers are not stopped
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends procps \
+    && if [ "$WITH_RELION" = "1" ]; then \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends relion; \
+    fi \
+    && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/disca_tools
 COPY pyproject.toml README.md constraints.txt ./

@@ -51,17 +51,17 @@ LIST=${1:?usage: bash slurm_pick_extract.sh tomograms.txt}
 tomograms=$(sed -e '/^[[:space:]]*$/d' -e 's/[[:space:]]*$//' "$LIST")
 [ -n "$tomograms" ] || die "$LIST: lists no tomogram"
 n=$(wc -l <<< "$tomograms")
+stars=
 while read -r tomo; do
     [ -f "$tomo" ] || die "$LIST: $tomo does not exist (paths are relative to $(pwd))"
+    name=$(name_of "$tomo")
+    for d in Picks Extract; do
+        [ ! -e "$d/$name" ] || die "$d/$name exists: move it away first"
+    done
+    stars+="Extract/$name/particles.star "
 done <<< "$tomograms"
 dup=$(while read -r tomo; do name_of "$tomo"; done <<< "$tomograms" | sort | uniq -d | head -1)
 [ -z "$dup" ] || die "$LIST: two tomograms are named $dup; their Picks/ and Extract/ folders would collide"
-stars=$(while read -r tomo; do printf 'Extract/%s/particles.star ' "$(name_of "$tomo")"; done <<< "$tomograms")
-while read -r tomo; do
-    for d in Picks Extract; do
-        [ ! -e "$d/$(name_of "$tomo")" ] || die "$d/$(name_of "$tomo") exists: move it away first"
-    done
-done <<< "$tomograms"
 [ ! -e Extract/particles.star ] || die "Extract/particles.star exists: move it away first (the merge would replace it)"
 mkdir -p logs
 TASKS=logs/tomograms_$(date +%Y%m%d_%H%M%S)_$$.txt

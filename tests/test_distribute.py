@@ -341,25 +341,22 @@ def test_distribute_resolution_and_chief_from_environment(monkeypatch):
 
 def test_slurm_cluster_on_nodes_without_gpus(monkeypatch):
     # TensorFlow's SlurmClusterResolver alone fails here (nvidia-smi, then range() with step 0)
-    import tensorflow as tf
-
     from disca_tools.runtime.errors import UserError
 
-    resolver_class = tf.distribute.cluster_resolver.SlurmClusterResolver
     monkeypatch.delenv("TF_CONFIG", raising=False)
     for name, value in {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4",
                         "SLURM_STEP_NODELIST": "node[07-08]", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
                         "DISCA_PORT_BASE": "9100", "CUDA_VISIBLE_DEVICES": ""}.items():  # fmt: skip
         monkeypatch.setenv(name, value)
-    resolver = Y._slurm_resolver(resolver_class)
+    resolver = Y._slurm_resolver()
     spec = resolver.cluster_spec().as_dict()
     assert spec == {"worker": ["node07:9100", "node07:9101", "node08:9100", "node08:9101"]}
     assert (resolver.task_type, resolver.task_id) == ("worker", 3)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # not set from the placeholder slots
     monkeypatch.setenv("DISCA_PORT_BASE", "88x")
     with pytest.raises(UserError, match="DISCA_PORT_BASE"):
-        Y._slurm_resolver(resolver_class)
+        Y._slurm_resolver()
     monkeypatch.setenv("DISCA_PORT_BASE", "9100")
     monkeypatch.delenv("SLURM_STEP_NODELIST")
     with pytest.raises(UserError, match="SLURM step not usable"):
-        Y._slurm_resolver(resolver_class)
+        Y._slurm_resolver()

@@ -296,9 +296,8 @@ def worker_task(mode: str) -> tuple[int, bool]:
     return rank, rank == 0
 
 
-def _slurm_resolver(resolver_class):
-    """``resolver_class`` (TensorFlow's SlurmClusterResolver) for this srun step, ports from
-    ``DISCA_PORT_BASE``. A step it cannot describe is a UserError.
+def _slurm_resolver():
+    """TensorFlow's SlurmClusterResolver for this srun step, ports from ``DISCA_PORT_BASE``. A step it cannot describe is a UserError.
 
     On a node without GPUs (CUDA_VISIBLE_DEVICES empty, or unset with no nvidia-smi) the resolver
     cannot be used as it is: it asks nvidia-smi for the GPUs, and it pairs each task of a node with
@@ -307,6 +306,8 @@ def _slurm_resolver(resolver_class):
     set CUDA_VISIBLE_DEVICES from them.
     """
     import shutil
+
+    import tensorflow as tf
 
     raw = os.environ.get("DISCA_PORT_BASE", "8888")
     try:
@@ -320,7 +321,7 @@ def _slurm_resolver(resolver_class):
         slots = int(tasks) if tasks.isdigit() and int(tasks) > 0 else 1
         kwargs = {"gpus_per_node": slots, "gpus_per_task": 1, "auto_set_gpu": False}
     try:
-        return resolver_class(port_base=port, **kwargs)
+        return tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port, **kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
         raise UserError(f"--distribute multiworker: SLURM step not usable ({exc})") from None
 
@@ -346,7 +347,7 @@ def make_strategy(mode: str):
     if mode == "multiworker":
         resolver = None
         if not os.environ.get("TF_CONFIG") and "SLURM_PROCID" in os.environ:
-            resolver = _slurm_resolver(tf.distribute.cluster_resolver.SlurmClusterResolver)
+            resolver = _slurm_resolver()
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     raise ValueError(f"resolve the distribute mode first, got {mode!r}")
 
