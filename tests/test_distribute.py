@@ -339,8 +339,8 @@ def test_distribute_resolution_and_chief_from_environment(monkeypatch):
     assert Y.worker_task("none") == (0, True)
 
 
-def test_slurm_cluster_on_nodes_without_gpus(monkeypatch):
-    # TensorFlow's SlurmClusterResolver alone fails here (nvidia-smi, then range() with step 0)
+def test_slurm_cluster_from_the_step_with_and_without_gpus(monkeypatch):
+    # without GPUs TensorFlow's SlurmClusterResolver alone fails (nvidia-smi, then range() with step 0)
     from disca_tools.runtime.errors import UserError
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -353,6 +353,11 @@ def test_slurm_cluster_on_nodes_without_gpus(monkeypatch):
     assert spec == {"worker": ["node07:9100", "node07:9101", "node08:9100", "node08:9101"]}
     assert (resolver.task_type, resolver.task_id) == ("worker", 3)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # not set from the placeholder slots
+    # a GPU node (4 GPUs granted to the step's 2 tasks on it): the resolver shares them out
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    resolver = Y._slurm_resolver()
+    assert resolver.cluster_spec().as_dict() == spec
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"  # task 3 is the second on node08
     monkeypatch.setenv("DISCA_PORT_BASE", "88x")
     with pytest.raises(UserError, match="DISCA_PORT_BASE"):
         Y._slurm_resolver()
