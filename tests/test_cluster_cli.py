@@ -120,6 +120,25 @@ def test_warning_about_skipped_candidate_k_is_logged_once(project):
     assert Path("Warn/clusters.star").is_file() and not Path("Warn/iterations").exists()
 
 
+def test_init_model_fine_tunes_the_trained_network(project):
+    # the trained run's network (width, feature size), whatever the options say; its features
+    # start the loop, so iteration 0 is a trained network's clustering and can be reported
+    args = ["--i", "Sim/particles.star", "--o", "Tuned", "--init-model", "Full", "--max-iter", "1",
+            *TINY, "--width-scale", "0.2", "--feature-dim", "16"]  # fmt: skip
+    assert C.main(args) == 0
+    full = json.loads(Path("Full/run_config.json").read_text())
+    tuned = json.loads(Path("Tuned/run_config.json").read_text())
+    assert (tuned["width_scale"], tuned["feature_dim"]) == (
+        full["width_scale"],
+        full["feature_dim"],
+    )
+    assert np.load("Tuned/features.npy").shape == (150, full["feature_dim"])
+    hist = pd.read_csv("Tuned/history.tsv", sep="\t")
+    assert hist.loc[hist["iteration"] == 0, "eligible"].item() == 1
+    truth = _classes("Sim/particles.star")
+    assert accuracy_after_matching(truth, _classes("Tuned/clusters.star")) >= 0.9
+
+
 def test_model_assigns_new_particles_from_mrc_files(project):
     # a STAR in another folder (no fast store there): the .mrc files are streamed into a store
     Path("Other").mkdir(exist_ok=True)

@@ -42,8 +42,9 @@ centre and shells of the power spectrum) instead of the untrained network's feat
 --init-epochs N lets the random network learn those clusters for N epochs first; --train-clusters N
 trains on about N sub-clusters of the K clusters (over-clustering) so that merged classes can
 separate again; --calibrate-bn sets the BatchNorm statistics from the clean data before each
-feature pass; --input-dropout 0 removes the N(1, 1) input noise of the paper's GaussianDropout 0.5. On a CPU-sized network at low SNR,
---init invariants --train-clusters 15 --pca-dim 8 did much better than the paper's choices.
+feature pass; --input-dropout 0 removes the N(1, 1) input noise of the paper's GaussianDropout
+0.5. On a CPU-sized network at low SNR, --init invariants --train-clusters 15 --pca-dim 8 did much
+better than the paper's choices.
 
 The full network (--width-scale 1) wants a GPU; on a CPU use e.g. --width-scale 0.25
 --feature-dim 256. --precision auto computes in bfloat16 where the hardware supports it.
@@ -89,7 +90,7 @@ import shutil
 import sys
 import tempfile
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -511,11 +512,22 @@ def run(o: Options) -> dict:
 
     located = locate_particle_volumes(table, o.i, out)
     box = located.box
-    if o.model is None:
-        EMConfig(
-            k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, feature_dim=o.feature_dim,
+    cfg, init_weights = None, None
+    if o.model is None:  # training: the whole configuration, checked before anything is written
+        width, fdim = o.width_scale, o.feature_dim
+        if ref_cfg is not None:
+            width, fdim = float(ref_cfg["width_scale"]), int(ref_cfg["feature_dim"])
+            init_weights = Path(o.init_model) / MODEL_FILE
+        cfg = EMConfig(
+            k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter,
+            epochs_per_iter=o.epochs_per_iter, batch_size=o.batch_size, lr=o.lr,
+            lr_decay=o.lr_decay, label_smoothing=o.label_smoothing, width_scale=width,
+            feature_dim=fdim, precision=o.precision, seed=o.seed, init=o.init,
+            train_clusters=o.train_clusters, calibrate_bn=o.calibrate_bn,
+            init_epochs=o.init_epochs, mixture_jobs=resolve_jobs(o.j),
             input_dropout=o.input_dropout,
-        ).check(n, box)  # fmt: skip
+        )  # fmt: skip
+        cfg.check(n, box)
     if ref_cfg is not None and int(ref_cfg["box"]) != box:
         flag, folder = ("--model", o.model) if o.model else ("--init-model", o.init_model)
         raise file_error(
@@ -545,25 +557,14 @@ def run(o: Options) -> dict:
 
     from ..cluster.em import run_em
 
-    width, fdim = o.width_scale, o.feature_dim
-    init_weights = None
-    if ref_cfg is not None:
-        width, fdim = float(ref_cfg["width_scale"]), int(ref_cfg["feature_dim"])
-        init_weights = Path(o.init_model) / MODEL_FILE
-    cfg = EMConfig(
-        k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter, epochs_per_iter=o.epochs_per_iter,
-        batch_size=o.batch_size, lr=o.lr, lr_decay=o.lr_decay, label_smoothing=o.label_smoothing,
-        width_scale=width, feature_dim=fdim, precision=precision, seed=o.seed, init=o.init,
-        train_clusters=o.train_clusters, calibrate_bn=o.calibrate_bn, init_epochs=o.init_epochs,
-        mixture_jobs=resolve_jobs(o.j), input_dropout=o.input_dropout,
-    )  # fmt: skip
+    cfg = replace(cfg, precision=precision)  # resolved now that TensorFlow is set up
     logger.info(
         "%d particles, box %d, precision %s, YOPO widths %s, features %d",
         n,
         box,
         precision,
-        Y.conv_widths(width),
-        fdim,
+        Y.conv_widths(cfg.width_scale),
+        cfg.feature_dim,
     )
     ckpt = out / "checkpoint"
     for stale in (ckpt, out / ITERATIONS_DIR):
@@ -594,9 +595,10 @@ def run(o: Options) -> dict:
     with atomic_path(out / MODEL_FILE) as tmp:
         result.extractor.save(tmp)
     run_cfg = {
-        "box": box, "width_scale": width, "feature_dim": fdim, "kmax": max(ks), "k": result.k,
-        "pca_dim": o.pca_dim, "best_iteration": result.best_iteration, "precision": precision,
-        "seed": o.seed, "n_particles": n, "input_dropout": o.input_dropout,
+        "box": box, "width_scale": cfg.width_scale, "feature_dim": cfg.feature_dim, "kmax": max(ks),
+        "k": result.k, "pca_dim": cfg.pca_dim, "best_iteration": result.best_iteration,
+        "precision": cfg.precision, "seed": cfg.seed, "n_particles": n,
+        "input_dropout": cfg.input_dropout,
     }  # fmt: skip
     write_text_atomic(out / RUN_CONFIG, json.dumps(run_cfg, indent=1) + "\n")
     _plots(
@@ -611,7 +613,9 @@ def run(o: Options) -> dict:
     )
     extra = {}
     if o.decode_centers:
-        extra = _decode(o, out, store, rows, result.features, result.labels, box, angpix, width)
+        extra = _decode(
+            o, out, store, rows, result.features, result.labels, box, angpix, cfg.width_scale
+        )
     sizes = np.bincount(result.labels).tolist()
     logger.info("K = %d (iteration %d); class sizes %s", result.k, result.best_iteration, sizes)
     return {

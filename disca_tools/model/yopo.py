@@ -1,6 +1,7 @@
 """YOPO ("You Only Pool Once"): the DISCA feature extractor and its classification head.
 
-Architecture (METHOD.md, as in the reference): input S³×1 (S ≥ 21) → GaussianDropout(0.5; ``input_dropout``) →
+Architecture (METHOD.md, as in the reference): input S³×1 (S ≥ 21) → GaussianDropout(0.5, or
+``input_dropout``) →
 10 blocks [Conv3D 3×3×3 'valid' with widths 64, 80, …, 208, ELU, BatchNormalization], each block
 tapped by a GlobalMaxPooling3D → concatenate the 10 taps (1360 values) → BatchNormalization →
 Dense(1024), linear: the features → Dense(K, softmax): the training head. Orthogonal kernels,
@@ -297,7 +298,8 @@ def worker_task(mode: str) -> tuple[int, bool]:
 
 
 def _slurm_resolver():
-    """TensorFlow's SlurmClusterResolver for this srun step, ports from ``DISCA_PORT_BASE``. A step it cannot describe is a UserError.
+    """TensorFlow's SlurmClusterResolver for this srun step, ports from ``DISCA_PORT_BASE``. A step
+    it cannot describe is a UserError.
 
     On a node without GPUs (CUDA_VISIBLE_DEVICES empty, or unset with no nvidia-smi) the resolver
     cannot be used as it is: it asks nvidia-smi for the GPUs, and it pairs each task of a node with
