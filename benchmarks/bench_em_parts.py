@@ -1,4 +1,4 @@
-"""Two parts of a DISCA EM iteration, each against its alternative, side by side in one run.
+"""Parts of a DISCA EM iteration, each against its alternative, side by side in one run.
 
 1. Mixtures: ``select_mixture`` for K = 2…20 (full covariances, the current K inherited as in an
    iteration after the first) on N points in 16 dimensions (5 Gaussian clusters), serial
@@ -12,9 +12,16 @@
 3. The classes STAR that ``disca_cluster`` writes after every iteration
    (``iterations/run_itNNN_clusters.star``, by ``write_clusters``): a shipped RELION 3.1 refine
    table repeated to ``--star-rows`` particles, written ``--repeats`` times; seconds and size.
+4. A merged STAR read from its extractions' stores in place (``find_stores``, ``StackedVolumes``):
+   ``--store-particles`` 24³ float16 subtomograms in ``--stores`` per-tomogram stores against the
+   same rows in one store. The training gather (shuffled batches of 32, ``gather``) is timed over
+   one epoch for each, alternated, ``--repeats`` each, after a warm-up epoch (page cache); and the
+   time and memory to locate ``--locate-names`` particles in stores of that many rows (sparse files:
+   only the names are read).
 
   python benchmarks/bench_em_parts.py [--sizes 2000 8000 32000] [--volumes 2000] [--repeats 3]
-      [--star-rows 100000 1000000] [--parts mixtures rotation star]
+      [--star-rows 100000 1000000] [--stores 50] [--store-particles 20000]
+      [--locate-names 1000000] [--parts mixtures rotation star stores]
 
 Prints a table and writes benchmarks/results/bench_em_parts.json.
 """
@@ -36,7 +43,7 @@ from disca_tools.cluster.mixture import select_mixture  # noqa: E402
 from disca_tools.runtime.cli import resolve_jobs  # noqa: E402
 
 K_CANDIDATES = list(range(2, 21))
-PARTS = ("mixtures", "rotation", "star")
+PARTS = ("mixtures", "rotation", "star", "stores")
 
 
 def _clusters(n: int, dim: int = 16, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -168,6 +175,102 @@ def star_writing(sizes: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+def _write_stores(root: Path, n_stores: int, per_store: int, fill: bool) -> list[str]:
+    """``n_stores`` extraction folders ``Extract/TS_NNN`` of ``per_store`` 24³ float16 subtomograms
+    (random when ``fill``, else sparse files of zeros); the image names of all rows."""
+    from disca_tools.io.store import NAMES_FILE, STORE_FILE
+
+    rng = np.random.default_rng(0)
+    names = []
+    for t in range(n_stores):
+        folder = root / "Extract" / f"TS_{t + 1:03d}"
+        folder.mkdir(parents=True)
+        arr = np.lib.format.open_memmap(
+            folder / STORE_FILE, mode="w+", dtype=np.float16, shape=(per_store, 24, 24, 24)
+        )
+        if fill:
+            arr[:] = rng.normal(size=arr.shape).astype(np.float16)
+        arr.flush()
+        del arr
+        own = [f"Extract/TS_{t + 1:03d}/Subtomograms/TS_{t + 1:03d}/p_{i + 1:06d}.mrc"
+               for i in range(per_store)]  # fmt: skip
+        (folder / NAMES_FILE).write_text("".join(f"{n}\n" for n in own))
+        names += own
+    return names
+
+
+def stores(n_stores: int, n_particles: int, locate_names: int, repeats: int) -> dict:
+    """Gather from per-extraction stores against one store; locating a merged STAR's particles."""
+    import tempfile
+
+    from common import proc_status_mb
+
+    from disca_tools.io.store import STORE_FILE, find_stores
+    from disca_tools.model.data import SubtomogramStore, gather
+
+    per_store = n_particles // n_stores
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        names = _write_stores(root, n_stores, per_store, fill=True)
+        merged = find_stores(names, folders=(), bases=(root,))
+        whole = np.lib.format.open_memmap(
+            root / STORE_FILE, mode="w+", dtype=np.float16, shape=merged.volumes.shape
+        )
+        for start in range(0, len(whole), 4096):  # the same rows in one file
+            whole[start : start + 4096] = merged.volumes[
+                np.arange(start, min(start + 4096, len(whole)))
+            ]
+        variants = {
+            "one store": SubtomogramStore(whole, names, root / STORE_FILE),
+            f"{n_stores} stores": SubtomogramStore(merged.volumes, merged.names, merged.paths[0]),
+        }
+        rows = merged.rows
+        order = np.random.default_rng(1).permutation(len(names))
+        batches = [order[i : i + 32] for i in range(0, len(order), 32)]
+        assert all(
+            np.array_equal(gather(variants["one store"], rows[b]),
+                           gather(next(reversed(variants.values())), rows[b]))
+            for b in batches[:8]
+        )  # fmt: skip
+
+        def epoch(store) -> None:
+            for b in batches:
+                gather(store, rows[b])
+
+        runs: dict[str, list[float]] = {name: [] for name in variants}
+        for store in variants.values():
+            epoch(store)  # warm-up: both read from the page cache after this
+        for _ in range(repeats):
+            for name, store in variants.items():
+                runs[name].append(timed(epoch, store)[0])
+        del whole, variants, merged
+        gather_rows = {
+            name: {"epoch_s": float(np.median(r)), "per_s": len(names) / float(np.median(r)), "runs_s": r}
+            for name, r in runs.items()
+        }  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        big = _write_stores(root, n_stores, locate_names // n_stores, fill=False)
+        star_order = list(np.random.default_rng(2).permutation(big))  # as a merged STAR lists them
+        del big
+        before = proc_status_mb("RssAnon") or 0.0
+        locate_s, found = timed(find_stores, star_order, (root / "Extract",), (root,))
+        grown = (proc_status_mb("RssAnon") or 0.0) - before
+        assert found is not None and len(found.paths) == n_stores
+        del found
+    out = {"stores": n_stores, "particles": per_store * n_stores, "gather": gather_rows,
+           "locate": {"names": len(star_order), "seconds": locate_s, "rss_growth_mb": grown}}  # fmt: skip
+    one, many = gather_rows.values()
+    out["gather_ratio"] = many["epoch_s"] / one["epoch_s"]
+    print(
+        f"gather of {out['particles']} subtomograms in batches of 32: one store {one['per_s']:.0f}/s, "
+        f"{n_stores} stores {many['per_s']:.0f}/s (time ×{out['gather_ratio']:.2f}); locating "
+        f"{len(star_order)} names in {n_stores} stores: {locate_s:.1f} s, +{grown:.0f} MiB",
+        flush=True,
+    )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -177,6 +280,9 @@ def main() -> None:
     ap.add_argument("--volumes", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--star-rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--stores", type=int, default=50)
+    ap.add_argument("--store-particles", type=int, default=20_000)
+    ap.add_argument("--locate-names", type=int, default=1_000_000)
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -188,6 +294,10 @@ def main() -> None:
         payload["rotation"] = rotation(args.volumes, args.repeats)
     if "star" in args.parts:
         payload["star"] = star_writing(args.star_rows, args.repeats)
+    if "stores" in args.parts:
+        payload["stores"] = stores(
+            args.stores, args.store_particles, args.locate_names, args.repeats
+        )
     print(f"saved {save_result('bench_em_parts', args.tag, payload)}")
 
 

@@ -29,7 +29,7 @@ import pandas as pd
 
 from .io.mrc import read_volume
 from .io.particles import CLASS, IMAGE, POSTERIOR
-from .io.store import NAMES_FILE, STORE_FILE, open_store
+from .io.store import find_stores
 from .runtime.errors import UserError, file_error
 from .runtime.log import logger, progress
 
@@ -233,14 +233,6 @@ def resolve_image_path(name: str, star_dir: Path) -> Path | None:
     return None
 
 
-def _fast_store(star_dir: Path) -> tuple[np.ndarray, dict[str, int]] | None:
-    found = open_store(star_dir)
-    if found is None:
-        return None
-    arr, names = found
-    return arr, {n: i for i, n in enumerate(names)}
-
-
 def class_averages(
     particles: pd.DataFrame,
     members: dict[int, np.ndarray],
@@ -248,28 +240,26 @@ def class_averages(
 ) -> dict[int, np.ndarray]:
     """Unaligned average subtomogram of each class, streaming one subtomogram at a time.
 
-    Uses the fast store beside ``star_path`` when every member is in it, else the ``.mrc`` files.
+    Reads the fast store(s) holding every member (beside ``star_path``, or those of the
+    extractions a merged STAR combines; :func:`find_stores`), else the ``.mrc`` files.
     """
     if IMAGE not in particles.columns:
         raise file_error(star_path, f"no {IMAGE} column: cannot average subtomograms")
     star_dir = Path(star_path).parent
-    store = _fast_store(star_dir)
     names = particles[IMAGE].astype(str).to_numpy()
-    if store is not None:
-        arr, index = store
-        if all(n in index for n in names[np.concatenate(list(members.values()))]):
-            logger.info("averaging from the fast store %s", star_dir / STORE_FILE)
-            out = {}
-            for c, rows in members.items():
-                acc = np.zeros(arr.shape[1:], np.float64)
-                for r in progress(rows, desc=f"class {c} average", unit="subtomo"):
-                    acc += arr[index[names[r]]]
-                out[c] = (acc / max(len(rows), 1)).astype(np.float32)
-            return out
-        logger.warning(
-            "%s does not list every particle; reading the .mrc files instead",
-            star_dir / NAMES_FILE,
-        )
+    used = np.concatenate(list(members.values()))
+    found = find_stores(names[used], folders=(star_dir,), bases=(Path("."), star_dir))
+    if found is not None:
+        logger.info("averaging from the fast store %s", ", ".join(map(str, found.paths)))
+        row_of = dict(zip(used.tolist(), found.rows.tolist(), strict=True))
+        out = {}
+        for c, rows in members.items():
+            acc = np.zeros(found.volumes.shape[1:], np.float64)
+            for r in progress(rows, desc=f"class {c} average", unit="subtomo"):
+                acc += found.volumes[row_of[int(r)]]
+            out[c] = (acc / max(len(rows), 1)).astype(np.float32)
+        return out
+    logger.info("no fast store lists every particle of %s: reading the .mrc files", star_path)
     out = {}
     for c, rows in members.items():
         acc = None
@@ -301,10 +291,9 @@ def averages_available(
     if IMAGE not in particles.columns or not len(particles):
         return False, f"no {IMAGE} column"
     star_dir = Path(star_path).parent
-    if _fast_store(star_dir) is not None:
-        return True, ""
     first = str(particles[IMAGE].iloc[0])
-    if resolve_image_path(first, star_dir) is None:
+    in_store = find_stores([first], folders=(star_dir,), bases=(Path("."), star_dir))
+    if in_store is None and resolve_image_path(first, star_dir) is None:
         return False, f"subtomogram {first} not found"
     return True, ""
 

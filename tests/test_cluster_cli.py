@@ -139,26 +139,25 @@ def test_init_model_fine_tunes_the_trained_network(project):
     assert accuracy_after_matching(truth, _classes("Tuned/clusters.star")) >= 0.9
 
 
-def test_model_assigns_new_particles_from_mrc_files(project):
-    # a STAR in another folder (no fast store there): the .mrc files are streamed into a store
-    Path("Other").mkdir(exist_ok=True)
-    shutil.copy("Sim/particles.star", "Other/particles.star")
-    args = [
-        "--i",
-        "Other/particles.star",
-        "--o",
-        "Assign",
-        "--model",
-        "Full",
-        "--precision",
-        "float32",
-        "-q",
-    ]
+@pytest.mark.parametrize("images", ["in_place", "mrc_files"])
+def test_model_assigns_new_particles_from_another_star(project, images):
+    """A STAR in another folder (no fast store beside it). Its images in Sim/ are read from Sim's
+    store in place; copies of them elsewhere (no store above them) are streamed into a store."""
+    other, out = Path(f"Other_{images}"), Path(f"Assign_{images}")
+    other.mkdir()
+    if images == "in_place":
+        shutil.copy("Sim/particles.star", other / "particles.star")
+    else:
+        shutil.copytree("Sim", "Copy", ignore=shutil.ignore_patterns("subtomograms*"))
+        _star_with(str(other / "particles.star"), lambda p: p.assign(
+            rlnImageName=p["rlnImageName"].str.replace("Sim/", "Copy/", regex=False)))  # fmt: skip
+    args = ["--i", str(other / "particles.star"), "--o", str(out), "--model", "Full",
+            "--precision", "float32", "-q"]  # fmt: skip
     assert C.main(args) == 0
-    assert Path("Assign/subtomograms.npy").is_file()
-    np.testing.assert_array_equal(_classes("Assign/clusters.star"), _classes("Full/clusters.star"))
+    assert (out / "subtomograms.npy").is_file() == (images == "mrc_files")
+    np.testing.assert_array_equal(_classes(out / "clusters.star"), _classes("Full/clusters.star"))
     np.testing.assert_allclose(
-        np.load("Assign/features.npy"), np.load("Full/features.npy"), rtol=1e-4, atol=1e-4
+        np.load(out / "features.npy"), np.load("Full/features.npy"), rtol=1e-4, atol=1e-4
     )
 
 

@@ -21,7 +21,8 @@ import pytest
 from helpers import relion_exe, working_directory
 
 from disca_tools.cli import cluster as C
-from disca_tools.io.mrc import write_volume
+from disca_tools.cli import split_star as S
+from disca_tools.io.mrc import read_volume, write_volume
 from disca_tools.io.star import read_particles
 from disca_tools.simulate.imaging import Imaging
 from disca_tools.simulate.tomogram import simulate_tomogram
@@ -141,6 +142,18 @@ def test_pick_extract_array_and_relion_merge(tomogram_project, slurm_env):
             "Tomograms/TS_02/TS_02.mrc",
         }
         assert Path("tomograms.txt").read_text().count("\n") == 3  # the list is left as it was
+        # disca_cluster and disca_split_star read the merged STAR from the per-tomogram stores
+        tiny = ["--k-candidates", "2-3", "--pca-dim", "2", "--width-scale", "0.1",
+                "--feature-dim", "16", "--max-iter", "1", "-q"]  # fmt: skip
+        assert C.main(["--i", "Extract/particles.star", "--o", "Cluster", *tiny]) == 0
+        assert not Path("Cluster/subtomograms.npy").exists()  # no second copy of the data
+        clusters = read_particles("Cluster/clusters.star").particles
+        assert list(clusters["rlnImageName"]) == list(merged.particles["rlnImageName"])
+        assert S.main(["--i", "Cluster/clusters.star", "--o", "Split", "-q"]) == 0
+        for cls, members in clusters.groupby("rlnClassNumber"):
+            mean = np.mean([read_volume(n)[0] for n in members["rlnImageName"]], axis=0)
+            average, _ = read_volume(f"Split/class_{cls:03d}_average.mrc")
+            assert np.allclose(average, mean, atol=1e-5)
         # a second submission would overwrite the first: refused before anything is submitted
         again = _bash("slurm_pick_extract.sh", "tomograms.txt", env=slurm_env)
         assert again.returncode == 2 and len(_jobs(slurm_env)) == 2

@@ -15,10 +15,12 @@ least one round of training is reported. Stops when K and ≥ 99 % of labels are
 iterations, or at --max-iter.
 
 Subtomograms come from the fast store beside the STAR file (subtomograms.npy +
-subtomograms_names.txt, as written by disca_extract / disca_simulate) or from the rlnImageName .mrc
-files (relative to the working directory, then to the STAR file's folder), which are copied once
-into DIR/subtomograms.npy so that training streams from a memmap. Each volume is normalised to zero
-mean and unit variance.
+subtomograms_names.txt, as written by disca_extract / disca_simulate); for a STAR that merges
+several extractions (Extract/particles.star from examples/slurm_pick_extract.sh), from the stores
+of those extractions (Extract/<tomogram>/subtomograms.npy), read in place; else from the
+rlnImageName .mrc files (relative to the working directory, then to the STAR file's folder), which
+are copied once into DIR/subtomograms.npy so that training streams from a memmap. Each volume is
+normalised to zero mean and unit variance.
 
 Outputs in DIR:
   clusters.star       the input table (every column, same STAR flavour) + rlnClassNumber (1-based)

@@ -9,7 +9,8 @@ Writes, in --o (run from the RELION project directory: paths inside STAR files s
                             5 particles out, plus class_NNN_optimisation_set.star naming the tomograms)
   class_NNN_average.mrc     unaligned average of the class's subtomograms: a low-resolution starting
                             reference for relion_refine (from the fast store subtomograms.npy beside the
-                            STAR when present, else from the rlnImageName .mrc files)
+                            STAR, or the stores of the extractions a merged STAR combines, else
+                            from the rlnImageName .mrc files)
   classes.tsv               class, merged_from, size, size_before_probability_cut, mean_posterior, status
   next_steps.txt            the RELION commands to run next (also logged)
 

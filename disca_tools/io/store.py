@@ -3,11 +3,15 @@
 ``subtomograms.npy`` is a plain ``np.save`` array of shape ``(N, S, S, S)`` (float32, or float16),
 memory-mappable; ``subtomograms_names.txt`` holds the ``rlnImageName`` of each row, one per line.
 ``disca_extract`` and ``disca_simulate`` write it beside their ``particles.star``; ``disca_cluster`` and
-``disca_split_star`` stream from it.
+``disca_split_star`` stream from it, or from several (:func:`find_stores`) when a STAR file merges the
+particles of several extractions (one per tomogram on a cluster).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +44,126 @@ def open_store(folder: str | Path) -> tuple[np.ndarray, list[str]] | None:
             names_path, f"{len(names)} names for {vols.shape[0]} subtomograms in {vol_path.name}"
         )
     return vols, names
+
+
+class StackedVolumes:
+    """Several stores' ``(M_i, S, S, S)`` arrays read as one ``(ΣM_i, S, S, S)`` array, never copied.
+
+    Row ``offsets[p] + j`` is row ``j`` of store ``p``. Indexing takes an int, a slice or an integer
+    array (reads in ascending order are kindest to the memmaps); the result has the stores' common
+    dtype (float32 when float16 and float32 stores are mixed).
+    """
+
+    ndim = 4
+
+    def __init__(self, arrays: Sequence[np.ndarray], paths: Sequence[Path]) -> None:
+        self.arrays = list(arrays)
+        self.paths = list(paths)
+        self.offsets = np.concatenate([[0], np.cumsum([len(a) for a in self.arrays])]).astype(
+            np.int64
+        )
+        self.dtype = np.result_type(*(a.dtype for a in self.arrays))
+        self.shape = (int(self.offsets[-1]), *self.arrays[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def part_of(self, rows: np.ndarray | int) -> np.ndarray:
+        """Index of the store holding each row."""
+        return np.searchsorted(self.offsets, rows, side="right") - 1
+
+    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            row = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= row < len(self):
+                raise IndexError(f"row {key} out of range for {len(self)} subtomograms")
+            p = int(self.part_of(row))
+            return np.asarray(self.arrays[p][row - self.offsets[p]], dtype=self.dtype)
+        rows = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= len(self))):
+            raise IndexError(f"rows must be a 1-D array within 0..{len(self) - 1}")
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        parts = self.part_of(rows)
+        for p in np.unique(parts):
+            take = parts == p
+            out[take] = self.arrays[p][rows[take] - self.offsets[p]]
+        return out
+
+
+@dataclass(frozen=True)
+class FoundStores:
+    """The store(s) holding a list of subtomograms: their volumes as one array, every row's name,
+    the row of each requested name, and the store files (one, or one per contributing store)."""
+
+    volumes: np.ndarray | StackedVolumes
+    names: list[str]
+    rows: np.ndarray
+    paths: list[Path]
+
+
+def _ancestor_folders(names: Sequence[str]) -> list[str]:
+    """Every folder above the image files (``a/b/c.mrc`` gives ``a/b`` and ``a``), sorted."""
+    found: set[str] = set()
+    for d in {os.path.dirname(n) for n in names}:
+        while d and d not in found and d != os.path.dirname(d):
+            found.add(d)
+            d = os.path.dirname(d)
+    return sorted(found)
+
+
+def find_stores(
+    names: Sequence[str], folders: Sequence[Path], bases: Sequence[Path]
+) -> FoundStores | None:
+    """The fast store(s) holding every named subtomogram (``rlnImageName``), or None.
+
+    First one store in ``folders`` (beside the STAR file, say) that lists every name. Else the stores
+    in the folders above the image files, each resolved against ``bases`` (the project directory,
+    the STAR's folder): a STAR that merges the per-tomogram ``particles.star`` of ``disca_extract``
+    (``Extract/<tomogram>/subtomograms.npy``) is read from those stores in place, not copied. Only
+    stores that hold one of the names take part; a name in several is read from the first (in
+    sorted folder order). Stores of different box sizes are a UserError naming the file.
+    """
+    wanted = [str(n) for n in names]
+    for folder in folders:
+        found = open_store(folder)
+        if found is not None:
+            index = {n: i for i, n in enumerate(found[1])}
+            rows = [index.get(n) for n in wanted]
+            if all(r is not None for r in rows):
+                return FoundStores(
+                    found[0], found[1], np.asarray(rows, np.int64), [Path(folder) / STORE_FILE]
+                )
+    candidates: list[Path] = []
+    seen: set[Path] = set()
+    for rel in _ancestor_folders(wanted):
+        for base in bases:
+            folder = Path(base) / rel
+            if (folder / STORE_FILE).is_file() and folder.resolve() not in seen:
+                seen.add(folder.resolve())
+                candidates.append(folder)
+    needed = set(wanted)
+    index: dict[str, int] = {}
+    arrays, all_names, paths = [], [], []
+    for folder in candidates:
+        found = open_store(folder)
+        if found is None or not any(n in needed and n not in index for n in found[1]):
+            continue
+        vols, store_names = found
+        if arrays and vols.shape[1:] != arrays[0].shape[1:]:
+            raise file_error(
+                folder / STORE_FILE,
+                f"subtomograms of {vols.shape[1]}³ voxels, where {paths[0]} has "
+                f"{arrays[0].shape[1]}³: the particles must share one box size",
+            )
+        for i, n in enumerate(store_names):
+            index.setdefault(n, len(all_names) + i)
+        arrays.append(vols)
+        all_names.extend(store_names)
+        paths.append(folder / STORE_FILE)
+    rows = [index.get(n) for n in wanted]
+    if not arrays or any(r is None for r in rows):
+        return None
+    volumes = arrays[0] if len(arrays) == 1 else StackedVolumes(arrays, paths)
+    return FoundStores(volumes, all_names, np.asarray(rows, np.int64), paths)

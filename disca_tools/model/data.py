@@ -3,10 +3,11 @@
 The store
     ``subtomograms.npy`` (``np.save`` of an (M, S, S, S) float32/float16 array, opened as a memmap)
     plus ``subtomograms_names.txt`` (the ``rlnImageName`` of each row). ``disca_extract`` and
-    ``disca_simulate`` write one beside their particles.star; when a STAR file has none (or it does
-    not cover every particle), :func:`load_particle_volumes` streams the per-particle ``.mrc`` files
-    into a store in the output folder once, so that epochs read from a memmap. Only one batch of
-    volumes is ever in memory.
+    ``disca_simulate`` write one beside their particles.star; a STAR that merges several
+    extractions is read from their stores in place. When no store covers every particle,
+    :func:`load_particle_volumes` streams the per-particle ``.mrc`` files into a store in the
+    output folder once, so that epochs read from a memmap. Only one batch of volumes is ever in
+    memory.
 
 Batches
     Every volume is normalised on the fly to zero mean and unit standard deviation (per volume).
@@ -33,7 +34,7 @@ import numpy as np
 from ..geometry import random_rotations
 from ..io.mrc import read_info, read_volume
 from ..io.particles import IMAGE, ParticleTable
-from ..io.store import NAMES_FILE, STORE_FILE
+from ..io.store import NAMES_FILE, STORE_FILE, StackedVolumes, find_stores
 from ..io.store import open_store as read_fast_store
 from ..runtime.errors import UserError, file_error
 from ..runtime.log import check_abort, logger, progress
@@ -43,9 +44,13 @@ _CHUNK = 256
 
 @dataclass
 class SubtomogramStore:
-    """A memory-mapped (M, S, S, S) array of subtomograms and the image name of each row."""
+    """A memory-mapped (M, S, S, S) array of subtomograms and the image name of each row.
 
-    volumes: np.ndarray
+    ``volumes`` is one store's memmap, or several stores read as one (:class:`StackedVolumes`);
+    ``path`` is the (first) store file.
+    """
+
+    volumes: np.ndarray | StackedVolumes
     names: list[str]
     path: Path
 
@@ -56,6 +61,13 @@ class SubtomogramStore:
     def __len__(self) -> int:
         return int(self.volumes.shape[0])
 
+    def source(self, row: int) -> str:
+        """The store file and image name of a row, for messages."""
+        path = self.path
+        if isinstance(self.volumes, StackedVolumes):
+            path = self.volumes.paths[int(self.volumes.part_of(row))]
+        return f"{path} ({self.names[row]})"
+
 
 def open_store(folder: str | Path) -> SubtomogramStore | None:
     """Open the fast store in ``folder`` (None when there is none)."""
@@ -64,15 +76,6 @@ def open_store(folder: str | Path) -> SubtomogramStore | None:
         return None
     vols, names = found
     return SubtomogramStore(vols, names, Path(folder) / STORE_FILE)
-
-
-def store_rows(store: SubtomogramStore, image_names: list[str]) -> np.ndarray | None:
-    """Store row of each image name, or None if some name is not in the store."""
-    index = {n: i for i, n in enumerate(store.names)}
-    rows = [index.get(str(n)) for n in image_names]
-    if any(r is None for r in rows):
-        return None
-    return np.asarray(rows, dtype=np.int64)
 
 
 def resolve_image_paths(image_names: list[str], star_path: str | Path) -> list[Path]:
@@ -119,7 +122,7 @@ def validate_store(store: SubtomogramStore, rows: np.ndarray) -> None:
         range(0, len(order), _CHUNK), total=-(-len(order) // _CHUNK), desc="checking"
     ):
         r = order[start : start + _CHUNK]
-        _check_volumes(store.volumes[r], [f"{store.path} ({store.names[i]})" for i in r])
+        _check_volumes(store.volumes[r], [store.source(i) for i in r])
 
 
 def build_store(
@@ -188,7 +191,8 @@ def locate_particle_volumes(
     """Find the subtomograms of a particle table without writing anything.
 
     The fast store beside the STAR file when it covers every particle, else a store already built
-    in ``work_dir`` for the same images, else the rlnImageName .mrc files (all must exist).
+    in ``work_dir`` for the same images, else the stores of the extractions a merged STAR combines
+    (:func:`disca_tools.io.store.find_stores`), else the rlnImageName .mrc files (all must exist).
     """
     if IMAGE not in table.particles.columns:
         raise file_error(
@@ -197,12 +201,11 @@ def locate_particle_volumes(
     names = [str(n) for n in table.particles[IMAGE]]
     if not names:
         raise file_error(star_path, "no particles")
-    for folder in (Path(star_path).parent, Path(work_dir)):
-        store = open_store(folder)
-        if store is not None:
-            rows = store_rows(store, names)
-            if rows is not None:
-                return ParticleVolumes(store.box, store=store, rows=rows)
+    star_dir = Path(star_path).parent
+    found = find_stores(names, folders=(star_dir, Path(work_dir)), bases=(Path("."), star_dir))
+    if found is not None:
+        store = SubtomogramStore(found.volumes, found.names, found.paths[0])
+        return ParticleVolumes(store.box, store=store, rows=found.rows)
     paths = resolve_image_paths(names, star_path)
     shape = read_info(paths[0]).shape_zyx
     if len(set(shape)) != 1:
@@ -223,7 +226,13 @@ def load_particle_volumes(
     """
     loc = located or locate_particle_volumes(table, star_path, work_dir)
     if loc.store is not None:
-        logger.info("Reading subtomograms from %s", loc.store.path)
+        vols = loc.store.volumes
+        n_stores = len(vols.paths) if isinstance(vols, StackedVolumes) else 1
+        logger.info(
+            "Reading subtomograms from %s%s",
+            loc.store.path,
+            f" and {n_stores - 1} more stores (one per extraction)" if n_stores > 1 else "",
+        )
         validate_store(loc.store, loc.rows)
         return loc.store, loc.rows
     logger.info("Building a subtomogram store in %s from %d MRC files", work_dir, len(loc.paths))
