@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 from common import save_result, timed  # noqa: E402
@@ -146,10 +147,7 @@ def star_writing(sizes: list[int], repeats: int) -> list[dict]:
     from disca_tools.cli.cluster import write_clusters
     from disca_tools.io.star import read_particles
 
-    source = (
-        Path(__file__).resolve().parent.parent
-        / "tests/data/star/relion3/refine_relion31_optics.star"
-    )
+    source = ROOT / "tests/data/star/relion3/refine_relion31_optics.star"
     base = read_particles(source)
     rows = []
     for n in sizes:

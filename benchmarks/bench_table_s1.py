@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import save_result  # noqa: E402
+from common import add_input_dropout_argument, save_result  # noqa: E402
 from table_s1_cell import (  # noqa: E402
     PAPER,
     STRUCTURES,
@@ -155,12 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-clusters", type=int, default=0, help="disca_cluster --train-clusters")
     ap.add_argument("--calibrate-bn", action="store_true", help="disca_cluster --calibrate-bn")
     ap.add_argument("--init-epochs", type=int, default=0, help="disca_cluster --init-epochs")
-    ap.add_argument(
-        "--input-dropout",
-        type=float,
-        default=EMConfig.input_dropout,
-        help="disca_cluster --input-dropout",
-    )
+    add_input_dropout_argument(ap)
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     from disca_tools.runtime.log import configure

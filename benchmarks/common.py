@@ -7,6 +7,7 @@ records the machine and the library versions, because speed and seeded results d
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import sys
@@ -84,3 +85,15 @@ def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi)
     return Path(path)
+
+
+def add_input_dropout_argument(ap: argparse.ArgumentParser) -> None:
+    """``--input-dropout``, as ``disca_cluster`` takes it (YOPO's input GaussianDropout rate)."""
+    from disca_tools.cluster.config import EMConfig
+
+    ap.add_argument(
+        "--input-dropout",
+        type=float,
+        default=EMConfig.input_dropout,
+        help="disca_cluster --input-dropout",
+    )
