@@ -250,7 +250,8 @@ def class_averages(
     used = np.concatenate(list(members.values()))
     found = find_stores(names[used], folders=(star_dir,), bases=(Path("."), star_dir))
     if found is not None:
-        logger.info("averaging from the fast store %s", ", ".join(map(str, found.paths)))
+        plural = "s" if len(found.paths) > 1 else ""
+        logger.info("averaging from the fast store%s %s", plural, ", ".join(map(str, found.paths)))
         row_of = dict(zip(used.tolist(), found.rows.tolist(), strict=True))
         out = {}
         for c, rows in members.items():
