@@ -12,7 +12,9 @@
 # the array (this file again, with --task) and a merge job that starts once every task has
 # succeeded (afterok). The merge is RELION's own `relion_star_handler --combine` (set
 # RELION_STAR_HANDLER, e.g. to "module load relion; relion_star_handler", where it is not on the
-# PATH of the compute nodes); it writes Extract/particles.star for disca_cluster and RELION.
+# PATH of the compute nodes); it writes Extract/particles.star for disca_cluster and RELION
+# (disca_cluster and disca_split_star read its subtomograms from the per-tomogram stores
+# Extract/<name>/subtomograms.npy in place: keep those folders where they are).
 #
 # Settings (environment): DIAMETER particle diameter in Å (250), BOX subtomogram box in voxels
 # after binning (24), BIN (1), PICK_ARGS / EXTRACT_ARGS more options for disca_pick /
