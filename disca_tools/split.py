@@ -252,12 +252,13 @@ def class_averages(
     if found is not None:
         plural = "s" if len(found.paths) > 1 else ""
         logger.info("averaging from the fast store%s %s", plural, ", ".join(map(str, found.paths)))
-        row_of = dict(zip(used.tolist(), found.rows.tolist(), strict=True))
+        store_row = np.empty(len(names), np.int64)
+        store_row[used] = found.rows
         out = {}
         for c, rows in members.items():
             acc = np.zeros(found.volumes.shape[1:], np.float64)
-            for r in progress(rows, desc=f"class {c} average", unit="subtomo"):
-                acc += found.volumes[row_of[int(r)]]
+            for r in progress(store_row[rows], desc=f"class {c} average", unit="subtomo"):
+                acc += found.volumes[r]
             out[c] = (acc / max(len(rows), 1)).astype(np.float32)
         return out
     logger.info("no fast store lists every particle of %s: reading the .mrc files", star_path)

@@ -126,8 +126,16 @@ def find_stores(
     sorted folder order). Stores of different box sizes are a UserError naming the file.
     """
     wanted = [str(n) for n in names]
+    opened: dict[Path, tuple[np.ndarray, list[str]] | None] = {}
+
+    def open_once(folder: Path) -> tuple[np.ndarray, list[str]] | None:
+        key = Path(folder).resolve()  # the STAR's folder can also be above its images
+        if key not in opened:
+            opened[key] = open_store(folder)
+        return opened[key]
+
     for folder in folders:
-        found = open_store(folder)
+        found = open_once(folder)
         if found is not None:
             index = {n: i for i, n in enumerate(found[1])}
             rows = [index.get(n) for n in wanted]
@@ -147,7 +155,7 @@ def find_stores(
     index: dict[str, int] = {}
     arrays, all_names, paths = [], [], []
     for folder in candidates:
-        found = open_store(folder)
+        found = open_once(folder)
         if found is None or not any(n in needed and n not in index for n in found[1]):
             continue
         vols, store_names = found
