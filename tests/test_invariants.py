@@ -26,11 +26,33 @@ def test_grid_rotation_leaves_descriptors_unchanged():
     v = _smooth_volume(0, 25)
     turned = np.rot90(v, k=1, axes=(1, 2)).copy()  # about z, centre (12, 12)
     a, b = rotation_invariant_descriptors(np.stack([v, turned]))
-    assert a.shape == (shell_descriptor_size(25, 6),) == (11 * 7,)  # shells r = 1 … 11
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # shells r = 1 … 11: 11 means, then 66 shell pairs for each of l = 1 … 6
+    assert a.shape == (shell_descriptor_size(25, 6),) == (11 + 6 * 66,)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     const = rotation_invariant_descriptors(np.full((1, 25, 25, 25), 3.0, np.float32))[0]
-    np.testing.assert_allclose(const[::7], 3.0, rtol=1e-5)  # shell means
-    np.testing.assert_allclose(np.delete(const, np.s_[::7]), 0.0, atol=1e-5)  # no l ≥ 1 power
+    np.testing.assert_allclose(const[:11], 3.0, rtol=1e-5)  # shell means
+    np.testing.assert_allclose(const[11:], 0.0, atol=1e-5)  # no l ≥ 1 power
+
+
+def test_cross_shell_power_sees_shells_turned_against_each_other():
+    """Turn the inner ball of a volume by 90° about z against the rest: every shell's own power is
+    unchanged (each shell is turned as a whole), but the pairs of an inner and an outer shell are
+    not, so only the cross-shell terms tell the two volumes apart."""
+    v = _smooth_volume(6, 25)
+    z, y, x = np.indices(v.shape) - 12
+    inner = np.sqrt(x**2 + y**2 + z**2) < 7.5
+    twisted = np.where(inner, np.rot90(v, k=1, axes=(1, 2)), v)
+    a, b = rotation_invariant_descriptors(np.stack([v, twisted]))
+    r, s = np.triu_indices(11)
+    r, s = r + 1, s + 1  # the shell radii of each pair, r ≤ s
+    # trilinear samples of shell r reach voxels within r + √3: r ≤ 5 all inner, r ≥ 10 all outer
+    same_side = ((r <= 5) & (s <= 5)) | (r >= 10)
+    across = (r <= 5) & (s >= 10)
+    blocks = [slice(11 + 66 * deg, 11 + 66 * (deg + 1)) for deg in range(6)]  # l = 1 … 6
+    for block in blocks:
+        np.testing.assert_allclose(a[block][same_side], b[block][same_side], rtol=1e-4, atol=1e-5)
+    changed = np.concatenate([np.abs(a[block] - b[block])[across] for block in blocks])
+    assert changed.mean() > 0.2 * np.abs(a[11:]).mean()
 
 
 def test_any_rotation_changes_descriptors_far_less_than_a_different_volume():

@@ -8,11 +8,17 @@ and cannot learn labels that follow orientation. PCA of the raw voxels is not ro
 For each spherical shell of radius r = 1 … S/2 − 1 voxels about the box centre (``S // 2``, the
 rotation centre of RELION and of the training augmentation), the volume is sampled on a
 Gauss–Legendre × uniform grid of the sphere (trilinear interpolation) and expanded in spherical
-harmonics up to degree ``l_max``. The descriptor is the shell mean (the radial density profile, with
-its sign) and, for every degree l ≥ 1, the root of the shell's power in that degree,
-``sqrt(Σ_m |c_lm(r)|²)``, which a rotation leaves unchanged (Kazhdan, Funkhouser & Rusinkiewicz,
-SGP 2003). The missing wedge is fixed in the microscope frame, so the descriptors of one structure
-still vary a little with its orientation; the noise adds a constant expected power to every shell.
+harmonics up to degree ``l_max``: coefficients ``c_lm(r)``. A rotation turns the coefficients of
+degree l of every shell by the same unitary matrix (the Wigner D-matrix of degree l), so for any two
+shells r ≤ r′ the cross power ``p_l(r, r′) = Σ_m c_lm(r) conj(c_lm(r′))`` is unchanged by it. The
+descriptor is the shell means (the radial density profile, with its sign) and, for every degree
+l ≥ 1 and every pair of shells, ``sign(p) · sqrt(|p|)`` (a root, so that it scales with the density
+as the means do). The diagonal r = r′ is the shell's power in degree l (Kazhdan, Funkhouser &
+Rusinkiewicz, SGP 2003); the pairs r ≠ r′ add how the shells are turned relative to one another
+(the radial "power spectrum" of the SOAP descriptor: Bartók, Kondor & Csányi, Phys. Rev. B 87,
+184115, 2013), which the per-shell powers lose, and noise independent between shells adds nothing
+to their expectation. The missing wedge is fixed in the microscope frame, so the descriptors of one
+structure still vary a little with its orientation.
 
 :func:`fourier_invariant_descriptors` does the same on the log power spectrum (shells of spatial
 frequency about the origin). A power spectrum does not change when the particle is shifted, so these
@@ -77,7 +83,8 @@ def _trilinear(vols: np.ndarray, points_zyx: np.ndarray) -> np.ndarray:
 
 def shell_descriptor_size(box: int, l_max: int) -> int:
     """Length of :func:`rotation_invariant_descriptors` for a ``box``³ volume."""
-    return (box // 2 - 1) * (1 + l_max)
+    shells = box // 2 - 1
+    return shells + l_max * shells * (shells + 1) // 2
 
 
 def fourier_descriptor_size(box: int, l_max: int) -> int:
@@ -92,29 +99,40 @@ def _check_cubic(vols: np.ndarray) -> np.ndarray:
     return vols
 
 
-def _shell_expansions(grids: np.ndarray, l_max: int, degrees: range):
-    """Per shell r = 1 … S/2 − 1 about voxel S // 2 of ``grids`` (B, S, S, S): the shell mean (B,)
-    and the amplitude ``sqrt(Σ_m |c_lm|²)`` of each of ``degrees`` (B, len(degrees))."""
+def _shell_coefficients(grids: np.ndarray, l_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per shell r = 1 … S/2 − 1 about voxel S // 2 of ``grids`` (B, S, S, S): the shell means
+    (B, R) and the spherical-harmonic coefficients of degrees 1 … ``l_max`` (B, R, M)."""
     s = grids.shape[-1]
     dirs, weights, basis = _sphere_grid(l_max)
-    degree_of = np.concatenate([[deg] * (2 * deg + 1) for deg in range(1, l_max + 1)])
-    out = []
+    means, coefs = [], []
     for r in range(1, s // 2):
         f = _trilinear(grids, s // 2 + r * dirs[:, ::-1])  # (x, y, z) → (z, y, x) indices
-        mean = (f @ weights) / (4 * np.pi)
-        power = np.abs((f * weights) @ basis) ** 2  # (B, M)
-        amp = [np.sqrt(power[:, degree_of == deg].sum(axis=1)) for deg in degrees]
-        out.append(np.stack([mean, *amp], axis=1))
-    return np.concatenate(out, axis=1).astype(np.float32)
+        means.append((f @ weights) / (4 * np.pi))
+        coefs.append((f * weights) @ basis)
+    return np.stack(means, axis=1), np.stack(coefs, axis=1)
+
+
+def _degree_slices(l_max: int) -> list[slice]:
+    """Columns of each degree 1 … ``l_max`` in :func:`_sphere_grid`'s basis."""
+    return [slice(deg * deg - 1, (deg + 1) ** 2 - 1) for deg in range(1, l_max + 1)]
 
 
 def rotation_invariant_descriptors(vols: np.ndarray, l_max: int = 6) -> np.ndarray:
-    """Shell means and per-degree spherical-harmonic amplitudes of ``vols`` (B, S, S, S): (B, F).
+    """Shell means and signed roots of the cross-shell spherical-harmonic power of ``vols``
+    (B, S, S, S): (B, F), F = :func:`shell_descriptor_size`.
 
-    F = (S/2 − 1) · (1 + l_max), ordered shell by shell: [mean, amplitude l=1, …, l=l_max].
+    Ordered [the R = S/2 − 1 shell means, then for l = 1 … ``l_max`` the pairs r ≤ r′ in
+    ``np.triu_indices(R)`` order].
     """
     vols = _check_cubic(vols)
-    return _shell_expansions(vols, l_max, range(1, l_max + 1))
+    means, coefs = _shell_coefficients(vols, l_max)
+    pairs = np.triu_indices(coefs.shape[1])
+    out = [means]
+    for cols in _degree_slices(l_max):
+        c = coefs[:, :, cols]
+        cross = np.einsum("brm,bsm->brs", c, c.conj()).real[:, pairs[0], pairs[1]]
+        out.append(np.sign(cross) * np.sqrt(np.abs(cross)))
+    return np.concatenate(out, axis=1).astype(np.float32)
 
 
 def fourier_invariant_descriptors(vols: np.ndarray, l_max: int = 6) -> np.ndarray:
@@ -128,7 +146,9 @@ def fourier_invariant_descriptors(vols: np.ndarray, l_max: int = 6) -> np.ndarra
     power = np.abs(scipy.fft.fftn(vols.astype(np.float32), axes=(1, 2, 3), workers=-1)) ** 2
     power += 0.01 * power.mean(axis=(1, 2, 3), keepdims=True)
     log_power = np.fft.fftshift(np.log(power), axes=(1, 2, 3))  # frequency 0 at voxel S // 2
-    return _shell_expansions(log_power, l_max, range(2, l_max + 1, 2))
+    means, coefs = _shell_coefficients(log_power, l_max)
+    amps = [np.linalg.norm(coefs[:, :, cols], axis=2) for cols in _degree_slices(l_max)[1::2]]
+    return np.stack([means, *amps], axis=2).reshape(len(vols), -1).astype(np.float32)
 
 
 def invariant_features(store, rows: np.ndarray, l_max: int = 6, batch: int = 256) -> np.ndarray:
