@@ -154,27 +154,33 @@ def fourier_invariant_descriptors(vols: np.ndarray, l_max: int = 6) -> np.ndarra
 def invariant_features(store, rows: np.ndarray, l_max: int = 6, batch: int = 256) -> np.ndarray:
     """:func:`rotation_invariant_descriptors` and :func:`fourier_invariant_descriptors` of the
     normalised store ``rows``, streamed, side by side, with every column standardised (zero mean,
-    unit s.d.): ``(N, F)`` float64."""
+    unit s.d.): ``(N, F)`` float64, filled and standardised in place (no second copy)."""
     from ..model.data import gather
 
     rows = np.asarray(rows)
-    parts = []
+    out = None
     for start in range(0, len(rows), batch):
         check_abort()
         vols = gather(store, rows[start : start + batch])
-        parts.append(
-            np.hstack(
-                [
-                    rotation_invariant_descriptors(vols, l_max),
-                    fourier_invariant_descriptors(vols, l_max),
-                ]
-            )
+        part = np.hstack(
+            [
+                rotation_invariant_descriptors(vols, l_max),
+                fourier_invariant_descriptors(vols, l_max),
+            ]
         )
-    return standardise_columns(np.concatenate(parts))
+        if out is None:
+            out = np.empty((len(rows), part.shape[1]), np.float64)
+        out[start : start + len(part)] = part
+    return _standardise_in_place(out)
 
 
 def standardise_columns(x: np.ndarray) -> np.ndarray:
     """``x`` (N, F) with every column at zero mean and unit s.d. (constant columns: zero), float64."""
-    x = np.asarray(x, dtype=np.float64)
+    return _standardise_in_place(np.array(x, dtype=np.float64))
+
+
+def _standardise_in_place(x: np.ndarray) -> np.ndarray:
     sd = x.std(axis=0)
-    return (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    x -= x.mean(axis=0)
+    x /= np.where(sd > 0, sd, 1.0)
+    return x
