@@ -3,11 +3,13 @@
 Runs ``disca_tools.cluster.em.run_em`` on a Table S1-style simulated set and records, at every
 iteration, the K the mixtures chose and its homogeneity against the truth, and how separable the
 (PCA-reduced) features are: homogeneity of k-means with the true K. The loop itself is unchanged;
-the probe only wraps its mixture-selection call to look at its input and output.
+the probe only wraps its mixture-selection call to look at its input and output. ``--init-k K`` is
+an oracle on K: iteration 0 fits K components only (later iterations choose K by BIC as usual), to
+ask what the loop does with the right number of clusters to start from.
 
     python benchmarks/probe_em_dynamics.py [--n-per-class 200] [--snr 0.1] \\
         [--snr-convention volume|aitom] [--init network|voxels] [--max-iter 4] [--tag T] \\
-        [--set key=value ...]   (any EMConfig field, e.g. --set lr=3e-4 --set pca_dim=8)
+        [--set key=value ...]   (any EMConfig field, e.g. --set lr=3e-4 --set pca_dim=8) [--init-k K]
 
 Prints a table and saves benchmarks/results/probe_em_dynamics[_TAG].json.
 """
@@ -48,6 +50,20 @@ def _value(text: str):
     return text
 
 
+def _force_first_k(k: int) -> None:
+    """Make the loop's first mixture selection (iteration 0) fit ``k`` components only."""
+    select = em.select_mixture
+    calls = []
+
+    def first_at_k(x, k_candidates, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            k_candidates = [k]
+        return select(x, k_candidates, *args, **kwargs)
+
+    em.select_mixture = first_at_k
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_cell_arguments(ap)
@@ -55,7 +71,10 @@ def main() -> None:
     ap.add_argument("--max-iter", type=int, default=4)
     ap.add_argument("--init", default="network")
     ap.add_argument("--set", action="append", default=[], help="EMConfig field=value")
+    ap.add_argument("--init-k", type=int, default=0, help="oracle: iteration 0 fits this K only")
     args = ap.parse_args()
+    if args.init_k:
+        _force_first_k(args.init_k)
     from disca_tools.runtime.log import configure
 
     configure()
