@@ -29,7 +29,7 @@ import pandas as pd
 
 from .io.mrc import read_volume
 from .io.particles import CLASS, IMAGE, POSTERIOR
-from .io.store import find_stores
+from .io.store import find_star_stores
 from .runtime.errors import UserError, file_error
 from .runtime.log import logger, progress
 
@@ -241,14 +241,14 @@ def class_averages(
     """Unaligned average subtomogram of each class, streaming one subtomogram at a time.
 
     Reads the fast store(s) holding every member (beside ``star_path``, or those of the
-    extractions a merged STAR combines; :func:`find_stores`), else the ``.mrc`` files.
+    extractions a merged STAR combines; :func:`find_star_stores`), else the ``.mrc`` files.
     """
     if IMAGE not in particles.columns:
         raise file_error(star_path, f"no {IMAGE} column: cannot average subtomograms")
     star_dir = Path(star_path).parent
     names = particles[IMAGE].astype(str).to_numpy()
     used = np.concatenate(list(members.values()))
-    found = find_stores(names[used], folders=(star_dir,), bases=(Path("."), star_dir))
+    found = find_star_stores(names[used], star_path)
     if found is not None:
         plural = "s" if len(found.paths) > 1 else ""
         logger.info("averaging from the fast store%s %s", plural, ", ".join(map(str, found.paths)))
@@ -294,7 +294,7 @@ def averages_available(
         return False, f"no {IMAGE} column"
     star_dir = Path(star_path).parent
     first = str(particles[IMAGE].iloc[0])
-    in_store = find_stores([first], folders=(star_dir,), bases=(Path("."), star_dir))
+    in_store = find_star_stores([first], star_path)
     if in_store is None and resolve_image_path(first, star_dir) is None:
         return False, f"subtomogram {first} not found"
     return True, ""

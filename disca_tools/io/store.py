@@ -175,3 +175,13 @@ def find_stores(
         return None
     volumes = arrays[0] if len(arrays) == 1 else StackedVolumes(arrays, paths)
     return FoundStores(volumes, all_names, np.asarray(rows, np.int64), paths)
+
+
+def find_star_stores(
+    names: Sequence[str], star_path: str | Path, also_in: Sequence[Path] = ()
+) -> FoundStores | None:
+    """:func:`find_stores` for the particles of the STAR file ``star_path``: a store beside it (or in
+    ``also_in``), else the stores above the image files, whose paths resolve as RELION resolves
+    ``rlnImageName``: against the working directory (the project), then the STAR's folder."""
+    star_dir = Path(star_path).parent
+    return find_stores(names, folders=(star_dir, *also_in), bases=(Path("."), star_dir))

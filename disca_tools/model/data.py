@@ -34,7 +34,7 @@ import numpy as np
 from ..geometry import random_rotations
 from ..io.mrc import read_info, read_volume
 from ..io.particles import IMAGE, ParticleTable
-from ..io.store import NAMES_FILE, STORE_FILE, StackedVolumes, find_stores
+from ..io.store import NAMES_FILE, STORE_FILE, StackedVolumes, find_star_stores
 from ..io.store import open_store as read_fast_store
 from ..runtime.errors import UserError, file_error
 from ..runtime.log import check_abort, logger, progress
@@ -192,7 +192,7 @@ def locate_particle_volumes(
 
     The fast store beside the STAR file when it covers every particle, else a store already built
     in ``work_dir`` for the same images, else the stores of the extractions a merged STAR combines
-    (:func:`disca_tools.io.store.find_stores`), else the rlnImageName .mrc files (all must exist).
+    (:func:`disca_tools.io.store.find_star_stores`), else the rlnImageName .mrc files (all must exist).
     """
     if IMAGE not in table.particles.columns:
         raise file_error(
@@ -201,8 +201,7 @@ def locate_particle_volumes(
     names = [str(n) for n in table.particles[IMAGE]]
     if not names:
         raise file_error(star_path, "no particles")
-    star_dir = Path(star_path).parent
-    found = find_stores(names, folders=(star_dir, Path(work_dir)), bases=(Path("."), star_dir))
+    found = find_star_stores(names, star_path, also_in=(Path(work_dir),))
     if found is not None:
         store = SubtomogramStore(found.volumes, found.names, found.paths[0])
         return ParticleVolumes(store.box, store=store, rows=found.rows)
