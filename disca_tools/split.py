@@ -29,6 +29,7 @@ import pandas as pd
 
 from .io.mrc import read_volume
 from .io.particles import CLASS, IMAGE, POSTERIOR
+from .io.star import resolve_image_name
 from .io.store import find_star_stores
 from .runtime.errors import UserError, file_error
 from .runtime.log import logger, progress
@@ -224,15 +225,6 @@ def _fmt(values: Sequence[int]) -> str:
 # ----------------------------------------------------------------------------- class averages
 
 
-def resolve_image_path(name: str, star_dir: Path) -> Path | None:
-    """A ``rlnImageName`` (``N@file`` stripped) resolved like RELION (working directory), else beside the STAR."""
-    raw = name.split("@", 1)[1] if "@" in name else name
-    for cand in (Path(raw), star_dir / raw):
-        if cand.is_file():
-            return cand
-    return None
-
-
 def class_averages(
     particles: pd.DataFrame,
     members: dict[int, np.ndarray],
@@ -245,7 +237,6 @@ def class_averages(
     """
     if IMAGE not in particles.columns:
         raise file_error(star_path, f"no {IMAGE} column: cannot average subtomograms")
-    star_dir = Path(star_path).parent
     names = particles[IMAGE].astype(str).to_numpy()
     used = np.concatenate(list(members.values()))
     found = find_star_stores(names[used], star_path)
@@ -266,7 +257,7 @@ def class_averages(
     for c, rows in members.items():
         acc = None
         for r in progress(rows, desc=f"class {c} average", unit="subtomo"):
-            path = resolve_image_path(names[r], star_dir)
+            path = resolve_image_name(names[r], star_path)
             if path is None:
                 raise file_error(
                     names[r],
@@ -292,10 +283,9 @@ def averages_available(
         return False, "particles are RELION 5 2D-stack pseudo-subtomograms"
     if IMAGE not in particles.columns or not len(particles):
         return False, f"no {IMAGE} column"
-    star_dir = Path(star_path).parent
     first = str(particles[IMAGE].iloc[0])
     in_store = find_star_stores([first], star_path)
-    if in_store is None and resolve_image_path(first, star_dir) is None:
+    if in_store is None and resolve_image_name(first, star_path) is None:
         return False, f"subtomogram {first} not found"
     return True, ""
 

@@ -34,6 +34,7 @@ import numpy as np
 from ..geometry import random_rotations
 from ..io.mrc import read_info, read_volume
 from ..io.particles import IMAGE, ParticleTable
+from ..io.star import resolve_image_name
 from ..io.store import NAMES_FILE, STORE_FILE, StackedVolumes, find_star_stores
 from ..io.store import open_store as read_fast_store
 from ..runtime.errors import UserError, file_error
@@ -79,8 +80,7 @@ def open_store(folder: str | Path) -> SubtomogramStore | None:
 
 
 def resolve_image_paths(image_names: list[str], star_path: str | Path) -> list[Path]:
-    """Resolve each rlnImageName: relative to the working directory first, then to the STAR's folder."""
-    base = Path(star_path).parent
+    """The file of each rlnImageName (:func:`disca_tools.io.star.resolve_image_name`); all must exist."""
     out: list[Path] = []
     for name in image_names:
         name = str(name)
@@ -88,16 +88,13 @@ def resolve_image_paths(image_names: list[str], star_path: str | Path) -> list[P
             raise file_error(
                 star_path, f"image {name!r} is a stack entry; 3D subtomograms must be one .mrc each"
             )
-        p = Path(name)
-        if p.is_file():
-            out.append(p)
-        elif (base / p).is_file():
-            out.append(base / p)
-        else:
+        path = resolve_image_name(name, star_path)
+        if path is None:
             raise file_error(
                 star_path,
                 f"image file {name} not found (relative to the working directory or the STAR file's folder)",
             )
+        out.append(path)
     return out
 
 
