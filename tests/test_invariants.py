@@ -7,10 +7,12 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from disca_tools.cluster.invariants import (
+    SHELL_L_MAX,
     fourier_descriptor_size,
     fourier_invariant_descriptors,
     rotation_invariant_descriptors,
     shell_descriptor_size,
+    standardise_columns,
 )
 from disca_tools.geometry import rotate_volume
 
@@ -26,8 +28,8 @@ def test_grid_rotation_leaves_descriptors_unchanged():
     v = _smooth_volume(0, 25)
     turned = np.rot90(v, k=1, axes=(1, 2)).copy()  # about z, centre (12, 12)
     a, b = rotation_invariant_descriptors(np.stack([v, turned]))
-    # shells r = 1 … 11: 11 means, then 66 shell pairs for each of l = 1 … 6
-    assert a.shape == (shell_descriptor_size(25, 6),) == (11 + 6 * 66,)
+    # shells r = 1 … 11: 11 means, then 66 shell pairs for each of l = 1 … 10
+    assert a.shape == (shell_descriptor_size(25, SHELL_L_MAX),) == (11 + 10 * 66,)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     const = rotation_invariant_descriptors(np.full((1, 25, 25, 25), 3.0, np.float32))[0]
     np.testing.assert_allclose(const[:11], 3.0, rtol=1e-5)  # shell means
@@ -48,7 +50,7 @@ def test_cross_shell_power_sees_shells_turned_against_each_other():
     # trilinear samples of shell r reach voxels within r + √3: r ≤ 5 all inner, r ≥ 10 all outer
     same_side = ((r <= 5) & (s <= 5)) | (r >= 10)
     across = (r <= 5) & (s >= 10)
-    blocks = [slice(11 + 66 * deg, 11 + 66 * (deg + 1)) for deg in range(6)]  # l = 1 … 6
+    blocks = [slice(11 + 66 * deg, 11 + 66 * (deg + 1)) for deg in range(10)]  # l = 1 … 10
     for block in blocks:
         np.testing.assert_allclose(a[block][same_side], b[block][same_side], rtol=1e-4, atol=1e-5)
     changed = np.concatenate([np.abs(a[block] - b[block])[across] for block in blocks])
@@ -102,3 +104,16 @@ def test_bad_shapes():
         rotation_invariant_descriptors(np.zeros((2, 24, 24, 20), np.float32))
     with pytest.raises(ValueError, match="cubic"):
         fourier_invariant_descriptors(np.zeros((2, 24, 20, 24), np.float32))
+
+
+def test_standardise_columns_works_block_by_block_like_the_direct_formula():
+    """Columns are standardised in blocks (no copy of the matrix); the result equals the direct
+    (x − mean) / s.d. over all columns, also across block edges, and constant columns become 0."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(loc=rng.uniform(-50, 50, 40), scale=rng.uniform(0.1, 10, 40), size=(300, 40))
+    x[:, 17] = 7.0
+    got = standardise_columns(x)
+    sd = x.std(axis=0)
+    want = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert np.all(got[:, 17] == 0.0) and not np.shares_memory(got, x)

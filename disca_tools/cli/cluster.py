@@ -39,16 +39,16 @@ Outputs in DIR:
   decoded/            with --decode-centers: class_NNN.mrc per cluster centre + montage.png
 
 Beyond the paper (off by default; measured in README 'Clustering accuracy'): --init invariants
-starts from clusters of rotation-invariant descriptors of the data (the spherical-harmonic power of
-and between real-space shells about the box centre, and shells of the power spectrum) instead of the
-untrained network's features; --init-epochs N lets the random network learn those clusters for N
-epochs first; --train-clusters N trains on about N sub-clusters of the K clusters (over-clustering)
-so that merged classes can separate again (in the runs measured they did not); --calibrate-bn sets
-the BatchNorm statistics from the clean data before each feature pass; --input-dropout 0 removes the
-N(1, 1) input noise of the paper's GaussianDropout 0.5. On a CPU-sized network, --init invariants
---init-epochs 8 --pca-dim 8 --input-dropout 0 did much better than the paper's choices (the loop can
-merge classes but not split them, so iteration 0 must find them all, and the first round must train
-long enough to keep them).
+starts from clusters of rotation-invariant descriptors of the data (the spherical-harmonic power, up
+to degree 10, of and between real-space shells about the box centre, and shells of the power
+spectrum) instead of the untrained network's features; --init-epochs N lets the random network
+learn those clusters for N epochs first; --train-clusters N trains on about N sub-clusters of the K
+clusters (over-clustering) so that merged classes can separate again (in the runs measured they did
+not); --calibrate-bn sets the BatchNorm statistics from the clean data before each feature pass;
+--input-dropout 0 removes the N(1, 1) input noise of the paper's GaussianDropout 0.5. On a CPU-sized
+network, --init invariants --init-epochs 8 --pca-dim 8 --input-dropout 0 did much better than the
+paper's choices (the loop can merge classes but not split them, so iteration 0 must find them all,
+and the first round must train long enough to keep them).
 
 The full network (--width-scale 1) wants a GPU; on a CPU use e.g. --width-scale 0.25
 --feature-dim 256. --precision auto computes in bfloat16 where the hardware supports it.
