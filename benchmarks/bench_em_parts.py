@@ -18,10 +18,16 @@
    one epoch for each, alternated, ``--repeats`` each, after a warm-up epoch (page cache); and the
    time and memory to locate ``--locate-names`` particles in stores of that many rows (sparse files:
    only the names are read).
+5. The iteration-0 descriptors of ``--init invariants`` (``invariant_features``) of
+   ``--invariant-sizes`` random 24³ volumes: particles/s and the peak memory traced while they are
+   computed, against the size of the result (the per-particle features the loop keeps); and the
+   real-space shell descriptors up to degree 10 (the default) against up to 6 (session 13's), on
+   the same ``--volumes`` volumes, alternated, ``--repeats`` each.
 
   python benchmarks/bench_em_parts.py [--sizes 2000 8000 32000] [--volumes 2000] [--repeats 3]
       [--star-rows 100000 1000000] [--stores 50] [--store-particles 20000]
-      [--locate-names 1000000] [--parts mixtures rotation star stores]
+      [--locate-names 1000000] [--invariant-sizes 10000 40000]
+      [--parts mixtures rotation star stores invariants]
 
 Prints a table and writes benchmarks/results/bench_em_parts.json.
 """
@@ -44,7 +50,7 @@ from disca_tools.cluster.mixture import select_mixture  # noqa: E402
 from disca_tools.runtime.cli import resolve_jobs  # noqa: E402
 
 K_CANDIDATES = list(range(2, 21))
-PARTS = ("mixtures", "rotation", "star", "stores")
+PARTS = ("mixtures", "rotation", "star", "stores", "invariants")
 
 
 def _clusters(n: int, dim: int = 16, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -269,6 +275,46 @@ def stores(n_stores: int, n_particles: int, locate_names: int, repeats: int) -> 
     return out
 
 
+def invariants(sizes: list[int], n_volumes: int, repeats: int) -> dict:
+    """Throughput and traced peak memory of ``invariant_features``; shell degrees 10 against 6."""
+    import tracemalloc
+    import types
+
+    from disca_tools.cluster.invariants import invariant_features, rotation_invariant_descriptors
+
+    rng = np.random.default_rng(0)
+    features = []
+    for n in sizes:
+        store = types.SimpleNamespace(volumes=rng.normal(size=(n, 24, 24, 24)).astype(np.float16))
+        tracemalloc.start()
+        seconds, x = timed(invariant_features, store, np.arange(n))
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        row = {"n": n, "per_s": n / seconds, "columns": x.shape[1], "dtype": str(x.dtype),
+               "result_mib": x.nbytes / 2**20, "peak_mib": peak}  # fmt: skip
+        features.append(row)
+        print(
+            f"invariant_features of {n} volumes: {row['per_s']:.0f}/s, {row['columns']} {row['dtype']} "
+            f"columns, result {row['result_mib']:.0f} MiB, traced peak {peak:.0f} MiB "
+            f"(×{peak / row['result_mib']:.2f})",
+            flush=True,
+        )
+        del store, x
+    vols = rng.normal(size=(n_volumes, 24, 24, 24)).astype(np.float32)
+    runs: dict[int, list[float]] = {10: [], 6: []}
+    for _ in range(repeats):
+        for degree, r in runs.items():
+            r.append(timed(rotation_invariant_descriptors, vols, degree)[0])
+    degrees = {d: {"per_s": n_volumes / float(np.median(r)), "runs_s": r} for d, r in runs.items()}
+    ratio = float(np.median(runs[10]) / np.median(runs[6]))
+    print(
+        f"real-space shell descriptors of {n_volumes} volumes: degrees ≤ 10 "
+        f"{degrees[10]['per_s']:.0f}/s, ≤ 6 {degrees[6]['per_s']:.0f}/s (time ×{ratio:.2f})",
+        flush=True,
+    )
+    return {"features": features, "shell_degrees": degrees, "time_ratio_10_over_6": ratio}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -281,6 +327,7 @@ def main() -> None:
     ap.add_argument("--stores", type=int, default=50)
     ap.add_argument("--store-particles", type=int, default=20_000)
     ap.add_argument("--locate-names", type=int, default=1_000_000)
+    ap.add_argument("--invariant-sizes", type=int, nargs="+", default=[10_000, 40_000])
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -296,6 +343,8 @@ def main() -> None:
         payload["stores"] = stores(
             args.stores, args.store_particles, args.locate_names, args.repeats
         )
+    if "invariants" in args.parts:
+        payload["invariants"] = invariants(args.invariant_sizes, args.volumes, args.repeats)
     print(f"saved {save_result('bench_em_parts', args.tag, payload)}")
 
 
