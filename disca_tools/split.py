@@ -29,8 +29,7 @@ import pandas as pd
 
 from .io.mrc import read_volume
 from .io.particles import CLASS, IMAGE, POSTERIOR
-from .io.star import resolve_image_name
-from .io.store import find_star_stores
+from .io.store import find_star_stores, resolve_image_name
 from .runtime.errors import UserError, file_error
 from .runtime.log import logger, progress
 

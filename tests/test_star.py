@@ -21,7 +21,6 @@ from disca_tools.io.star import (
     read_star_blocks,
     read_tomograms,
     relion5_paths,
-    resolve_image_name,
     write_particles,
     write_relion5,
     write_relion31,
@@ -582,19 +581,3 @@ def test_plain_coordinate_file_takes_voxel_size_from_the_tomogram_header(tmp_pat
     # without the tomogram the size stays unknown rather than guessed
     Path("Tomograms/t1.mrc").unlink()
     assert read_particles("coords.star").coord_angpix is None
-
-
-def test_image_names_resolve_like_relion(tmp_path, monkeypatch):
-    """rlnImageName: the working directory (the project) first, then the STAR file's folder; an
-    ``N@`` stack prefix names the file after it; None when neither place has it."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "Extract").mkdir()
-    (tmp_path / "Extract" / "sub").mkdir()
-    (tmp_path / "Extract" / "sub" / "a.mrc").write_bytes(b"")  # beside the STAR only
-    (tmp_path / "b.mrc").write_bytes(b"")  # in the project and beside the STAR
-    (tmp_path / "Extract" / "b.mrc").write_bytes(b"")
-    star = tmp_path / "Extract" / "particles.star"
-    assert resolve_image_name("sub/a.mrc", star) == star.parent / "sub" / "a.mrc"
-    assert resolve_image_name("b.mrc", star) == Path("b.mrc")
-    assert resolve_image_name("3@b.mrc", star) == Path("b.mrc")
-    assert resolve_image_name("gone.mrc", star) is None

@@ -11,7 +11,13 @@ from helpers import working_directory
 
 from disca_tools.io.mrc import read_volume, write_volume
 from disca_tools.io.particles import IMAGE, ParticleTable
-from disca_tools.io.store import NAMES_FILE, STORE_FILE, StackedVolumes, find_stores
+from disca_tools.io.store import (
+    NAMES_FILE,
+    STORE_FILE,
+    StackedVolumes,
+    find_stores,
+    resolve_image_name,
+)
 from disca_tools.model.data import gather, load_particle_volumes, normalise
 from disca_tools.runtime.errors import UserError
 
@@ -96,3 +102,19 @@ def test_cluster_data_of_a_merged_star_is_read_in_place(tmp_path):
         assert not Path("Cluster").exists()  # nothing copied
         expected = normalise(np.stack([read_volume(n)[0] for n in names]))
     assert np.allclose(gather(store, rows), expected, atol=1e-5)
+
+
+def test_image_names_resolve_like_relion(tmp_path, monkeypatch):
+    """rlnImageName: the working directory (the project) first, then the STAR file's folder; an
+    ``N@`` stack prefix names the file after it; None when neither place has it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Extract").mkdir()
+    (tmp_path / "Extract" / "sub").mkdir()
+    (tmp_path / "Extract" / "sub" / "a.mrc").write_bytes(b"")  # beside the STAR only
+    (tmp_path / "b.mrc").write_bytes(b"")  # in the project and beside the STAR
+    (tmp_path / "Extract" / "b.mrc").write_bytes(b"")
+    star = tmp_path / "Extract" / "particles.star"
+    assert resolve_image_name("sub/a.mrc", star) == star.parent / "sub" / "a.mrc"
+    assert resolve_image_name("b.mrc", star) == Path("b.mrc")
+    assert resolve_image_name("3@b.mrc", star) == Path("b.mrc")
+    assert resolve_image_name("gone.mrc", star) is None

@@ -213,16 +213,6 @@ def _tomo_name_from_path(path: str) -> str:
     return name
 
 
-def resolve_image_name(name: str, star_path: str | Path) -> Path | None:
-    """The file of an ``rlnImageName`` (an ``N@`` stack prefix stripped) resolved as RELION does:
-    against the working directory (the project), then the STAR file's folder; None if neither."""
-    raw = str(name).split("@", 1)[-1]
-    for cand in (Path(raw), Path(star_path).parent / raw):
-        if cand.is_file():
-            return cand
-    return None
-
-
 def _resolve_reference(ref: str | Path, referring: Path) -> Path | None:
     """A file named inside ``referring``: cwd first, then its folder, then the bare name there."""
     ref = Path(str(ref))

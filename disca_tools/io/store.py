@@ -177,11 +177,27 @@ def find_stores(
     return FoundStores(volumes, all_names, np.asarray(rows, np.int64), paths)
 
 
+def _image_bases(star_path: str | Path) -> tuple[Path, Path]:
+    """Where RELION resolves a STAR file's ``rlnImageName``: the working directory (the project),
+    then the STAR's folder."""
+    return Path("."), Path(star_path).parent
+
+
+def resolve_image_name(name: str, star_path: str | Path) -> Path | None:
+    """The file of an ``rlnImageName`` of ``star_path`` (an ``N@`` stack prefix stripped), in the
+    first of :func:`_image_bases` that has it; None if neither."""
+    raw = str(name).split("@", 1)[-1]
+    for base in _image_bases(star_path):
+        if (base / raw).is_file():
+            return base / raw
+    return None
+
+
 def find_star_stores(
     names: Sequence[str], star_path: str | Path, also_in: Sequence[Path] = ()
 ) -> FoundStores | None:
     """:func:`find_stores` for the particles of the STAR file ``star_path``: a store beside it (or in
-    ``also_in``), else the stores above the image files, whose paths resolve as RELION resolves
-    ``rlnImageName``: against the working directory (the project), then the STAR's folder."""
-    star_dir = Path(star_path).parent
-    return find_stores(names, folders=(star_dir, *also_in), bases=(Path("."), star_dir))
+    ``also_in``), else the stores above the image files, resolved as :func:`resolve_image_name`
+    resolves the names."""
+    bases = _image_bases(star_path)
+    return find_stores(names, folders=(bases[1], *also_in), bases=bases)

@@ -34,8 +34,13 @@ import numpy as np
 from ..geometry import random_rotations
 from ..io.mrc import read_info, read_volume
 from ..io.particles import IMAGE, ParticleTable
-from ..io.star import resolve_image_name
-from ..io.store import NAMES_FILE, STORE_FILE, StackedVolumes, find_star_stores
+from ..io.store import (
+    NAMES_FILE,
+    STORE_FILE,
+    StackedVolumes,
+    find_star_stores,
+    resolve_image_name,
+)
 from ..io.store import open_store as read_fast_store
 from ..runtime.errors import UserError, file_error
 from ..runtime.log import check_abort, logger, progress
@@ -80,7 +85,7 @@ def open_store(folder: str | Path) -> SubtomogramStore | None:
 
 
 def resolve_image_paths(image_names: list[str], star_path: str | Path) -> list[Path]:
-    """The file of each rlnImageName (:func:`disca_tools.io.star.resolve_image_name`); all must exist."""
+    """The file of each rlnImageName (:func:`disca_tools.io.store.resolve_image_name`); all must exist."""
     out: list[Path] = []
     for name in image_names:
         name = str(name)
