@@ -5,9 +5,12 @@ voxels and with the rotation-invariant descriptors of ``--init invariants`` (rea
 shells, both) on a Table S1-style set (5 shipped structures, SNR 0.1, ±60°, 24³ at 14 Å): the same PCA
 (``--pca-dim``, 16) and mixture selection with the paper's BIC (K 2–10), scored by homogeneity against the truth.
 The invariants are also scored with k-means at the true K and with a supervised logistic regression
-(5-fold cross-validated accuracy: how much class information they carry at all).
+(5-fold cross-validated accuracy: how much class information they carry at all); ``--shell-degrees``
+compares real-space shells up to several spherical-harmonic degrees (default: the loop's, 10).
+Accuracies are after Hungarian matching.
 
     python benchmarks/probe_initial_features.py [--n-per-class 200] [--snr 0.1] [--width-scales 0.1 0.25]
+        [--shell-degrees 6 10]
 
 Prints a table and saves benchmarks/results/probe_initial_features.json.
 """
@@ -35,6 +38,8 @@ from table_s1_cell import (  # noqa: E402
     simulate_cell,
 )
 
+from disca_tools.cluster.invariants import SHELL_L_MAX  # noqa: E402
+from disca_tools.cluster.matching import accuracy_after_matching  # noqa: E402
 from disca_tools.model.data import normalise  # noqa: E402
 from disca_tools.model.yopo import (  # noqa: E402
     YopoConfig,
@@ -46,10 +51,16 @@ from disca_tools.model.yopo import (  # noqa: E402
 
 def _score(x: np.ndarray, truth: np.ndarray, pca_dim: int) -> dict:
     k, labels = bic_clusters(x, pca_dim, list(range(2, 11)))
-    return {"k": k, "homogeneity": round(float(homogeneity_score(truth, labels)), 4)}
+    return {
+        "k": k,
+        "homogeneity": round(float(homogeneity_score(truth, labels)), 4),
+        "accuracy": round(float(accuracy_after_matching(truth, labels)), 4),
+    }
 
 
-def _invariant_rows(vols: np.ndarray, truth: np.ndarray, pca_dim: int) -> list[dict]:
+def _invariant_rows(
+    vols: np.ndarray, truth: np.ndarray, pca_dim: int, shell_degrees: list[int]
+) -> list[dict]:
     from sklearn.cluster import KMeans
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score
@@ -61,14 +72,17 @@ def _invariant_rows(vols: np.ndarray, truth: np.ndarray, pca_dim: int) -> list[d
     )
     from disca_tools.cluster.mixture import fit_pca
 
-    real = rotation_invariant_descriptors(vols).astype(np.float64)
     spectrum = fourier_invariant_descriptors(vols).astype(np.float64)
+    sets = [("invariants: power-spectrum shells", spectrum)]
+    for deg in shell_degrees:
+        real = rotation_invariant_descriptors(vols, deg).astype(np.float64)
+        both = "both (--init invariants)" if deg == SHELL_L_MAX else "both"
+        sets += [
+            (f"invariants: real-space shells, l ≤ {deg}", real),
+            (f"invariants: {both}, shells l ≤ {deg}", np.hstack([real, spectrum])),
+        ]
     rows = []
-    for name, x in [
-        ("invariants: real-space shells", real),
-        ("invariants: power-spectrum shells", spectrum),
-        ("invariants: both (--init invariants)", np.hstack([real, spectrum])),
-    ]:
+    for name, x in sets:
         x = standardise_columns(x)
         z = fit_pca(x, pca_dim, 0).transform(x)
         km = KMeans(len(np.unique(truth)), n_init=10, random_state=0).fit_predict(z)
@@ -78,6 +92,7 @@ def _invariant_rows(vols: np.ndarray, truth: np.ndarray, pca_dim: int) -> list[d
                 "features": name,
                 **_score(x, truth, pca_dim),
                 "homogeneity_kmeans_true_k": round(float(homogeneity_score(truth, km)), 4),
+                "accuracy_kmeans_true_k": round(float(accuracy_after_matching(truth, km)), 4),
                 "supervised_accuracy": round(float(supervised), 4),
             }
         )
@@ -89,12 +104,13 @@ def main() -> None:
     add_cell_arguments(ap)
     ap.add_argument("--width-scales", type=float, nargs="*", default=[0.1, 0.25])
     ap.add_argument("--pca-dim", type=int, default=16)
+    ap.add_argument("--shell-degrees", type=int, nargs="+", default=[SHELL_L_MAX])
     args = ap.parse_args()
     t0 = time.time()
     sim = simulate_cell(args)
     vols, truth = normalise(sim.volumes), sim.labels
     rows = [{"features": "raw voxels", **_score(vols.reshape(len(vols), -1), truth, args.pca_dim)}]
-    rows += _invariant_rows(vols, truth, args.pca_dim)
+    rows += _invariant_rows(vols, truth, args.pca_dim, args.shell_degrees)
     for ws in args.width_scales:
         cfg = YopoConfig(box=24, n_classes=5, width_scale=ws, feature_dim=1024, precision="float32")
         model = build_yopo(cfg, seed=0)
@@ -128,15 +144,19 @@ def main() -> None:
         f"{sim.effective_snr:.3g}), {args.angpix} Å; PCA {args.pca_dim}, paper BIC, K 2–10"
     )
     print(
-        f"{'features':52s} {'K':>3s} {'homogeneity':>12s} {'k-means K=5':>12s} {'supervised':>11s}"
+        f"{'features':52s} {'K':>3s} {'h':>6s} {'acc':>6s} {'k-means K=5: h':>15s} {'acc':>6s} "
+        f"{'supervised':>11s}"
     )
     for r in rows:
         extra = (
-            f" {r['homogeneity_kmeans_true_k']:12.3f} {r['supervised_accuracy']:11.3f}"
+            f" {r['homogeneity_kmeans_true_k']:15.3f} {r['accuracy_kmeans_true_k']:6.3f}"
+            f" {r['supervised_accuracy']:11.3f}"
             if "supervised_accuracy" in r
             else ""
         )
-        print(f"{r['features']:52s} {r['k']:3d} {r['homogeneity']:12.3f}{extra}")
+        print(
+            f"{r['features']:52s} {r['k']:3d} {r['homogeneity']:6.3f} {r['accuracy']:6.3f}{extra}"
+        )
     out = {
         "protocol": vars(args),
         "structures": STRUCTURES,
