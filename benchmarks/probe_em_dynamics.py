@@ -9,7 +9,8 @@ ask what the loop does with the right number of clusters to start from.
 
     python benchmarks/probe_em_dynamics.py [--n-per-class 200] [--snr 0.1] \\
         [--snr-convention volume|aitom] [--init network|voxels] [--max-iter 4] [--tag T] \\
-        [--set key=value ...]   (any EMConfig field, e.g. --set lr=3e-4 --set pca_dim=8) [--init-k K]
+        [--set key=value ...]   (any EMConfig field, e.g. --set lr=3e-4 --set pca_dim=8) [--init-k K] \\
+        [--pca-sweep 3 4 6 8 16]   (K and accuracy of the BIC on fewer principal components too)
 
 Prints a table and saves benchmarks/results/probe_em_dynamics[_TAG].json.
 """
@@ -72,6 +73,14 @@ def main() -> None:
     ap.add_argument("--init", default="network")
     ap.add_argument("--set", action="append", default=[], help="EMConfig field=value")
     ap.add_argument("--init-k", type=int, default=0, help="oracle: iteration 0 fits this K only")
+    ap.add_argument(
+        "--pca-sweep",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also select K (paper BIC) on the first d principal components of each iteration's "
+        "points, for each d given (at most --set pca_dim)",
+    )
     args = ap.parse_args()
     if args.init_k:
         _force_first_k(args.init_k)
@@ -93,11 +102,11 @@ def main() -> None:
     store = SubtomogramStore(
         volumes=sim.volumes, names=[f"s{i}" for i in range(len(sim))], path=Path("<memory>")
     )
-    watch = IterationWatcher(truth, len(STRUCTURES))
+    watch = IterationWatcher(
+        truth, len(STRUCTURES), echo=True, pca_sweep=args.pca_sweep, k_candidates=cfg.k_candidates
+    )
     res = em.run_em(store, np.arange(len(sim)), cfg, on_iteration=watch)
     records = watch.records
-    for rec in records:
-        print(rec)
     final_h = float(homogeneity_score(truth, res.labels))
     print(f"best iteration {res.best_iteration}: K={res.k} h={final_h:.4f}")
     out = {

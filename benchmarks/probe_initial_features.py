@@ -6,11 +6,12 @@ shells, both) on a Table S1-style set (5 shipped structures, SNR 0.1, ±60°, 24
 (``--pca-dim``, 16) and mixture selection with the paper's BIC (K 2–10), scored by homogeneity against the truth.
 The invariants are also scored with k-means at the true K and with a supervised logistic regression
 (5-fold cross-validated accuracy: how much class information they carry at all); ``--shell-degrees``
-compares real-space shells up to several spherical-harmonic degrees (default: the loop's, 10).
+compares real-space shells up to several spherical-harmonic degrees (default: the loop's, 10);
+``--covariance diag`` fits the descriptors' mixtures with diagonal covariances (scikit-learn's BIC).
 Accuracies are after Hungarian matching.
 
     python benchmarks/probe_initial_features.py [--n-per-class 200] [--snr 0.1] [--width-scales 0.1 0.25]
-        [--shell-degrees 6 10]
+        [--shell-degrees 6 10] [--covariance full|diag]
 
 Prints a table and saves benchmarks/results/probe_initial_features.json.
 """
@@ -49,8 +50,8 @@ from disca_tools.model.yopo import (  # noqa: E402
 )  # noqa: E402
 
 
-def _score(x: np.ndarray, truth: np.ndarray, pca_dim: int) -> dict:
-    k, labels = bic_clusters(x, pca_dim, list(range(2, 11)))
+def _score(x: np.ndarray, truth: np.ndarray, pca_dim: int, covariance: str = "full") -> dict:
+    k, labels = bic_clusters(x, pca_dim, list(range(2, 11)), covariance)
     return {
         "k": k,
         "homogeneity": round(float(homogeneity_score(truth, labels)), 4),
@@ -59,7 +60,7 @@ def _score(x: np.ndarray, truth: np.ndarray, pca_dim: int) -> dict:
 
 
 def _invariant_rows(
-    vols: np.ndarray, truth: np.ndarray, pca_dim: int, shell_degrees: list[int]
+    vols: np.ndarray, truth: np.ndarray, pca_dim: int, shell_degrees: list[int], covariance: str
 ) -> list[dict]:
     from sklearn.cluster import KMeans
     from sklearn.linear_model import LogisticRegression
@@ -90,7 +91,7 @@ def _invariant_rows(
         rows.append(
             {
                 "features": name,
-                **_score(x, truth, pca_dim),
+                **_score(x, truth, pca_dim, covariance),
                 "homogeneity_kmeans_true_k": round(float(homogeneity_score(truth, km)), 4),
                 "accuracy_kmeans_true_k": round(float(accuracy_after_matching(truth, km)), 4),
                 "supervised_accuracy": round(float(supervised), 4),
@@ -105,12 +106,19 @@ def main() -> None:
     ap.add_argument("--width-scales", type=float, nargs="*", default=[0.1, 0.25])
     ap.add_argument("--pca-dim", type=int, default=16)
     ap.add_argument("--shell-degrees", type=int, nargs="+", default=[SHELL_L_MAX])
+    ap.add_argument(
+        "--covariance",
+        choices=["full", "diag"],
+        default="full",
+        help="the descriptors' mixtures: full covariances with the paper's BIC (the loop's), or "
+        "diagonal ones with scikit-learn's BIC",
+    )
     args = ap.parse_args()
     t0 = time.time()
     sim = simulate_cell(args)
     vols, truth = normalise(sim.volumes), sim.labels
     rows = [{"features": "raw voxels", **_score(vols.reshape(len(vols), -1), truth, args.pca_dim)}]
-    rows += _invariant_rows(vols, truth, args.pca_dim, args.shell_degrees)
+    rows += _invariant_rows(vols, truth, args.pca_dim, args.shell_degrees, args.covariance)
     for ws in args.width_scales:
         cfg = YopoConfig(box=24, n_classes=5, width_scale=ws, feature_dim=1024, precision="float32")
         model = build_yopo(cfg, seed=0)
@@ -141,7 +149,8 @@ def main() -> None:
         )
     print(
         f"{len(vols)} subtomograms, SNR {args.snr} ({args.snr_convention}; variance ratio "
-        f"{sim.effective_snr:.3g}), {args.angpix} Å; PCA {args.pca_dim}, paper BIC, K 2–10"
+        f"{sim.effective_snr:.3g}), {args.angpix} Å; PCA {args.pca_dim}, paper BIC, K 2–10 "
+        f"(descriptors: {args.covariance} covariances)"
     )
     print(
         f"{'features':52s} {'K':>3s} {'h':>6s} {'acc':>6s} {'k-means K=5: h':>15s} {'acc':>6s} "

@@ -7,6 +7,7 @@ each, 24³ at ``angpix``, CTF + missing wedge of ``tilt``, noise at ``snr`` in `
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 
@@ -95,11 +96,17 @@ def simulate_cell(
     )
 
 
-def bic_clusters(x: np.ndarray, pca_dim: int, k_candidates: list[int]) -> tuple[int, np.ndarray]:
-    """K and labels of the loop's clustering step (PCA, mixtures, paper BIC) on ``x``, seed 0."""
+def bic_clusters(
+    x: np.ndarray, pca_dim: int, k_candidates: list[int], covariance: str = "full"
+) -> tuple[int, np.ndarray]:
+    """K and labels of the loop's clustering step (PCA, mixtures, paper BIC) on ``x``, seed 0.
+    ``covariance="diag"``: diagonal covariances, scored by scikit-learn's BIC (the paper's formula
+    counts full covariances only)."""
     from disca_tools.cluster.mixture import fit_pca, select_mixture
 
-    sel = select_mixture(fit_pca(x, pca_dim, 0).transform(x), k_candidates, seed=0)
+    criterion = "paper" if covariance == "full" else "sklearn"
+    z = fit_pca(x, pca_dim, 0).transform(x)
+    sel = select_mixture(z, k_candidates, seed=0, covariance=covariance, criterion=criterion)
     return int(sel.k), sel.labels
 
 
@@ -107,12 +114,26 @@ class IterationWatcher:
     """An ``on_iteration`` callback for :func:`disca_tools.cluster.em.run_em` that records every
     iteration's K, homogeneity and accuracy (after Hungarian matching) against ``truth`` in
     ``records`` (and, if ``kmeans_k``, the homogeneity of k-means with ``kmeans_k`` clusters on the
-    same points)."""
+    same points). ``pca_sweep`` (dimensions) also records, per dimension d, the K and accuracy of the
+    loop's mixture selection (:func:`bic_clusters`, ``k_candidates``) on the first d principal
+    components of those points. With ``echo`` each record is also printed as its iteration ends,
+    so a run cut short by a time limit still reports the iterations it finished."""
 
-    def __init__(self, truth: np.ndarray, kmeans_k: int = 0) -> None:
+    def __init__(
+        self,
+        truth: np.ndarray,
+        kmeans_k: int = 0,
+        echo: bool = False,
+        pca_sweep: tuple[int, ...] = (),
+        k_candidates: tuple[int, ...] = tuple(range(2, 21)),
+    ) -> None:
         self.truth = np.asarray(truth)
         self.kmeans_k = kmeans_k
+        self.echo = echo
+        self.pca_sweep = tuple(pca_sweep)
+        self.k_candidates = list(k_candidates)
         self.records: list[dict] = []
+        self._start = time.perf_counter()
 
     def __call__(self, clustering) -> None:
         from sklearn.cluster import KMeans
@@ -132,4 +153,11 @@ class IterationWatcher:
                 clustering.x
             )
             rec["h_kmeans_true_k"] = round(float(homogeneity_score(self.truth, km)), 4)
+        for d in (d for d in self.pca_sweep if d <= clustering.x.shape[1]):
+            k, labels = bic_clusters(clustering.x[:, :d], d, self.k_candidates)
+            acc = round(100 * accuracy_after_matching(self.truth, labels), 2)
+            rec.setdefault("bic_by_pca_dim", {})[d] = {"k": k, "accuracy": acc}
+        rec["elapsed_s"] = round(time.perf_counter() - self._start, 1)
         self.records.append(rec)
+        if self.echo:
+            print(rec, flush=True)
