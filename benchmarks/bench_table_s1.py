@@ -108,6 +108,7 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
         calibrate_bn=False if paper else args.calibrate_bn,
         init_epochs=0 if paper else args.init_epochs,
         input_dropout=EMConfig.input_dropout if paper else args.input_dropout,
+        pca_trained_classes=False if paper else args.pca_trained_classes,
     )
     watch = IterationWatcher(truth)
     res = run_em(store, np.arange(len(volumes)), cfg, on_iteration=watch)
@@ -156,6 +157,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate-bn", action="store_true", help="disca_cluster --calibrate-bn")
     ap.add_argument("--init-epochs", type=int, default=0, help="disca_cluster --init-epochs")
     add_input_dropout_argument(ap)
+    ap.add_argument(
+        "--pca-trained-classes", action="store_true", help="disca_cluster --pca-trained-classes"
+    )
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     from disca_tools.runtime.log import configure

@@ -125,6 +125,34 @@ def test_seeded_runs_agree_and_continue_equals_uninterrupted(tiny_store, tmp_pat
     _same(full, resumed)
 
 
+def test_pca_of_trained_features_is_capped_at_the_trained_classes(tiny_store, tmp_path):
+    """--pca-trained-classes: after a round trained on M classes the mixtures see at most M − 1
+    (at least 2) principal components, iteration 0 the full --pca-dim; --continue restores M."""
+    rows = np.arange(len(tiny_store))
+    capped = dict(TINY, pca_dim=8, max_iter=3, pca_trained_classes=True)
+    seen: list[em.IterationClustering] = []
+    full = em.run_em(
+        tiny_store, rows, em.EMConfig(**capped), checkpoint_dir=tmp_path / "a",
+        on_iteration=seen.append,
+    )  # fmt: skip
+    assert seen[0].x.shape[1] == 8
+    for prev, cur in zip(seen[:-1], seen[1:], strict=True):  # each round trained on the K clusters
+        assert cur.x.shape[1] == max(2, min(8, prev.k - 1))
+    plain: list[em.IterationClustering] = []
+    em.run_em(tiny_store, rows, em.EMConfig(**dict(capped, pca_trained_classes=False)),
+              on_iteration=plain.append)  # fmt: skip
+    assert [c.x.shape[1] for c in plain] == [8, 8, 8, 8]
+    em.run_em(
+        tiny_store, rows, em.EMConfig(**dict(capped, max_iter=1)), checkpoint_dir=tmp_path / "b"
+    )
+    state = json.loads((tmp_path / "b" / em.CHECKPOINT_STATE).read_text())
+    assert state["k_trained"] == seen[0].k
+    resumed = em.run_em(
+        tiny_store, rows, em.EMConfig(**capped), checkpoint_dir=tmp_path / "b", resume=True
+    )
+    _same(full, resumed)
+
+
 def test_voxel_pca_features_match_a_one_shot_pca(tiny_store):
     """init="voxels": one batch gives PCA exactly; streamed batches keep nearly all its variance."""
     from sklearn.decomposition import PCA

@@ -206,6 +206,14 @@ class Options(CommonOptions):
         help="set BatchNorm statistics from the clean data before each feature pass (not in the "
         "paper). See README 'Clustering accuracy'",
     )
+    pca_trained_classes: bool = opt(
+        "--pca-trained-classes",
+        default=EMConfig.pca_trained_classes,
+        help="PCA of a trained network's features in at most M − 1 dimensions, M the classes it "
+        "was last trained on (--pca-dim the most; not in the paper): a network trained on M classes "
+        "separates them in M − 1 directions, and the other components only add to the BIC's "
+        "penalty. See README 'Clustering accuracy'",
+    )
     width_scale: float = opt(
         "--width-scale",
         default=EMConfig.width_scale,
@@ -529,7 +537,7 @@ def run(o: Options) -> dict:
             feature_dim=fdim, precision=o.precision, seed=o.seed, init=o.init,
             train_clusters=o.train_clusters, calibrate_bn=o.calibrate_bn,
             init_epochs=o.init_epochs, mixture_jobs=resolve_jobs(o.j),
-            input_dropout=o.input_dropout,
+            input_dropout=o.input_dropout, pca_trained_classes=o.pca_trained_classes,
         )  # fmt: skip
         cfg.check(n, box)
     if ref_cfg is not None and int(ref_cfg["box"]) != box:

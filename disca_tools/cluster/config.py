@@ -47,6 +47,8 @@ class EMConfig:
     calibrate_samples: int = 512
     mixture_jobs: int = 1  # processes fitting the candidate K (the result does not depend on it)
     input_dropout: float = 0.5  # YOPO's input GaussianDropout rate while training (the paper's 0.5)
+    # PCA of a trained network's features in at most (classes it was last trained on − 1) dimensions
+    pca_trained_classes: bool = False
 
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³
@@ -82,6 +84,15 @@ class EMConfig:
             logger.warning(
                 "Only %d particles: candidate K above %d will be skipped", n, n // (p + 1)
             )
+
+    def mixture_pca_dim(self, k_trained: int) -> int:
+        """PCA dimension of the network's features after a round trained on ``k_trained`` classes
+        (0: not trained in this run): ``pca_dim``, or with ``pca_trained_classes`` at most
+        ``k_trained − 1`` (at least 2): a network trained on M classes separates them in M − 1
+        directions, and further components only add to the BIC's penalty."""
+        if self.pca_trained_classes and k_trained > 0:
+            return max(2, min(self.pca_dim, k_trained - 1))
+        return self.pca_dim
 
     @property
     def pca_components(self) -> int:

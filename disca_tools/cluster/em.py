@@ -8,7 +8,9 @@ Iteration ``t`` (0, 1, …, ``max_iter``):
    ``calibrate_samples``): the untrained network's initial statistics normalise nothing, and those
    gathered in training describe inputs under the GaussianDropout noise, not the inputs the
    features are computed from;
-2. PCA to ``pca_dim``; full-covariance Gaussian mixtures for every candidate K, the paper's BIC
+2. PCA to ``pca_dim`` (with ``pca_trained_classes``, not in the paper and off by default, at most
+   M − 1 dimensions after a round trained on M classes: :meth:`EMConfig.mixture_pca_dim`);
+   full-covariance Gaussian mixtures for every candidate K, the paper's BIC
    (:func:`disca_tools.cluster.mixture.select_mixture`: inherited + de-novo fit for the current K,
    empty clusters dropped);
 3. labels = argmax posterior; when K is unchanged they are renumbered to match iteration t−1
@@ -404,6 +406,7 @@ def run_em(
     _set_seeds(iteration_seed(cfg.seed, -1))
     with scope():
         model = Y.build_yopo(cfg.yopo(box, kmax), seed=cfg.seed)
+    k_trained = 0  # classes the network was last trained on (0: not trained in this run)
     if resume:
         if ckpt is None:
             raise ValueError("resume needs a checkpoint directory")
@@ -424,6 +427,7 @@ def run_em(
         stable = int(state["stable"])
         best_it, best_ddbi = int(state["best_iteration"]), float(state["best_ddbi"])
         pretrained = bool(state.get("pretrained", False))
+        k_trained = int(state.get("k_trained", 0))
         with scope():
             model.load_weights(ckpt / CHECKPOINT_WEIGHTS)
         changed = {
@@ -471,7 +475,7 @@ def run_em(
             x = fit_pca(inv, cfg.pca_dim, seed_it).transform(inv)
             pca = None  # the clusters are not in the network's feature space
         else:
-            pca = fit_pca(feats, cfg.pca_dim, seed_it)
+            pca = fit_pca(feats, cfg.mixture_pca_dim(k_trained), seed_it)
             x = pca.transform(feats)
         sel = select_mixture(
             x, cfg.k_candidates, seed_it, prev_labels=prev_labels, prev_k=prev_k,
@@ -538,6 +542,7 @@ def run_em(
             )
             epochs = cfg.init_epochs if from_data and cfg.init_epochs > 0 else cfg.epochs_per_iter
             loss = trainer.fit(ds, epochs, lr)
+            k_trained = k_train
             if replicas > 1:  # before the checkpoint, so that --continue resumes the same network
                 sync_batchnorm_statistics(model, strategy)
         t3 = time.time()
@@ -570,7 +575,7 @@ def run_em(
             _save_weights(model, ckpt / CHECKPOINT_WEIGHTS)
             _save_npy(ckpt / CHECKPOINT_LABELS, labels)
             state = _state_dict(cfg, it, k, stable, best_it, best_ddbi, history, box)
-            state.update(pretrained=pretrained, kmax=kmax)
+            state.update(pretrained=pretrained, kmax=kmax, k_trained=k_trained)
             write_text_atomic(ckpt / CHECKPOINT_STATE, json.dumps(state, indent=1))
         if converged:
             logger.info("Converged at iteration %d", it)
