@@ -109,6 +109,7 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
         init_epochs=0 if paper else args.init_epochs,
         input_dropout=EMConfig.input_dropout if paper else args.input_dropout,
         pca_trained_classes=False if paper else args.pca_trained_classes,
+        init_covariance="full" if paper else args.init_covariance,
     )
     watch = IterationWatcher(truth)
     res = run_em(store, np.arange(len(volumes)), cfg, on_iteration=watch)
@@ -160,6 +161,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--pca-trained-classes", action="store_true", help="disca_cluster --pca-trained-classes"
     )
+    ap.add_argument(
+        "--init-covariance", choices=["full", "diag"], default="full",
+        help="disca_cluster --init-covariance",
+    )  # fmt: skip
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     from disca_tools.runtime.log import configure

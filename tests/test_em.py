@@ -231,6 +231,31 @@ def test_invariant_init_clusters_the_descriptors_at_iteration_0(tiny_store):
     assert res.history[0].k == direct.k and np.isfinite(res.history[0].loss)
 
 
+def test_init_covariance_sets_only_the_iteration_0_mixtures(tiny_store):
+    """--init-covariance diag: iteration 0 selects diagonal mixtures by scikit-learn's BIC on the
+    descriptors (the same fits as a direct call); the later iterations keep full covariances."""
+    from disca_tools.cluster.invariants import invariant_features
+    from disca_tools.cluster.mixture import fit_pca, select_mixture
+
+    rows = np.arange(len(tiny_store))
+    seen: list[em.IterationClustering] = []
+    cfg = em.EMConfig(**dict(TINY, max_iter=1, init="invariants", init_covariance="diag"))
+    res = em.run_em(tiny_store, rows, cfg, on_iteration=seen.append)
+    seed0, seed1 = em.iteration_seed(cfg.seed, 0), em.iteration_seed(cfg.seed, 1)
+    inv = invariant_features(tiny_store, rows)
+    x0 = fit_pca(inv, cfg.pca_dim, seed0).transform(inv)
+    diag = select_mixture(x0, cfg.k_candidates, seed0, covariance="diag", criterion="sklearn")
+    full = select_mixture(x0, cfg.k_candidates, seed0)
+    assert res.history[0].bic_by_k == pytest.approx(diag.bic_by_k)
+    assert res.history[0].bic_by_k != pytest.approx(full.bic_by_k)
+    np.testing.assert_array_equal(seen[0].labels, diag.labels)
+    prev = seen[0].labels
+    again = select_mixture(seen[1].x, cfg.k_candidates, seed1, prev_labels=prev, prev_k=seen[0].k)
+    assert res.history[1].bic_by_k == pytest.approx(again.bic_by_k)  # full, the paper's BIC
+    with pytest.raises(UserError, match="init-covariance"):
+        em.EMConfig(init_covariance="spherical").check(len(rows), tiny_store.box)
+
+
 def test_init_epochs_lengthen_only_the_first_round_from_descriptors(tiny_store):
     """--init-epochs: the random network learns the iteration-0 clusters of the descriptors for
     that many epochs; later rounds, and the paper's network init, keep --epochs-per-iter."""

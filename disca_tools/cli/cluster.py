@@ -206,6 +206,14 @@ class Options(CommonOptions):
         help="set BatchNorm statistics from the clean data before each feature pass (not in the "
         "paper). See README 'Clustering accuracy'",
     )
+    init_covariance: str = opt(
+        "--init-covariance",
+        default=EMConfig.init_covariance,
+        choices=["full", "diag"],
+        help="with --init invariants/voxels: the iteration-0 mixtures' covariances, full with the "
+        "paper's BIC (as every later iteration) or diagonal with scikit-learn's BIC (not in the "
+        "paper; finds more clusters). See README 'Clustering accuracy'",
+    )
     pca_trained_classes: bool = opt(
         "--pca-trained-classes",
         default=EMConfig.pca_trained_classes,
@@ -538,6 +546,7 @@ def run(o: Options) -> dict:
             train_clusters=o.train_clusters, calibrate_bn=o.calibrate_bn,
             init_epochs=o.init_epochs, mixture_jobs=resolve_jobs(o.j),
             input_dropout=o.input_dropout, pca_trained_classes=o.pca_trained_classes,
+            init_covariance=o.init_covariance,
         )  # fmt: skip
         cfg.check(n, box)
     if ref_cfg is not None and int(ref_cfg["box"]) != box:

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from ..model.yopo import YopoConfig
 
 
+# iteration-0 covariance → selection criterion (the paper's BIC counts full covariances only)
+INIT_COVARIANCES = {"full": "paper", "diag": "sklearn"}
+
+
 @dataclass
 class EMConfig:
     """Hyperparameters of a DISCA run (the defaults, and why they differ from the reference code:
@@ -49,6 +53,9 @@ class EMConfig:
     input_dropout: float = 0.5  # YOPO's input GaussianDropout rate while training (the paper's 0.5)
     # PCA of a trained network's features in at most (classes it was last trained on − 1) dimensions
     pca_trained_classes: bool = False
+    # iteration-0 mixtures when the clusters come from the data (init "invariants"/"voxels"): "full"
+    # covariances with the paper's BIC, as in every later iteration, or "diag" with scikit-learn's
+    init_covariance: str = "full"
 
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³
@@ -74,6 +81,11 @@ class EMConfig:
             raise UserError(f"--j: must be at least 1, got {self.mixture_jobs}")
         if not 0.0 <= self.input_dropout < 1.0:
             raise UserError(f"--input-dropout: must be in [0, 1), got {self.input_dropout}")
+        if self.init_covariance not in INIT_COVARIANCES:
+            raise UserError(
+                f"--init-covariance: must be one of {', '.join(INIT_COVARIANCES)}, "
+                f"got {self.init_covariance!r}"
+            )
         if self.train_clusters < 0:
             raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")
 
