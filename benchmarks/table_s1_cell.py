@@ -100,12 +100,13 @@ def bic_clusters(
     x: np.ndarray, pca_dim: int, k_candidates: list[int], covariance: str = "full"
 ) -> tuple[int, np.ndarray]:
     """K and labels of the loop's clustering step (PCA, mixtures, paper BIC) on ``x``, seed 0.
-    ``covariance="diag"``: diagonal covariances, scored by scikit-learn's BIC (the paper's formula
-    counts full covariances only)."""
+    ``covariance="diag"``: diagonal covariances, scored as ``--init-covariance diag`` scores them
+    (scikit-learn's BIC; the paper's formula counts full covariances only)."""
+    from disca_tools.cluster.config import INIT_COVARIANCES
     from disca_tools.cluster.mixture import fit_pca, select_mixture
 
-    criterion = "paper" if covariance == "full" else "sklearn"
     z = fit_pca(x, pca_dim, 0).transform(x)
+    criterion = INIT_COVARIANCES[covariance]
     sel = select_mixture(z, k_candidates, seed=0, covariance=covariance, criterion=criterion)
     return int(sel.k), sel.labels
 
