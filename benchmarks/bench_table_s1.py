@@ -47,7 +47,7 @@ from table_s1_cell import (  # noqa: E402
 )
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from disca_tools.cluster.config import EMConfig  # noqa: E402
+from disca_tools.cluster.config import INIT_COVARIANCES, EMConfig  # noqa: E402
 from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
 from disca_tools.evaluate import clustering_metrics  # noqa: E402
 from disca_tools.model.data import normalise  # noqa: E402
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         "--pca-trained-classes", action="store_true", help="disca_cluster --pca-trained-classes"
     )
     ap.add_argument(
-        "--init-covariance", choices=["full", "diag"], default="full",
+        "--init-covariance", choices=list(INIT_COVARIANCES), default="full",
         help="disca_cluster --init-covariance",
     )  # fmt: skip
     ap.add_argument("--tag", default="", help="suffix for the result files")

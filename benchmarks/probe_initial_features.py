@@ -39,6 +39,7 @@ from table_s1_cell import (  # noqa: E402
     simulate_cell,
 )
 
+from disca_tools.cluster.config import INIT_COVARIANCES  # noqa: E402
 from disca_tools.cluster.invariants import SHELL_L_MAX  # noqa: E402
 from disca_tools.cluster.matching import accuracy_after_matching  # noqa: E402
 from disca_tools.model.data import normalise  # noqa: E402
@@ -108,7 +109,7 @@ def main() -> None:
     ap.add_argument("--shell-degrees", type=int, nargs="+", default=[SHELL_L_MAX])
     ap.add_argument(
         "--covariance",
-        choices=["full", "diag"],
+        choices=list(INIT_COVARIANCES),
         default="full",
         help="the descriptors' mixtures: full covariances with the paper's BIC (the loop's), or "
         "diagonal ones with scikit-learn's BIC",

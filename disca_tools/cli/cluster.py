@@ -99,7 +99,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cluster.config import EMConfig
+from ..cluster.config import INIT_COVARIANCES, EMConfig
 from ..cluster.shards import (
     SHARD_FILE,
     files_fingerprint,
@@ -209,7 +209,7 @@ class Options(CommonOptions):
     init_covariance: str = opt(
         "--init-covariance",
         default=EMConfig.init_covariance,
-        choices=["full", "diag"],
+        choices=list(INIT_COVARIANCES),
         help="with --init invariants/voxels: the iteration-0 mixtures' covariances, full with the "
         "paper's BIC (as every later iteration) or diagonal with scikit-learn's BIC (not in the "
         "paper; finds more clusters). See README 'Clustering accuracy'",
