@@ -254,6 +254,8 @@ def test_init_covariance_sets_only_the_iteration_0_mixtures(tiny_store):
     assert res.history[1].bic_by_k == pytest.approx(again.bic_by_k)  # full, the paper's BIC
     with pytest.raises(UserError, match="init-covariance"):
         em.EMConfig(init_covariance="spherical").check(len(rows), tiny_store.box)
+    with pytest.raises(UserError, match="init-covariance diag: applies only"):
+        em.EMConfig(init="network", init_covariance="diag").check(len(rows), tiny_store.box)
 
 
 def test_init_epochs_lengthen_only_the_first_round_from_descriptors(tiny_store):

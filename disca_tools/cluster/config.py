@@ -86,6 +86,11 @@ class EMConfig:
                 f"--init-covariance: must be one of {', '.join(INIT_COVARIANCES)}, "
                 f"got {self.init_covariance!r}"
             )
+        if self.init_covariance != "full" and self.init == "network":
+            raise UserError(
+                f"--init-covariance {self.init_covariance}: applies only to the clusters of "
+                "--init invariants or voxels, not to those of the untrained network"
+            )
         if self.train_clusters < 0:
             raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")
 
