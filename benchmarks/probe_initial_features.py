@@ -7,11 +7,12 @@ shells, both) on a Table S1-style set (5 shipped structures, SNR 0.1, ±60°, 24
 The invariants are also scored with k-means at the true K and with a supervised logistic regression
 (5-fold cross-validated accuracy: how much class information they carry at all); ``--shell-degrees``
 compares real-space shells up to several spherical-harmonic degrees (default: the loop's, 10);
-``--covariance diag`` fits the descriptors' mixtures with diagonal covariances (scikit-learn's BIC).
+``--covariance diag`` fits the descriptors' mixtures with diagonal covariances (scikit-learn's BIC), ``auto``
+as ``--init-covariance auto`` does (full or diagonal, whichever has the lower scikit-learn BIC).
 Accuracies are after Hungarian matching.
 
     python benchmarks/probe_initial_features.py [--n-per-class 200] [--snr 0.1] [--width-scales 0.1 0.25]
-        [--shell-degrees 6 10] [--covariance full|diag]
+        [--shell-degrees 6 10] [--covariance full|diag|auto]
 
 Prints a table and saves benchmarks/results/probe_initial_features.json.
 """
@@ -111,8 +112,9 @@ def main() -> None:
         "--covariance",
         choices=list(INIT_COVARIANCES),
         default="full",
-        help="the descriptors' mixtures: full covariances with the paper's BIC (the loop's), or "
-        "diagonal ones with scikit-learn's BIC",
+        help="the descriptors' mixtures as --init-covariance fits them: full covariances with the "
+        "paper's BIC (the loop's default), diagonal ones with scikit-learn's BIC, or auto (the "
+        "lower scikit-learn BIC of the two)",
     )
     args = ap.parse_args()
     t0 = time.time()

@@ -100,14 +100,11 @@ def bic_clusters(
     x: np.ndarray, pca_dim: int, k_candidates: list[int], covariance: str = "full"
 ) -> tuple[int, np.ndarray]:
     """K and labels of the loop's clustering step (PCA, mixtures, paper BIC) on ``x``, seed 0.
-    ``covariance="diag"``: diagonal covariances, scored as ``--init-covariance diag`` scores them
-    (scikit-learn's BIC; the paper's formula counts full covariances only)."""
-    from disca_tools.cluster.config import INIT_COVARIANCES
-    from disca_tools.cluster.mixture import fit_pca, select_mixture
+    ``covariance`` "diag" or "auto": iteration 0's mixtures as ``--init-covariance`` fits them."""
+    from disca_tools.cluster.mixture import fit_pca, select_initial_mixture
 
     z = fit_pca(x, pca_dim, 0).transform(x)
-    criterion = INIT_COVARIANCES[covariance]
-    sel = select_mixture(z, k_candidates, seed=0, covariance=covariance, criterion=criterion)
+    sel = select_initial_mixture(z, k_candidates, seed=0, covariance=covariance)
     return int(sel.k), sel.labels
 
 

@@ -6,6 +6,7 @@ from scipy.stats import multivariate_normal
 from sklearn.mixture import GaussianMixture
 
 from disca_tools.cluster import mixture
+from disca_tools.cluster.config import INIT_COVARIANCES
 from disca_tools.cluster.matching import accuracy_after_matching
 from disca_tools.runtime.errors import UserError
 
@@ -49,6 +50,44 @@ def test_select_finds_true_k(criterion):
     assert np.array_equal(np.unique(sel.labels), np.arange(4))
     assert sel.loglik == pytest.approx(np.sum(sel.gmm.score_samples(x)))
     assert not sel.inherited
+
+
+def correlated_blobs(k=3, n=300, p=4, seed=0):
+    """Well-separated clusters, each with a strongly correlated (elongated, tilted) covariance."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _ in range(k):
+        a = rng.normal(0, 1, (p, p))
+        parts.append(rng.multivariate_normal(rng.normal(0, 8, p), a @ a.T + 0.05 * np.eye(p), n))
+    return np.concatenate(parts), np.repeat(np.arange(k), n)
+
+
+@pytest.mark.parametrize(
+    "data, family, true_k",
+    [
+        (correlated_blobs(), "full", 3),  # diagonal components need K 8 for three tilted clusters
+        (blobs(k=6, n=60, p=8, spread=2.5), "diag", 6),  # round clusters: full ones are too costly
+    ],
+)
+def test_auto_initial_covariance_keeps_the_family_with_the_lower_sklearn_bic(data, family, true_k):
+    """--init-covariance auto: full (paper BIC) and diagonal (scikit-learn BIC) selections are made,
+    and the one whose chosen model has the lower scikit-learn BIC is returned; here it is the family
+    that finds the true K."""
+    x, y = data
+    ks = list(range(2, 9))
+    fits = {c: mixture.select_initial_mixture(x, ks, 0, c) for c in ("full", "diag")}
+    assert fits["full"].k != fits["diag"].k
+    assert fits["full"].gmm.covariance_type == "full"
+    assert fits["diag"].gmm.covariance_type == "diag"
+    auto = mixture.select_initial_mixture(x, ks, 0, "auto")
+    scores = {c: mixture.sklearn_bic(f.gmm, x) for c, f in fits.items()}
+    assert min(scores, key=scores.get) == family
+    assert auto.gmm.covariance_type == family and auto.k == fits[family].k == true_k
+    np.testing.assert_array_equal(auto.labels, fits[family].labels)
+    assert accuracy_after_matching(y, auto.labels) > 0.95
+    with pytest.raises(ValueError, match="covariance"):
+        mixture.select_initial_mixture(x, ks, 0, "spherical")
+    assert set(INIT_COVARIANCES) == {*mixture.INIT_CRITERIA, "auto"}  # the CLI's choices
 
 
 def test_subsampled_fit_still_finds_k():

@@ -211,8 +211,9 @@ class Options(CommonOptions):
         default=EMConfig.init_covariance,
         choices=list(INIT_COVARIANCES),
         help="with --init invariants/voxels: the iteration-0 mixtures' covariances, full with the "
-        "paper's BIC (as every later iteration) or diagonal with scikit-learn's BIC (not in the "
-        "paper; finds more clusters). See README 'Clustering accuracy'",
+        "paper's BIC (as every later iteration), diagonal with scikit-learn's BIC (not in the "
+        "paper; finds more clusters), or auto: the one of the two with the lower scikit-learn BIC. "
+        "See README 'Clustering accuracy'",
     )
     pca_trained_classes: bool = opt(
         "--pca-trained-classes",

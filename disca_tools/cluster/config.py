@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from ..model.yopo import YopoConfig
 
 
-# iteration-0 covariance → selection criterion (the paper's BIC counts full covariances only)
-INIT_COVARIANCES = {"full": "paper", "diag": "sklearn"}
+# --init-covariance (cluster.mixture.select_initial_mixture): full, diagonal, or chosen by BIC
+INIT_COVARIANCES = ("full", "diag", "auto")
 
 
 @dataclass
@@ -54,7 +54,8 @@ class EMConfig:
     # PCA of a trained network's features in at most (classes it was last trained on − 1) dimensions
     pca_trained_classes: bool = False
     # iteration-0 mixtures when the clusters come from the data (init "invariants"/"voxels"): "full"
-    # covariances with the paper's BIC, as in every later iteration, or "diag" with scikit-learn's
+    # covariances with the paper's BIC, as in every later iteration, "diag" with scikit-learn's, or
+    # "auto": the one of the two with the lower scikit-learn BIC
     init_covariance: str = "full"
 
     def check(self, n: int, box: int) -> None:

@@ -78,10 +78,10 @@ from ..model.data import SubtomogramStore, gather, predict_features, train_datas
 from ..runtime.errors import UserError
 from ..runtime.log import check_abort, logger
 from ..runtime.outputs import atomic_path, write_text_atomic
-from .config import INIT_COVARIANCES, EMConfig
+from .config import EMConfig
 from .invariants import invariant_features
 from .matching import match_labels
-from .mixture import fit_pca, nested_subclusters, select_mixture
+from .mixture import fit_pca, nested_subclusters, select_initial_mixture, select_mixture
 from .training import Trainer, sync_batchnorm_statistics
 
 CHECKPOINT_STATE = "state.json"
@@ -477,11 +477,15 @@ def run_em(
         else:
             pca = fit_pca(feats, cfg.mixture_pca_dim(k_trained), seed_it)
             x = pca.transform(feats)
-        cov = cfg.init_covariance if from_data else "full"
-        sel = select_mixture(
-            x, cfg.k_candidates, seed_it, prev_labels=prev_labels, prev_k=prev_k,
-            n_jobs=cfg.mixture_jobs, covariance=cov, criterion=INIT_COVARIANCES[cov],
-        )  # fmt: skip
+        if from_data:
+            sel = select_initial_mixture(
+                x, cfg.k_candidates, seed_it, cfg.init_covariance, cfg.mixture_jobs
+            )
+        else:
+            sel = select_mixture(
+                x, cfg.k_candidates, seed_it, prev_labels=prev_labels, prev_k=prev_k,
+                n_jobs=cfg.mixture_jobs,
+            )  # fmt: skip
         k = sel.k
         mapping = {c: c for c in range(k)}
         labels = sel.labels

@@ -451,6 +451,40 @@ def select_mixture(
     )
 
 
+# --init-covariance: the criterion each covariance family chooses K by at iteration 0 (the paper's BIC
+# counts full covariances only); "auto" fits both families and compares them
+INIT_CRITERIA = {"full": "paper", "diag": "sklearn"}
+
+
+def select_initial_mixture(
+    x: np.ndarray, k_candidates: list[int], seed: int, covariance: str = "full", n_jobs: int = 1
+) -> MixtureSelection:
+    """:func:`select_mixture` for iteration 0's clusters of the data's own descriptors.
+
+    ``covariance`` "full" (the paper's BIC) or "diag" (scikit-learn's) chooses K in that family;
+    "auto" does both and keeps the model with the lower scikit-learn BIC, the criterion that
+    counts every parameter of either family (the paper's formula cannot compare them).
+    """
+    if covariance == "auto":
+        fits = {c: select_initial_mixture(x, k_candidates, seed, c, n_jobs) for c in INIT_CRITERIA}
+        scores = {c: sklearn_bic(sel.gmm, x) for c, sel in fits.items()}
+        chosen = min(scores, key=scores.get)
+        logger.info(
+            "Iteration-0 covariances: %s (scikit-learn BIC %s)",
+            chosen,
+            ", ".join(f"{c} K={fits[c].k}: {v:.1f}" for c, v in scores.items()),
+        )
+        return fits[chosen]
+    if covariance not in INIT_CRITERIA:
+        raise ValueError(
+            f"covariance must be auto or one of {tuple(INIT_CRITERIA)}, got {covariance!r}"
+        )
+    return select_mixture(
+        x, k_candidates, seed, covariance=covariance, criterion=INIT_CRITERIA[covariance],
+        n_jobs=n_jobs,
+    )  # fmt: skip
+
+
 @_single_threaded
 def nested_subclusters(
     x: np.ndarray, labels: np.ndarray, n_total: int, seed: int, min_size: int = 20
