@@ -110,6 +110,7 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
         input_dropout=EMConfig.input_dropout if paper else args.input_dropout,
         pca_trained_classes=False if paper else args.pca_trained_classes,
         init_covariance="full" if paper else args.init_covariance,
+        init_pca_dim=0 if paper else args.init_pca_dim,
     )
     watch = IterationWatcher(truth)
     res = run_em(store, np.arange(len(volumes)), cfg, on_iteration=watch)
@@ -165,6 +166,7 @@ def main(argv=None) -> int:
         "--init-covariance", choices=list(INIT_COVARIANCES), default="full",
         help="disca_cluster --init-covariance",
     )  # fmt: skip
+    ap.add_argument("--init-pca-dim", type=int, default=0, help="disca_cluster --init-pca-dim")
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     from disca_tools.runtime.log import configure
@@ -238,7 +240,10 @@ def markdown(rows: list[dict], protocol: dict) -> str:
         f"{min(protocol['k_candidates'])}–{max(protocol['k_candidates'])}, PCA {protocol['pca_dim']}, "
         f"seed {protocol['seed']}; DISCA options: init {protocol.get('init', 'network')}, train clusters "
         f"{protocol.get('train_clusters', 0)}, first-round epochs {protocol.get('init_epochs', 0) or 'as later'}, "
-        f"BatchNorm calibration {protocol.get('calibrate_bn', False)} "
+        f"BatchNorm calibration {protocol.get('calibrate_bn', False)}, iteration-0 PCA "
+        f"{protocol.get('init_pca_dim') or protocol['pca_dim']} and covariances "
+        f"{protocol.get('init_covariance', 'full')}, PCA capped by the trained classes "
+        f"{protocol.get('pca_trained_classes', False)} "
         "(disca_paper: network init, K clusters, PCA 16); SNR convention "
         f"{protocol.get('snr_convention', 'volume')} "
         "(effective SNR: variance ratio of the simulated volumes). Accuracy after Hungarian matching (the paper reports it only when K is "

@@ -215,6 +215,13 @@ class Options(CommonOptions):
         "paper; finds more clusters), or auto: the one of the two with the lower scikit-learn BIC. "
         "See README 'Clustering accuracy'",
     )
+    init_pca_dim: int = opt(
+        "--init-pca-dim",
+        default=EMConfig.init_pca_dim,
+        help="with --init invariants/voxels: the PCA dimension of iteration 0's descriptors (0: "
+        "--pca-dim, which then applies to the network's features only; not in the paper). See "
+        "README 'Clustering accuracy'",
+    )
     pca_trained_classes: bool = opt(
         "--pca-trained-classes",
         default=EMConfig.pca_trained_classes,
@@ -547,7 +554,7 @@ def run(o: Options) -> dict:
             train_clusters=o.train_clusters, calibrate_bn=o.calibrate_bn,
             init_epochs=o.init_epochs, mixture_jobs=resolve_jobs(o.j),
             input_dropout=o.input_dropout, pca_trained_classes=o.pca_trained_classes,
-            init_covariance=o.init_covariance,
+            init_covariance=o.init_covariance, init_pca_dim=o.init_pca_dim,
         )  # fmt: skip
         cfg.check(n, box)
     if ref_cfg is not None and int(ref_cfg["box"]) != box:

@@ -57,6 +57,8 @@ class EMConfig:
     # covariances with the paper's BIC, as in every later iteration, "diag" with scikit-learn's, or
     # "auto": the one of the two with the lower scikit-learn BIC
     init_covariance: str = "full"
+    # PCA dimension of iteration 0's clusters of the data (init "invariants"/"voxels"); 0: pca_dim
+    init_pca_dim: int = 0
 
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³
@@ -70,6 +72,8 @@ class EMConfig:
         if self.max_iter < 1:
             raise UserError("--max-iter: must be at least 1 (iteration 0 is the untrained network)")
         p = self.pca_components
+        if self.init != "network":
+            p = max(p, self.init_pca_components)
         need = min(self.k_candidates) * (p + 1)
         if n < need:
             raise UserError(
@@ -92,6 +96,12 @@ class EMConfig:
                 f"--init-covariance {self.init_covariance}: applies only to the clusters of "
                 "--init invariants or voxels, not to those of the untrained network"
             )
+        if self.init_pca_dim < 0:
+            raise UserError(f"--init-pca-dim: must be ≥ 0 (0: --pca-dim), got {self.init_pca_dim}")
+        if self.init_pca_dim and self.init == "network":
+            raise UserError(
+                "--init-pca-dim: applies only to the descriptors of --init invariants or voxels"
+            )
         if self.train_clusters < 0:
             raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")
 
@@ -111,6 +121,11 @@ class EMConfig:
         if self.pca_trained_classes and k_trained > 0:
             return max(2, min(self.pca_dim, k_trained - 1))
         return self.pca_dim
+
+    @property
+    def init_pca_components(self) -> int:
+        """PCA dimension of iteration 0's clusters of the data (``--init invariants``/``voxels``)."""
+        return self.init_pca_dim or self.pca_dim
 
     @property
     def pca_components(self) -> int:

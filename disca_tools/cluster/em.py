@@ -9,7 +9,8 @@ Iteration ``t`` (0, 1, …, ``max_iter``):
    gathered in training describe inputs under the GaussianDropout noise, not the inputs the
    features are computed from;
 2. PCA to ``pca_dim`` (with ``pca_trained_classes``, not in the paper and off by default, at most
-   M − 1 dimensions after a round trained on M classes: :meth:`EMConfig.mixture_pca_dim`);
+   M − 1 dimensions after a round trained on M classes: :meth:`EMConfig.mixture_pca_dim`; the
+   descriptors of ``init`` "invariants"/"voxels" at iteration 0 to ``init_pca_dim``, if set);
    full-covariance Gaussian mixtures for every candidate K, the paper's BIC
    (:func:`disca_tools.cluster.mixture.select_mixture`: inherited + de-novo fit for the current K,
    empty clusters dropped);
@@ -469,10 +470,10 @@ def run_em(
         # iteration-0 clusters from the data itself (not from the random network's features)
         from_data = it == 0 and not pretrained and cfg.init != "network"
         if from_data and cfg.init == "voxels":
-            pca, x = None, voxel_pca_features(store, rows, cfg.pca_dim, seed_it)
+            pca, x = None, voxel_pca_features(store, rows, cfg.init_pca_components, seed_it)
         elif from_data and cfg.init == "invariants":
             inv = invariant_features(store, rows)
-            x = fit_pca(inv, cfg.pca_dim, seed_it).transform(inv)
+            x = fit_pca(inv, cfg.init_pca_components, seed_it).transform(inv)
             pca = None  # the clusters are not in the network's feature space
         else:
             pca = fit_pca(feats, cfg.mixture_pca_dim(k_trained), seed_it)
