@@ -258,6 +258,36 @@ def test_init_covariance_sets_only_the_iteration_0_mixtures(tiny_store):
         em.EMConfig(init="network", init_covariance="diag").check(len(rows), tiny_store.box)
 
 
+@pytest.mark.parametrize("init", ["invariants", "voxels"])
+def test_init_pca_dim_sets_only_the_iteration_0_descriptors(tiny_store, init):
+    """--init-pca-dim: iteration 0 clusters the data's descriptors in that many principal
+    components (the same points as a direct PCA); the network's features keep --pca-dim."""
+    from disca_tools.cluster.invariants import invariant_features
+    from disca_tools.cluster.mixture import fit_pca
+
+    rows = np.arange(len(tiny_store))
+    seen: list[em.IterationClustering] = []
+    cfg = em.EMConfig(**dict(TINY, max_iter=1, init=init, pca_dim=3, init_pca_dim=6))
+    em.run_em(tiny_store, rows, cfg, on_iteration=seen.append)
+    assert [c.x.shape[1] for c in seen] == [6, 3]
+    if init == "invariants":
+        inv = invariant_features(tiny_store, rows)
+        direct = fit_pca(inv, 6, em.iteration_seed(cfg.seed, 0)).transform(inv)
+        np.testing.assert_allclose(seen[0].x, direct, rtol=1e-5, atol=1e-5)
+    default: list[em.IterationClustering] = []
+    em.run_em(tiny_store, rows, em.EMConfig(**dict(TINY, max_iter=1, init=init, pca_dim=3)),
+              on_iteration=default.append)  # fmt: skip
+    assert [c.x.shape[1] for c in default] == [3, 3]  # 0: --pca-dim for both
+    with pytest.raises(UserError, match="init-pca-dim: applies only"):
+        em.EMConfig(init="network", init_pca_dim=6).check(len(rows), tiny_store.box)
+    with pytest.raises(UserError, match="init-pca-dim: must be"):
+        em.EMConfig(init=init, init_pca_dim=-1).check(len(rows), tiny_store.box)
+    with pytest.raises(UserError, match="too few for candidate K"):  # the larger PCA counts
+        em.EMConfig(**dict(TINY, init=init, pca_dim=3, init_pca_dim=40)).check(
+            len(rows), tiny_store.box
+        )
+
+
 def test_init_epochs_lengthen_only_the_first_round_from_descriptors(tiny_store):
     """--init-epochs: the random network learns the iteration-0 clusters of the descriptors for
     that many epochs; later rounds, and the paper's network init, keep --epochs-per-iter."""
