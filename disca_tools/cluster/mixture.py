@@ -7,7 +7,9 @@ BIC. The paper's Eq. 3 is ``BIC = K(P²+P)/2 · ln N − 2 ln L`` (:func:`paper_
 covariance parameters of the K components. scikit-learn's ``GaussianMixture.bic`` counts every free
 parameter, ``K·P(P+1)/2 + K·P + K − 1`` (covariances, means and weights), so its penalty is larger by
 ``(K·P + K − 1) · ln N``. Selection uses the paper's formula by default (``criterion="paper"``);
-``criterion="sklearn"`` uses scikit-learn's.
+``criterion="sklearn"`` uses scikit-learn's. Iteration 0's clusters of the data's own descriptors
+(``--init invariants``/``voxels``) may use diagonal covariances instead, or the better of the two
+families by scikit-learn's BIC (:func:`select_initial_mixture`, ``--init-covariance``).
 
 Cost. Every candidate is fitted by EM on at most ``max_fit_points`` points (a seeded random subset)
 and its BIC computed on all N points; the two best candidates (and the current K) are then refined by
