@@ -163,10 +163,13 @@ def main(argv=None) -> int:
         "--pca-trained-classes", action="store_true", help="disca_cluster --pca-trained-classes"
     )
     ap.add_argument(
-        "--init-covariance", choices=list(INIT_COVARIANCES), default="full",
+        "--init-covariance", choices=list(INIT_COVARIANCES), default=EMConfig.init_covariance,
         help="disca_cluster --init-covariance",
     )  # fmt: skip
-    ap.add_argument("--init-pca-dim", type=int, default=0, help="disca_cluster --init-pca-dim")
+    ap.add_argument(
+        "--init-pca-dim", type=int, default=EMConfig.init_pca_dim,
+        help="disca_cluster --init-pca-dim",
+    )  # fmt: skip
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     from disca_tools.runtime.log import configure
