@@ -82,12 +82,11 @@ def run_kmeans(volumes, k, seed):
         return km.fit_predict(normalised_flat(volumes))
 
 
-def run_disca(volumes, truth, args, seed, paper: bool = False, tilt_range_deg: float = 0.0):
+def run_disca(volumes, truth, args, seed, paper: bool = False):
     """DISCA through the core API (disca_tools.cluster.em.run_em on an in-memory store).
 
     ``paper``: the paper's choices whatever the options say (iteration 0 from the untrained network,
-    training on the K clusters, PCA 16, no BatchNorm calibration). ``tilt_range_deg``: disca_cluster
-    --tilt-range (0: off)."""
+    training on the K clusters, PCA 16, no BatchNorm calibration)."""
     from disca_tools.cluster.em import run_em
     from disca_tools.model.data import SubtomogramStore
     from disca_tools.model.yopo import resolve_precision
@@ -112,7 +111,6 @@ def run_disca(volumes, truth, args, seed, paper: bool = False, tilt_range_deg: f
         pca_trained_classes=False if paper else args.pca_trained_classes,
         init_covariance="full" if paper else args.init_covariance,
         init_pca_dim=0 if paper else args.init_pca_dim,
-        tilt_range_deg=0.0 if paper else tilt_range_deg,
     )
     watch = IterationWatcher(truth)
     res = run_em(store, np.arange(len(volumes)), cfg, on_iteration=watch)
@@ -172,10 +170,6 @@ def main(argv=None) -> int:
         "--init-pca-dim", type=int, default=EMConfig.init_pca_dim,
         help="disca_cluster --init-pca-dim",
     )  # fmt: skip
-    ap.add_argument(
-        "--wedge-augment", action="store_true",
-        help="disca_cluster --tilt-range with each cell's own tilt range",
-    )  # fmt: skip
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     from disca_tools.runtime.log import configure
@@ -199,9 +193,8 @@ def main(argv=None) -> int:
             extra: dict = {}
             if method in ("disca", "disca_paper"):
                 labels, extra = run_disca(
-                    sim.volumes, truth, args, args.seed, method == "disca_paper",
-                    tilt if args.wedge_augment else 0.0,
-                )  # fmt: skip
+                    sim.volumes, truth, args, args.seed, method == "disca_paper"
+                )
             elif method == "gmm":
                 labels = run_gmm_bic(sim.volumes, args.k_candidates, args.pca_dim, args.seed)
             elif method == "kmeans":
@@ -253,8 +246,7 @@ def markdown(rows: list[dict], protocol: dict) -> str:
         f"BatchNorm calibration {protocol.get('calibrate_bn', False)}, iteration-0 PCA "
         f"{protocol.get('init_pca_dim') or protocol['pca_dim']} and covariances "
         f"{protocol.get('init_covariance', 'full')}, PCA capped by the trained classes "
-        f"{protocol.get('pca_trained_classes', False)}, training copies re-masked by the cell's "
-        f"wedge {protocol.get('wedge_augment', False)} "
+        f"{protocol.get('pca_trained_classes', False)} "
         "(disca_paper: network init, K clusters, PCA 16); SNR convention "
         f"{protocol.get('snr_convention', 'volume')} "
         "(effective SNR: variance ratio of the simulated volumes). Accuracy after Hungarian matching (the paper reports it only when K is "

@@ -15,11 +15,6 @@ Orientations (RELION)
     offsets are the opposite: the particle centre is at ``coordinate − origin``, so ``d = −origin``.
     This was checked against ``relion_reconstruct`` (tests/test_relion_roundtrip.py).
 
-Missing wedge
-    The beam is along z; a single-axis tilt series of ±θ about ``tilt_axis`` ("y": the usual one,
-    as RELION, IMOD and Warp reconstruct) samples the Fourier region ``|kz| ≤ |kx|·tan θ``
-    (``|ky|`` for an x axis); a subtomogram cut from the tomogram keeps that frame.
-
 RELION 5 centred coordinates
     ``centred_Å = (px_bin1 − size_bin1 / 2) · tilt_series_angpix`` with ``size`` = rlnTomoSizeX/Y/Z in
     bin-1 tilt-series pixels; a tomogram at binning ``b`` has voxel size ``b · tilt_series_angpix``
@@ -218,30 +213,3 @@ def pixels_to_centered_angst(
     """Pixels of a tomogram at ``binning`` → RELION 5 ``rlnCenteredCoordinate*Angst``."""
     px_bin1 = np.asarray(coords_px, dtype=np.float64) * float(binning)
     return (px_bin1 - np.asarray(size_bin1_xyz, dtype=np.float64) / 2.0) * tilt_series_angpix
-
-
-# ----------------------------------------------------------------------------- missing wedge
-
-
-def wedge_sampled(
-    kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, tilt_range_deg: float, tilt_axis: str = "y"
-) -> np.ndarray:
-    """True where a ±``tilt_range_deg`` tilt series about ``tilt_axis`` samples the frequencies
-    ``(kz, ky, kx)`` (broadcastable arrays, any unit): ``|kz| ≤ |k⊥|·tan θ``."""
-    if tilt_axis not in ("x", "y"):
-        raise ValueError(f"tilt_axis must be 'x' or 'y', got {tilt_axis!r}")
-    t = np.float32(np.tan(np.radians(tilt_range_deg)))
-    perp = np.abs(kx) if tilt_axis == "y" else np.abs(ky)
-    return np.abs(kz) <= perp * t + np.float32(1e-9)
-
-
-def missing_wedge_mask(box: int, tilt_range_deg: float, tilt_axis: str = "y") -> np.ndarray:
-    """1 where a ±``tilt_range_deg`` tilt series samples a ``box``³ volume's spectrum, 0 in the
-    missing wedge: float32 ``(box, box, box // 2 + 1)``, the layout of ``numpy.fft.rfftn`` (and of
-    TensorFlow's ``rfft3d``)."""
-    k = np.fft.fftfreq(box).astype(np.float32)
-    kx = np.fft.rfftfreq(box).astype(np.float32)
-    inside = wedge_sampled(
-        k[:, None, None], k[None, :, None], kx[None, None, :], tilt_range_deg, tilt_axis
-    )
-    return np.broadcast_to(inside, (box, box, len(kx))).astype(np.float32)

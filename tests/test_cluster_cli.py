@@ -177,18 +177,7 @@ def _mrc(path: str, data: np.ndarray) -> str:
 
 @pytest.mark.parametrize(
     "case",
-    [
-        "missing",
-        "mixed",
-        "nan",
-        "constant",
-        "few",
-        "model_dir",
-        "model_box",
-        "continue",
-        "dropout",
-        "tilt_range",
-    ],
+    ["missing", "mixed", "nan", "constant", "few", "model_dir", "model_box", "continue", "dropout"],
 )
 def test_bad_inputs_exit_2_and_write_nothing(project, case, capsys):
     Path("Bad").mkdir(exist_ok=True)
@@ -230,9 +219,6 @@ def test_bad_inputs_exit_2_and_write_nothing(project, case, capsys):
     elif case == "dropout":
         _star_with(star, lambda df: df)
         args += ["--input-dropout", "1"]
-    elif case == "tilt_range":
-        _star_with(star, lambda df: df)
-        args += ["--tilt-range", "95"]
     capsys.readouterr()
     assert C.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

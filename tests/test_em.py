@@ -299,29 +299,3 @@ def test_init_epochs_lengthen_only_the_first_round_from_descriptors(tiny_store):
     assert [h.epochs for h in res.history] == [1, 0]
     with pytest.raises(UserError, match="--init-epochs"):
         em.EMConfig(**dict(base, init_epochs=-1)).check(len(rows), tiny_store.box)
-
-
-def test_tilt_range_re_masks_the_training_copies_with_that_wedge(tiny_store, monkeypatch):
-    """--tilt-range θ: every training round gets the missing-wedge mask of ±θ for the box (the
-    same region the simulator leaves out); 0 gives none; values outside (0, 90) are errors."""
-    from disca_tools.geometry import missing_wedge_mask
-
-    wedges: list = []
-    original = em.train_dataset
-
-    def recording(*args, **kwargs):
-        wedges.append(args[7] if len(args) > 7 else kwargs.get("wedge"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(em, "train_dataset", recording)
-    rows = np.arange(len(tiny_store))
-    em.run_em(tiny_store, rows, em.EMConfig(**dict(TINY, max_iter=2, tilt_range_deg=60.0)))
-    assert len(wedges) == 2
-    for w in wedges:
-        np.testing.assert_array_equal(w, missing_wedge_mask(tiny_store.box, 60.0))
-    wedges.clear()
-    em.run_em(tiny_store, rows, em.EMConfig(**dict(TINY, max_iter=1)))
-    assert wedges == [None]
-    for bad in (-5.0, 90.0, 120.0):
-        with pytest.raises(UserError, match="tilt-range: must be between 0 and 90"):
-            em.EMConfig(tilt_range_deg=bad).check(len(rows), tiny_store.box)

@@ -11,7 +11,6 @@ from disca_tools.geometry import (
     centered_angst_to_pixels,
     euler_to_matrix,
     matrix_to_euler,
-    missing_wedge_mask,
     pad_or_crop,
     pixels_to_centered_angst,
     random_euler,
@@ -220,23 +219,3 @@ def test_centered_angst_pixels_round_trip():
 
 def test_rescale_pixels():
     np.testing.assert_allclose(rescale_pixels([[10.0, 20.0, 30.0]], 5.0, 10.0), [[5.0, 10.0, 15.0]])
-
-
-@pytest.mark.parametrize("tilt", [40.0, 60.0])
-@pytest.mark.parametrize("n", [16, 17])
-def test_missing_wedge_mask_is_the_simulators_wedge_in_rfft_layout(n, tilt):
-    from disca_tools.simulate.imaging import Imaging, ctf_wedge_weight
-
-    mask = missing_wedge_mask(n, tilt)
-    assert mask.shape == (n, n, n // 2 + 1) and mask.dtype == np.float32
-    wedge = ctf_wedge_weight((n, n, n), 1.0, Imaging(tilt_range_deg=tilt, apply_ctf=False), "rfft")
-    np.testing.assert_array_equal(mask, wedge)
-    assert mask[3, 0, 0] == 0.0 and mask[0, 0, 3] == 1.0 and mask[0, 3, 0] == 1.0  # beam z, axis y
-    # in the kx–kz plane 2θ of 180° of directions are sampled
-    kz = np.fft.fftfreq(n)[:, None] * n
-    kx = np.fft.rfftfreq(n)[None, :] * n
-    radius = np.hypot(kz, kx)
-    far = (radius > 3) & (radius < n / 2) & (kx > 0)
-    assert mask[:, 0, :][far].mean() == pytest.approx(2 * tilt / 180.0, abs=0.06)
-    with pytest.raises(ValueError, match="tilt_axis"):
-        missing_wedge_mask(n, tilt, "z")

@@ -265,30 +265,3 @@ def test_dataset_rotation_is_xla_here_and_falls_back_when_xla_fails(monkeypatch,
         )
     finally:
         data.dataset_rotation.cache_clear()
-
-
-def test_training_copies_re_masked_by_the_wedge_keep_the_originals():
-    """With a wedge mask the rotated copies have no power in the missing wedge and unit variance,
-    the originals pass unchanged; without it the same copies have power there."""
-    from disca_tools.geometry import missing_wedge_mask
-
-    store = _store(24, 24, seed=3)
-    targets = np.eye(2, dtype=np.float32)[np.arange(24) % 2]
-    wedge = missing_wedge_mask(24, 50.0)
-
-    def batches(mask):
-        ds = train_dataset(store, np.arange(24), targets, 16, seed=1, wedge=mask)
-        return np.concatenate([x.numpy()[..., 0] for x, _ in ds])
-
-    masked, plain = batches(wedge), batches(None)
-    originals = gather(store, np.arange(24))
-    is_orig = np.array([np.any(np.all(v == originals, axis=(1, 2, 3))) for v in masked])
-    assert is_orig.sum() == 24
-    np.testing.assert_array_equal(masked[is_orig], plain[is_orig])
-    copies = masked[~is_orig]
-    power = np.abs(np.fft.rfftn(copies, axes=(1, 2, 3))) ** 2
-    assert power[:, wedge == 0].sum() < 1e-8 * power.sum()
-    np.testing.assert_allclose(copies.std(axis=(1, 2, 3)), 1.0, rtol=1e-3)
-    np.testing.assert_allclose(copies.mean(axis=(1, 2, 3)), 0.0, atol=1e-4)
-    plain_power = np.abs(np.fft.rfftn(plain[~is_orig], axes=(1, 2, 3))) ** 2
-    assert plain_power[:, wedge == 0].sum() > 0.1 * plain_power.sum()

@@ -230,14 +230,6 @@ class Options(CommonOptions):
         "separates them in M − 1 directions, and the other components only add to the BIC's "
         "penalty. See README 'Clustering accuracy'",
     )
-    tilt_range: float = opt(
-        "--tilt-range",
-        default=EMConfig.tilt_range_deg,
-        help="the tomograms' tilt range, ± degrees about the y axis (beam along z, as RELION, IMOD "
-        "and Warp reconstruct): each rotated training copy is re-masked by that missing wedge, so "
-        "it looks like the subtomograms the network is asked about (not in the paper); 0: off, "
-        "the copies keep the wedge they were rotated with. See README 'Clustering accuracy'",
-    )
     width_scale: float = opt(
         "--width-scale",
         default=EMConfig.width_scale,
@@ -563,7 +555,6 @@ def run(o: Options) -> dict:
             init_epochs=o.init_epochs, mixture_jobs=resolve_jobs(o.j),
             input_dropout=o.input_dropout, pca_trained_classes=o.pca_trained_classes,
             init_covariance=o.init_covariance, init_pca_dim=o.init_pca_dim,
-            tilt_range_deg=o.tilt_range,
         )  # fmt: skip
         cfg.check(n, box)
     if ref_cfg is not None and int(ref_cfg["box"]) != box:

@@ -59,9 +59,6 @@ class EMConfig:
     init_covariance: str = "full"
     # PCA dimension of iteration 0's clusters of the data (init "invariants"/"voxels"); 0: pca_dim
     init_pca_dim: int = 0
-    # the tomograms' tilt range (± degrees, tilt axis y): the rotated training copies are re-masked
-    # by that missing wedge (model.data.remask_wedge); 0: they keep the wedge they were turned with
-    tilt_range_deg: float = 0.0
 
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³
@@ -104,10 +101,6 @@ class EMConfig:
         if self.init_pca_dim and self.init == "network":
             raise UserError(
                 "--init-pca-dim: applies only to the descriptors of --init invariants or voxels"
-            )
-        if not (self.tilt_range_deg == 0.0 or 0.0 < self.tilt_range_deg < 90.0):
-            raise UserError(
-                f"--tilt-range: must be between 0 and 90 degrees (0: off), got {self.tilt_range_deg}"
             )
         if self.train_clusters < 0:
             raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")

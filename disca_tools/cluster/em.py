@@ -21,9 +21,7 @@ Iteration ``t`` (0, 1, …, ``max_iter``):
 4. DDBI (O(N)) of the labels in PCA space; the best DDBI is kept;
 5. unless finished, YOPO is trained on the N originals + N rotated copies with smoothed labels
    ``(1 − α)·onehot + α/K`` (α = α₀·0.9ᵗ), categorical hinge loss, Nadam (lr·decayᵗ), fresh
-   optimizer state each iteration; with ``tilt_range_deg`` (not in the paper; off by default) the
-   rotated copies are re-masked by the tomograms' missing wedge
-   (:func:`disca_tools.model.data.remask_wedge`); with ``train_clusters`` > K (not in the paper; off by default)
+   optimizer state each iteration; with ``train_clusters`` > K (not in the paper; off by default)
    the training labels are a finer partition, each cluster split by k-means into sub-clusters
    (about ``train_clusters`` in all), and the head is warmed up on them afresh each iteration
    (from the first trained network on: iteration 0 of a fresh network trains on the K clusters);
@@ -76,7 +74,6 @@ from typing import Any
 
 import numpy as np
 
-from ..geometry import missing_wedge_mask
 from ..model import yopo as Y
 from ..model.data import SubtomogramStore, gather, predict_features, train_dataset
 from ..runtime.errors import UserError
@@ -455,13 +452,6 @@ def run_em(
     with scope():
         trainer = Trainer(model, cfg.lr, strategy)
         extractor = Y.feature_extractor(model)
-    wedge = None
-    if cfg.tilt_range_deg:
-        wedge = missing_wedge_mask(box, cfg.tilt_range_deg)
-        logger.info(
-            "Rotated training copies re-masked by the missing wedge of ±%g° (tilt axis y)",
-            cfg.tilt_range_deg,
-        )
     converged = False
     for it in range(start, cfg.max_iter + 1):
         check_abort()
@@ -554,7 +544,7 @@ def run_em(
             Y.reset_dropout_seed(model, seed_it)
             targets = smooth_targets(train_labels, k_train, alpha, kmax)
             ds = train_dataset(
-                store, rows, targets, global_batch, seed_it, cfg.augment, replicas, wedge
+                store, rows, targets, global_batch, seed_it, cfg.augment, multiple=replicas
             )
             epochs = cfg.init_epochs if from_data and cfg.init_epochs > 0 else cfg.epochs_per_iter
             loss = trainer.fit(ds, epochs, lr)

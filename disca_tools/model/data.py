@@ -374,26 +374,6 @@ def dataset_rotation():
         return tf.function(rotate_volumes)
 
 
-def remask_wedge(vols, wedge: np.ndarray):
-    """``vols`` (B, S, S, S) with the Fourier region outside ``wedge`` (an rfft-layout 0/1 mask,
-    :func:`disca_tools.geometry.missing_wedge_mask`) set to zero, each then at zero mean and unit
-    standard deviation again, in TensorFlow.
-
-    A rotated training copy carries the missing wedge turned with the particle; the subtomograms
-    the network is asked about all have it in the tomogram's frame. Re-masked, a copy has the
-    frame's wedge too (and loses what the two wedges do not share), so the network learns labels
-    that hold for a particle seen in any orientation through the same wedge.
-    """
-    import tensorflow as tf
-
-    s = int(vols.shape[1])
-    size = tf.constant([s, s, s])
-    spectrum = tf.signal.rfft3d(vols, fft_length=size) * tf.constant(wedge.astype(np.complex64))
-    out = tf.signal.irfft3d(spectrum, fft_length=size)
-    mean, var = tf.nn.moments(out, axes=[1, 2, 3], keepdims=True)
-    return (out - mean) * tf.math.rsqrt(var + 1e-12)
-
-
 def train_dataset(
     store: SubtomogramStore,
     rows: np.ndarray,
@@ -402,15 +382,12 @@ def train_dataset(
     seed: int,
     augment: bool = True,
     multiple: int = 1,
-    wedge: np.ndarray | None = None,
 ):
     """A tf.data.Dataset of ``(x (B,S,S,S,1), y (B,K))`` streaming one epoch per iteration over it.
 
     Each pass over the dataset (each Keras epoch) draws a new order and new rotations from one
     generator seeded with ``seed``, so a run is reproducible. ``multiple``: the number of
-    replicas under a strategy (every batch a multiple of it; :func:`batch_bounds`). ``wedge``
-    (:func:`disca_tools.geometry.missing_wedge_mask` of the box): the rotated copies are
-    re-masked by the tomograms' missing wedge (:func:`remask_wedge`); the originals are unchanged.
+    replicas under a strategy (every batch a multiple of it; :func:`batch_bounds`).
     """
     import tensorflow as tf
 
@@ -438,10 +415,7 @@ def train_dataset(
         # sees two shapes (full and last batch), not one per number of copies.
         noise = tf.random.stateless_normal(tf.shape(x[k:]), seed=noise_seed)
         noise = tf.concat([tf.zeros_like(x[:k]), noise], axis=0)
-        out = rotate_batch(x, m, noise)
-        if wedge is not None:
-            out = tf.concat([out[:k], remask_wedge(out[k:], wedge)], axis=0)
-        return out[..., None], y
+        return rotate_batch(x, m, noise)[..., None], y
 
     n_batches = len(batch_bounds(len(rows) * (2 if augment else 1), batch_size, multiple))
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))

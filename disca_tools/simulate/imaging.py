@@ -50,8 +50,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.fft
 
-from ..geometry import wedge_sampled
-
 _FFT_WORKERS = 2
 
 
@@ -145,7 +143,9 @@ def _weight_block(
             r = radial(k2).astype(np.float32, copy=False)
             w = r if w is None else w * r
     if imaging.tilt_range_deg < 90.0:
-        sampled = wedge_sampled(kz3, ky3, kx3, imaging.tilt_range_deg, imaging.tilt_axis)
+        t = np.float32(math.tan(math.radians(imaging.tilt_range_deg)))
+        perp = np.abs(kx3) if imaging.tilt_axis == "y" else np.abs(ky3)
+        sampled = np.abs(kz3) <= perp * t + np.float32(1e-9)
         w = sampled.astype(np.float32) if w is None else w * sampled
     if w is None:
         w = np.ones((1, 1, 1), dtype=np.float32)
