@@ -23,6 +23,7 @@ from disca_tools.runtime.cli import (
 from disca_tools.runtime.errors import UserError
 from disca_tools.runtime.log import progress
 from disca_tools.runtime.outputs import atomic_path, check_not_input, prepare_output_dir
+from disca_tools.runtime.provenance import CPU_FLAGS, cpu_info
 
 
 @dataclass(kw_only=True)
@@ -74,6 +75,7 @@ def test_aliases_provenance_and_refusal(tmp_path, capsys):
     assert record["libraries"]["numpy"] == importlib.metadata.version("numpy")
     assert record["libraries"]["keras"] == importlib.metadata.version("keras")
     assert record["cpus"] == os.cpu_count() and record["python"].count(".") == 2  # the machine
+    assert record["cpu"] == cpu_info()["model"] and set(record["cpu_flags"]) <= set(CPU_FLAGS)
     assert "--box-size 32" in (out / "note.txt").read_text()
     # a second run refuses to overwrite, with one line naming the file, exit 2
     capsys.readouterr()
@@ -163,3 +165,18 @@ def test_resolve_jobs(monkeypatch):
     assert resolve_jobs(0) == 3  # the cores this process may use, not the machine's
     with pytest.raises(UserError, match="--j"):
         resolve_jobs(-1)
+
+
+def test_cpu_info_reads_the_model_and_the_flags_that_change_the_numbers(tmp_path):
+    """The model name and which of CPU_FLAGS the CPU has (first processor's lines; others ignored);
+    an unreadable file gives platform.processor() and no flags."""
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\n"
+        "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu amx_bf16\n"
+    )
+    assert cpu_info(fake) == {"model": "AMD EPYC 9R14", "flags": ["avx2", "avx512f", "avx512_bf16"]}
+    fake.write_text("model name : Intel Xeon\nflags : avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert cpu_info(fake)["flags"] == list(CPU_FLAGS)
+    missing = cpu_info(tmp_path / "absent")
+    assert missing["flags"] == [] and isinstance(missing["model"], str) and missing["model"]

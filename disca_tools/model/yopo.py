@@ -61,17 +61,9 @@ def conv_widths(width_scale: float = 1.0) -> list[int]:
 
 
 def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            text = fh.read()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    from ..runtime.provenance import cpu_info
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["flags"]))
 
 
 def _gpu_has_bf16() -> bool:

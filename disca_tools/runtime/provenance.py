@@ -64,13 +64,41 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+# CPU features that select TensorFlow's (oneDNN's) CPU kernels, and so can change a run's numbers
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
+    """The CPU's model name and which of :data:`CPU_FLAGS` it has, from ``cpuinfo`` (Linux's
+    format; where it cannot be read: ``platform.processor()`` and no flags)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        text = ""
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return {
+        "model": model or platform.processor() or "unknown",
+        "flags": [f for f in CPU_FLAGS if f in flags],
+    }
+
+
 def machine_info() -> dict[str, Any]:
-    """The machine a run or a measurement happened on: Python version, host, platform, CPU cores."""
+    """The machine a run or a measurement happened on: Python version, host, platform, CPU cores,
+    the CPU's model and the flags of it that change TensorFlow's numbers (:func:`cpu_info`)."""
+    cpu = cpu_info()
     return {
         "python": sys.version.split()[0],
         "host": platform.node(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "cpu": cpu["model"],
+        "cpu_flags": cpu["flags"],
     }
 
 
