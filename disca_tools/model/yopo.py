@@ -30,6 +30,7 @@ import numpy as np
 from keras import layers
 
 from ..runtime.errors import UserError
+from ..runtime.provenance import cpu_info
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 BASE_WIDTHS = tuple(64 + 16 * i for i in range(10))
@@ -61,8 +62,6 @@ def conv_widths(width_scale: float = 1.0) -> list[int]:
 
 
 def _cpu_has_bf16() -> bool:
-    from ..runtime.provenance import cpu_info
-
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["flags"]))
 
 

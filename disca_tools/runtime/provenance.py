@@ -76,12 +76,15 @@ def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
     except OSError:
         text = ""
     model, flags = "", set()
-    for line in text.splitlines():
+    for line in text.splitlines():  # the first processor's lines (every core repeats them)
         key, _, value = line.partition(":")
-        if key.strip() == "model name" and not model:
+        key = key.strip()
+        if key == "model name" and not model:
             model = value.strip()
-        elif key.strip() == "flags" and not flags:
+        elif key == "flags" and not flags:
             flags = set(value.split())
+        if model and flags:
+            break
     return {
         "model": model or platform.processor() or "unknown",
         "flags": [f for f in CPU_FLAGS if f in flags],
