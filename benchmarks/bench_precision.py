@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 from bench_table_s1 import parse_k, run_disca  # noqa: E402
-from common import add_input_dropout_argument, save_result, timed  # noqa: E402
+from common import add_cluster_arguments, save_result, timed  # noqa: E402
 from table_s1_cell import PAPER, parse_cells, simulate_cell  # noqa: E402
 
 from disca_tools.evaluate import clustering_metrics  # noqa: E402
@@ -140,12 +140,10 @@ def main() -> None:
     ap.add_argument("--pca-dim", type=int, default=8)
     ap.add_argument("--init", default="invariants", choices=["network", "invariants", "voxels"])
     ap.add_argument("--train-clusters", type=int, default=15)
-    add_input_dropout_argument(ap)
+    add_cluster_arguments(ap, ["input_dropout"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
-    # run_disca's other options, at bench_table_s1's defaults
-    args.epochs_per_iter, args.lr, args.calibrate_bn, args.init_epochs = None, None, False, 0
     from disca_tools.model.yopo import resolve_precision
 
     payload: dict = {"protocol": vars(args) | {"auto_resolves_to": resolve_precision("auto")}}

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import add_input_dropout_argument, save_result  # noqa: E402
+from common import add_cluster_arguments, save_result  # noqa: E402
 from table_s1_cell import (  # noqa: E402
     PAPER,
     STRUCTURES,
@@ -47,7 +47,7 @@ from table_s1_cell import (  # noqa: E402
 )
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from disca_tools.cluster.config import INIT_COVARIANCES, EMConfig  # noqa: E402
+from disca_tools.cluster.config import BEYOND_PAPER, EMConfig  # noqa: E402
 from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
 from disca_tools.evaluate import clustering_metrics  # noqa: E402
 from disca_tools.model.data import normalise  # noqa: E402
@@ -85,8 +85,8 @@ def run_kmeans(volumes, k, seed):
 def run_disca(volumes, truth, args, seed, paper: bool = False):
     """DISCA through the core API (disca_tools.cluster.em.run_em on an in-memory store).
 
-    ``paper``: the paper's choices whatever the options say (iteration 0 from the untrained network,
-    training on the K clusters, PCA 16, no BatchNorm calibration)."""
+    ``paper``: the paper's choices whatever the options say (every option beyond the paper at the
+    paper's value, :meth:`EMConfig.paper_choices`, and PCA 16)."""
     from disca_tools.cluster.em import run_em
     from disca_tools.model.data import SubtomogramStore
     from disca_tools.model.yopo import resolve_precision
@@ -94,24 +94,9 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
     store = SubtomogramStore(
         volumes=volumes, names=[f"sim_{i:06d}" for i in range(len(volumes))], path=Path("<memory>")
     )
-    cfg = EMConfig(
-        k_candidates=args.k_candidates,
-        pca_dim=16 if paper else args.pca_dim,
-        max_iter=args.max_iter,
-        width_scale=args.width_scale,
-        seed=seed,
-        precision=resolve_precision(args.precision),
-        **({"epochs_per_iter": args.epochs_per_iter} if args.epochs_per_iter else {}),
-        **({"lr": args.lr} if args.lr else {}),
-        init="network" if paper else args.init,
-        train_clusters=0 if paper else args.train_clusters,
-        calibrate_bn=False if paper else args.calibrate_bn,
-        init_epochs=0 if paper else args.init_epochs,
-        input_dropout=EMConfig.input_dropout if paper else args.input_dropout,
-        pca_trained_classes=False if paper else args.pca_trained_classes,
-        init_covariance="full" if paper else args.init_covariance,
-        init_pca_dim=0 if paper else args.init_pca_dim,
-    )
+    choices = EMConfig.paper_choices() if paper else {}
+    precision = resolve_precision(args.precision)
+    cfg = EMConfig.from_options(args, seed=seed, precision=precision, **choices)
     watch = IterationWatcher(truth)
     res = run_em(store, np.arange(len(volumes)), cfg, on_iteration=watch)
     records = watch.records
@@ -135,18 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", default="all", help="'all' or tilt:snr pairs, e.g. 60:0.1,40:0.01")
     ap.add_argument("--methods", default="disca,gmm,kmeans")
     ap.add_argument("--k-candidates", type=parse_k, default=list(range(2, 21)))
-    ap.add_argument("--pca-dim", type=int, default=16)
-    ap.add_argument("--width-scale", type=float, default=1.0)
-    ap.add_argument("--max-iter", type=int, default=20)
-    ap.add_argument("--epochs-per-iter", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--precision", default="auto", help="float32, mixed_bfloat16 or auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--init",
-        default="network",
-        choices=["network", "invariants", "voxels"],
-        help="iteration-0 clusters",
+    add_cluster_arguments(
+        ap, ["pca_dim", "width_scale", "max_iter", "epochs_per_iter", "lr", "precision", "seed"]
     )
     ap.add_argument(
         "--snr-convention",
@@ -155,21 +130,7 @@ def main(argv=None) -> int:
         help="what SNR means (disca_simulate --snr-convention); the paper's simulator is 'aitom' "
         "(with AITom's CTF: no amplitude contrast)",
     )
-    ap.add_argument("--train-clusters", type=int, default=0, help="disca_cluster --train-clusters")
-    ap.add_argument("--calibrate-bn", action="store_true", help="disca_cluster --calibrate-bn")
-    ap.add_argument("--init-epochs", type=int, default=0, help="disca_cluster --init-epochs")
-    add_input_dropout_argument(ap)
-    ap.add_argument(
-        "--pca-trained-classes", action="store_true", help="disca_cluster --pca-trained-classes"
-    )
-    ap.add_argument(
-        "--init-covariance", choices=list(INIT_COVARIANCES), default=EMConfig.init_covariance,
-        help="disca_cluster --init-covariance",
-    )  # fmt: skip
-    ap.add_argument(
-        "--init-pca-dim", type=int, default=EMConfig.init_pca_dim,
-        help="disca_cluster --init-pca-dim",
-    )  # fmt: skip
+    add_cluster_arguments(ap, BEYOND_PAPER)
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     from disca_tools.runtime.log import configure
@@ -233,6 +194,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def beyond_paper(protocol: dict) -> str:
+    """The options beyond the paper a run was given, as disca_cluster flags ('none': the paper's)."""
+    paper = EMConfig.paper_choices()
+    given = [
+        f"--{name.replace('_', '-')}" + ("" if protocol[name] is True else f" {protocol[name]}")
+        for name in BEYOND_PAPER
+        if name in protocol and protocol[name] != paper[name]
+    ]
+    return " ".join(given) or "none"
+
+
 def markdown(rows: list[dict], protocol: dict) -> str:
     lines = [
         "# Table S1 protocol (simulated, 5 structures)",
@@ -241,12 +213,7 @@ def markdown(rows: list[dict], protocol: dict) -> str:
         f"{protocol['box']}³ at {protocol['angpix']} Å, structures {protocol['structures']}; DISCA width "
         f"scale {protocol['width_scale']}, max {protocol['max_iter']} iterations, candidate K "
         f"{min(protocol['k_candidates'])}–{max(protocol['k_candidates'])}, PCA {protocol['pca_dim']}, "
-        f"seed {protocol['seed']}; DISCA options: init {protocol.get('init', 'network')}, train clusters "
-        f"{protocol.get('train_clusters', 0)}, first-round epochs {protocol.get('init_epochs', 0) or 'as later'}, "
-        f"BatchNorm calibration {protocol.get('calibrate_bn', False)}, iteration-0 PCA "
-        f"{protocol.get('init_pca_dim') or protocol['pca_dim']} and covariances "
-        f"{protocol.get('init_covariance', 'full')}, PCA capped by the trained classes "
-        f"{protocol.get('pca_trained_classes', False)} "
+        f"seed {protocol['seed']}; DISCA options beyond the paper: {beyond_paper(protocol)} "
         "(disca_paper: network init, K clusters, PCA 16); SNR convention "
         f"{protocol.get('snr_convention', 'volume')} "
         "(effective SNR: variance ratio of the simulated volumes). Accuracy after Hungarian matching (the paper reports it only when K is "

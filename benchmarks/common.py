@@ -12,7 +12,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +87,25 @@ def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
     return Path(path)
 
 
-def add_input_dropout_argument(ap: argparse.ArgumentParser) -> None:
-    """``--input-dropout``, as ``disca_cluster`` takes it (YOPO's input GaussianDropout rate)."""
-    from disca_tools.cluster.config import EMConfig
+def add_cluster_arguments(ap: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """Add ``disca_cluster``'s options ``names`` (field names of its options dataclass) to ``ap``,
+    with the tool's flag, type, choices, default and help: one definition for the tool and the
+    benchmarks. The values reach the loop through :meth:`EMConfig.from_options`."""
+    import dataclasses
+    import typing
 
-    ap.add_argument(
-        "--input-dropout",
-        type=float,
-        default=EMConfig.input_dropout,
-        help="disca_cluster --input-dropout",
-    )
+    from disca_tools.cli.cluster import Options
+
+    fields = {f.name: f for f in dataclasses.fields(Options)}
+    hints = typing.get_type_hints(Options)
+    for name in names:
+        f = fields[name]
+        flag = next(a for a in f.metadata["args"] if a.startswith("--"))
+        help_text = f"disca_cluster {flag}: {f.metadata.get('help', '')}".replace("%", "%%")
+        if hints[name] is bool:
+            ap.add_argument(flag, dest=name, action="store_true", help=help_text)
+            continue
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        ap.add_argument(
+            flag, dest=name, type=hints[name], default=f.default, help=help_text, **extra
+        )

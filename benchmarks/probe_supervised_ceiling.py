@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import add_input_dropout_argument, save_result  # noqa: E402
+from common import add_cluster_arguments, save_result  # noqa: E402
 from sklearn.metrics import homogeneity_score  # noqa: E402
 from table_s1_cell import (  # noqa: E402
     STRUCTURES,
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--feature-dim", type=int, default=1024)
     ap.add_argument("--epochs", type=int, nargs="+", default=[2, 4, 8], help="cumulative stages")
     ap.add_argument("--lr", type=float, default=1e-3)
-    add_input_dropout_argument(ap)
+    add_cluster_arguments(ap, ["input_dropout"])
     ap.add_argument("--alpha", type=float, default=0.1, help="label smoothing")
     ap.add_argument("--pca-dim", type=int, default=16)
     ap.add_argument("--precision", default="auto")

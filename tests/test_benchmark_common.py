@@ -109,3 +109,53 @@ def test_measured_on_is_what_save_result_records(common, tmp_path):
     record = json.loads(common.save_result("bench_y", "", {}, folder=tmp_path).read_text())
     on = common.measured_on()
     assert record["machine"] == on["machine"] and record["libraries"] == on["libraries"]
+
+
+def test_cluster_arguments_are_the_tools_and_reach_the_same_config(common):
+    """A benchmark's disca_cluster flags are the tool's (names, defaults, choices), and the parsed
+    values make the EMConfig that the tool's own options make."""
+    import argparse
+    from dataclasses import asdict
+
+    from disca_tools.cli.cluster import Options, parse_k_candidates
+    from disca_tools.cluster.config import BEYOND_PAPER, EMConfig
+    from disca_tools.runtime.cli import build_parser
+
+    ap = argparse.ArgumentParser()
+    common.add_cluster_arguments(ap, ["pca_dim", "lr", "precision", *BEYOND_PAPER])
+    argv = ["--pca-dim", "7", "--init", "invariants", "--init-covariance", "diag",
+            "--init-pca-dim", "8", "--input-dropout", "0", "--pca-trained-classes"]  # fmt: skip
+    bench = ap.parse_args(argv)
+    tool = build_parser(Options, "disca_cluster", "").parse_args([*argv, "--o", "x"])
+    ks = parse_k_candidates(tool.k_candidates)  # the tool's text, parsed as the tool does
+    assert asdict(EMConfig.from_options(bench)) == asdict(
+        EMConfig.from_options(tool, k_candidates=ks)
+    )
+    cfg = EMConfig.from_options(bench, seed=3)
+    assert (cfg.pca_dim, cfg.init_pca_dim, cfg.input_dropout, cfg.seed) == (7, 8, 0.0, 3)
+    assert cfg.pca_trained_classes and cfg.init_covariance == "diag"
+    # unset: the defaults, which are the paper's choices ("auto" precision is resolved later)
+    assert asdict(EMConfig.from_options(ap.parse_args([]), precision="float32")) == asdict(
+        EMConfig()
+    )
+    assert EMConfig.paper_choices() == {  # METHOD.md: the paper's network start, PCA 16, dropout 0.5
+        "init": "network", "init_epochs": 0, "init_covariance": "full", "init_pca_dim": 0,
+        "train_clusters": 0, "calibrate_bn": False, "input_dropout": 0.5,
+        "pca_trained_classes": False, "pca_dim": 16,
+    }  # fmt: skip
+    with pytest.raises(SystemExit):  # the tool's choices
+        ap.parse_args(["--init-covariance", "spherical"])
+
+
+def test_table_s1_names_the_options_beyond_the_paper_it_ran_with():
+    spec = importlib.util.spec_from_file_location(
+        "bench_table_s1", BENCHMARKS / "bench_table_s1.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    given = {"init": "invariants", "init_epochs": 8, "input_dropout": 0.0, "pca_trained_classes": True,
+             "init_covariance": "full", "calibrate_bn": False}  # fmt: skip
+    assert bench.beyond_paper(given) == (
+        "--init invariants --init-epochs 8 --input-dropout 0.0 --pca-trained-classes"
+    )
+    assert bench.beyond_paper({"init": "network"}) == "none"

@@ -278,7 +278,7 @@ def test_init_pca_dim_sets_only_the_iteration_0_descriptors(tiny_store, init):
     em.run_em(tiny_store, rows, em.EMConfig(**dict(TINY, max_iter=1, init=init, pca_dim=3)),
               on_iteration=default.append)  # fmt: skip
     assert [c.x.shape[1] for c in default] == [3, 3]  # 0: --pca-dim for both
-    with pytest.raises(UserError, match="init-pca-dim: applies only"):
+    with pytest.raises(UserError, match="init-pca-dim 6: applies only"):
         em.EMConfig(init="network", init_pca_dim=6).check(len(rows), tiny_store.box)
     with pytest.raises(UserError, match="init-pca-dim: must be"):
         em.EMConfig(init=init, init_pca_dim=-1).check(len(rows), tiny_store.box)

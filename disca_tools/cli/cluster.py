@@ -546,16 +546,10 @@ def run(o: Options) -> dict:
         if ref_cfg is not None:
             width, fdim = float(ref_cfg["width_scale"]), int(ref_cfg["feature_dim"])
             init_weights = Path(o.init_model) / MODEL_FILE
-        cfg = EMConfig(
-            k_candidates=ks, pca_dim=o.pca_dim, max_iter=o.max_iter,
-            epochs_per_iter=o.epochs_per_iter, batch_size=o.batch_size, lr=o.lr,
-            lr_decay=o.lr_decay, label_smoothing=o.label_smoothing, width_scale=width,
-            feature_dim=fdim, precision=o.precision, seed=o.seed, init=o.init,
-            train_clusters=o.train_clusters, calibrate_bn=o.calibrate_bn,
-            init_epochs=o.init_epochs, mixture_jobs=resolve_jobs(o.j),
-            input_dropout=o.input_dropout, pca_trained_classes=o.pca_trained_classes,
-            init_covariance=o.init_covariance, init_pca_dim=o.init_pca_dim,
-        )  # fmt: skip
+        # every option named like an EMConfig field is that field (precision: resolved below)
+        cfg = EMConfig.from_options(
+            o, k_candidates=ks, width_scale=width, feature_dim=fdim, mixture_jobs=resolve_jobs(o.j)
+        )
         cfg.check(n, box)
     if ref_cfg is not None and int(ref_cfg["box"]) != box:
         flag, folder = ("--model", o.model) if o.model else ("--init-model", o.init_model)

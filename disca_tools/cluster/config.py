@@ -4,8 +4,8 @@ The defaults and why they differ from the reference code are in :mod:`disca_tool
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from ..runtime.errors import UserError
 from ..runtime.log import logger
@@ -16,6 +16,23 @@ if TYPE_CHECKING:
 
 # --init-covariance (cluster.mixture.select_initial_mixture): full, diagonal, or chosen by BIC
 INIT_COVARIANCES = ("full", "diag", "auto")
+
+# The options that are not in the paper (README 'Clustering accuracy'). Their defaults are the
+# paper's choices: EMConfig() is the paper's method, and :meth:`EMConfig.paper_choices` resets them.
+BEYOND_PAPER = (
+    "init",
+    "init_epochs",
+    "init_covariance",
+    "init_pca_dim",
+    "train_clusters",
+    "calibrate_bn",
+    "input_dropout",
+    "pca_trained_classes",
+)
+
+# Options that act only on the clusters of the data at iteration 0 (init "invariants"/"voxels"),
+# with the flag that sets them
+INIT_DATA_ONLY = {"init_covariance": "--init-covariance", "init_pca_dim": "--init-pca-dim"}
 
 
 @dataclass
@@ -91,19 +108,36 @@ class EMConfig:
                 f"--init-covariance: must be one of {', '.join(INIT_COVARIANCES)}, "
                 f"got {self.init_covariance!r}"
             )
-        if self.init_covariance != "full" and self.init == "network":
-            raise UserError(
-                f"--init-covariance {self.init_covariance}: applies only to the clusters of "
-                "--init invariants or voxels, not to those of the untrained network"
-            )
         if self.init_pca_dim < 0:
             raise UserError(f"--init-pca-dim: must be ≥ 0 (0: --pca-dim), got {self.init_pca_dim}")
-        if self.init_pca_dim and self.init == "network":
-            raise UserError(
-                "--init-pca-dim: applies only to the descriptors of --init invariants or voxels"
-            )
+        if self.init == "network":
+            for name, flag in INIT_DATA_ONLY.items():
+                value = getattr(self, name)
+                if value != getattr(EMConfig, name):
+                    raise UserError(
+                        f"{flag} {value}: applies only to the clusters of --init invariants or "
+                        "voxels, not to those of the untrained network"
+                    )
         if self.train_clusters < 0:
             raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")
+
+    @classmethod
+    def from_options(cls, options: Any, **overrides: Any) -> EMConfig:
+        """The configuration from the attributes of ``options`` (a tool's options dataclass or an
+        argparse namespace) named like its fields, then ``overrides``; absent or None: the default."""
+        values = {}
+        for f in fields(cls):
+            value = getattr(options, f.name, None)
+            if value is not None:
+                values[f.name] = value
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def paper_choices(cls) -> dict[str, Any]:
+        """The paper's value of every option beyond it (:data:`BEYOND_PAPER`), and its PCA 16."""
+        defaults = cls()
+        return {name: getattr(defaults, name) for name in (*BEYOND_PAPER, "pca_dim")}
 
     def warn_skipped_k(self, n: int) -> None:
         """Log that candidate K too large for ``n`` particles will be skipped (run once per run)."""
