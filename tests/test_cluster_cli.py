@@ -161,6 +161,34 @@ def test_model_assigns_new_particles_from_another_star(project, images):
     )
 
 
+def test_model_assigns_with_the_trained_runs_rotation_averaged_features(project):
+    """--predict-rotations N: the run records N, its features are the rotation-averaged ones (not
+    the plain features of the same network), and --model computes new particles' features alike."""
+    import keras
+
+    from disca_tools.model.data import open_store, predict_features
+
+    args = ["--i", "Sim/particles.star", "--o", "Rot", "--max-iter", "1", "--predict-rotations", "3",
+            *TINY]  # fmt: skip
+    assert C.main(args) == 0
+    assert json.loads(Path("Rot/run_config.json").read_text())["predict_rotations"] == 3
+    feats = np.load("Rot/features.npy")
+    extractor = keras.models.load_model("Rot/model.keras")
+    store, rows = open_store("Sim"), np.arange(150)
+    np.testing.assert_allclose(
+        predict_features(extractor, store, rows, rotations=3, seed=3), feats, rtol=1e-4, atol=1e-4
+    )
+    plain = predict_features(extractor, store, rows)
+    assert not np.allclose(plain, feats, atol=1e-3)
+    args = ["--i", "Sim/particles.star", "--o", "RotAssign", "--model", "Rot", "--precision",
+            "float32", "-q"]  # fmt: skip
+    assert C.main(args) == 0
+    np.testing.assert_allclose(np.load("RotAssign/features.npy"), feats, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(
+        _classes("RotAssign/clusters.star"), _classes("Rot/clusters.star")
+    )
+
+
 def _star_with(path: str, edit) -> str:
     blocks = read_star_blocks("Sim/particles.star")
     blocks["particles"] = edit(blocks["particles"].copy())
@@ -177,7 +205,18 @@ def _mrc(path: str, data: np.ndarray) -> str:
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "mixed", "nan", "constant", "few", "model_dir", "model_box", "continue", "dropout"],
+    [
+        "missing",
+        "mixed",
+        "nan",
+        "constant",
+        "few",
+        "model_dir",
+        "model_box",
+        "continue",
+        "dropout",
+        "rotations",
+    ],  # fmt: skip
 )
 def test_bad_inputs_exit_2_and_write_nothing(project, case, capsys):
     Path("Bad").mkdir(exist_ok=True)
@@ -219,6 +258,9 @@ def test_bad_inputs_exit_2_and_write_nothing(project, case, capsys):
     elif case == "dropout":
         _star_with(star, lambda df: df)
         args += ["--input-dropout", "1"]
+    elif case == "rotations":
+        _star_with(star, lambda df: df)
+        args += ["--predict-rotations", "0"]
     capsys.readouterr()
     assert C.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

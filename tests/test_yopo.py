@@ -20,6 +20,7 @@ from disca_tools.model.data import (
     compiled_rotation,
     gather,
     predict_features,
+    prediction_rotations,
     rotate_volumes,
     train_batches,
     train_dataset,
@@ -204,6 +205,35 @@ def test_streamed_prediction_equals_in_memory_prediction():
     direct = ext.predict(gather(store, rows)[..., None], verbose=0)
     np.testing.assert_allclose(f, direct, rtol=1e-5, atol=1e-6)
     assert f.shape == (len(rows), 8) and f.dtype == np.float32
+
+
+def test_rotation_averaged_features_are_the_mean_over_the_rotated_copies():
+    """--predict-rotations N: the mean of the features of each volume and of N − 1 copies rotated
+    (about the centre, trilinear, noise-filled corners) by the same seeded rotations, whatever the
+    batch size; another seed gives other rotations; N = 1 is the plain prediction."""
+    store = _store(9, 24, seed=6)
+    ext = Y.feature_extractor(Y.build_yopo(Y.YopoConfig(24, 2, 0.05, 8)))
+    rows = np.array([4, 0, 7, 2, 8])
+    mats, fills = prediction_rotations(2, 24, seed=5)
+    assert mats.shape == (2, 3, 3) and fills.shape == (2, 24, 24, 24)
+    np.testing.assert_allclose(
+        mats @ mats.transpose(0, 2, 1), np.broadcast_to(np.eye(3), (2, 3, 3)), atol=1e-5
+    )
+    vols = gather(store, rows)
+    passes = [ext.predict(vols[..., None], verbose=0)]
+    for m, fill in zip(mats, fills, strict=True):
+        rotated = np.stack([rotate_volume(v, m, order=1, fill=np.nan) for v in vols])
+        rotated = np.where(np.isnan(rotated), fill, rotated)  # voxels from outside: the fill
+        passes.append(ext.predict(rotated[..., None].astype(np.float32), verbose=0))
+    expected = np.mean(passes, axis=0)
+    for batch in (2, 5):
+        f = predict_features(ext, store, rows, batch_size=batch, rotations=3, seed=5)
+        np.testing.assert_allclose(f, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(expected, passes[0], atol=1e-3)  # the copies do change the features
+    other = predict_features(ext, store, rows, batch_size=5, rotations=3, seed=6)
+    assert not np.allclose(other, expected, atol=1e-3)
+    plain = predict_features(ext, store, rows, batch_size=5, rotations=1, seed=5)
+    np.testing.assert_allclose(plain, passes[0], rtol=1e-5, atol=1e-6)
 
 
 def test_batchnorm_calibration_sets_the_data_statistics(tmp_path):

@@ -45,7 +45,8 @@ spectrum) instead of the untrained network's features; --init-epochs N lets the 
 learn those clusters for N epochs first; --train-clusters N trains on about N sub-clusters of the K
 clusters (over-clustering) so that merged classes can separate again (in the runs measured they did
 not); --calibrate-bn sets the BatchNorm statistics from the clean data before each feature pass;
---input-dropout 0 removes the N(1, 1) input noise of the paper's GaussianDropout 0.5. On a CPU-sized
+--input-dropout 0 removes the N(1, 1) input noise of the paper's GaussianDropout 0.5;
+--predict-rotations N averages each subtomogram's features over it and N − 1 rotated copies. On a CPU-sized
 network, --init invariants --init-epochs 8 --pca-dim 8 --input-dropout 0 did much better than the
 paper's choices (the loop can merge classes but not split them, so iteration 0 must find them all,
 and the first round must train long enough to keep them).
@@ -229,6 +230,14 @@ class Options(CommonOptions):
         "was last trained on (--pca-dim the most; not in the paper): a network trained on M classes "
         "separates them in M − 1 directions, and the other components only add to the BIC's "
         "penalty. See README 'Clustering accuracy'",
+    )
+    predict_rotations: int = opt(
+        "--predict-rotations",
+        default=EMConfig.predict_rotations,
+        help="features of each subtomogram averaged over it and N − 1 rotated copies (uniform "
+        "random rotations, the same for every particle, noise-filled corners as in training; not in "
+        "the paper): less dependent on how the network sees a pose; prediction takes N times as "
+        "long. --model uses the trained run's N. See README 'Clustering accuracy'",
     )
     width_scale: float = opt(
         "--width-scale",
@@ -621,7 +630,7 @@ def run(o: Options) -> dict:
         "box": box, "width_scale": cfg.width_scale, "feature_dim": cfg.feature_dim, "kmax": max(ks),
         "k": result.k, "pca_dim": cfg.pca_dim, "best_iteration": result.best_iteration,
         "precision": cfg.precision, "seed": cfg.seed, "n_particles": n,
-        "input_dropout": cfg.input_dropout,
+        "input_dropout": cfg.input_dropout, "predict_rotations": cfg.predict_rotations,
     }  # fmt: skip
     write_text_atomic(out / RUN_CONFIG, json.dumps(run_cfg, indent=1) + "\n")
     _plots(
@@ -677,7 +686,11 @@ def _assign(
         raise file_error(
             o.model, f"--model: cannot load the trained run ({type(exc).__name__}: {exc})"
         ) from None
-    a = assign(extractor, mixture, store, rows)
+    # runs from before --predict-rotations computed their features from the subtomogram alone
+    rotations = int(ref_cfg.get("predict_rotations", 1))
+    a = assign(
+        extractor, mixture, store, rows, rotations=rotations, seed=int(ref_cfg.get("seed", 0))
+    )
     write_clusters(table, a.labels, a.posteriors, out / "clusters.star")
     with atomic_path(out / FEATURES_FILE) as tmp:
         np.save(tmp, a.features)

@@ -28,6 +28,7 @@ BEYOND_PAPER = (
     "calibrate_bn",
     "input_dropout",
     "pca_trained_classes",
+    "predict_rotations",
 )
 
 # Options that act only on the clusters of the data at iteration 0 (init "invariants"/"voxels"),
@@ -76,6 +77,8 @@ class EMConfig:
     init_covariance: str = "full"
     # PCA dimension of iteration 0's clusters of the data (init "invariants"/"voxels"); 0: pca_dim
     init_pca_dim: int = 0
+    # features: the mean over each subtomogram and this many − 1 rotated copies (1: the paper's one)
+    predict_rotations: int = 1
 
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³
@@ -118,6 +121,10 @@ class EMConfig:
                         f"{flag} {value}: applies only to the clusters of --init invariants or "
                         "voxels, not to those of the untrained network"
                     )
+        if self.predict_rotations < 1:
+            raise UserError(
+                f"--predict-rotations: must be at least 1, got {self.predict_rotations}"
+            )
         if self.train_clusters < 0:
             raise UserError(f"--train-clusters: must be ≥ 0, got {self.train_clusters}")
 

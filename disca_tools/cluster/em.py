@@ -462,8 +462,9 @@ def run_em(
             sample = np.random.default_rng(seed_it).permutation(rows)[: cfg.calibrate_samples]
             Y.calibrate_batchnorm(model, gather(store, np.sort(sample)), cfg.predict_batch_size)
         feats = predict_features(
-            extractor, store, rows, cfg.predict_batch_size * replicas, local=local_predict
-        )
+            extractor, store, rows, cfg.predict_batch_size * replicas, local=local_predict,
+            rotations=cfg.predict_rotations, seed=cfg.seed,
+        )  # fmt: skip
         if not np.all(np.isfinite(feats)):
             raise UserError("features: the network produced NaN/inf (try a lower --lr)")
         t1 = time.time()
@@ -635,10 +636,17 @@ class Assignment:
 
 
 def assign(
-    extractor, mixture: dict, store: SubtomogramStore, rows: np.ndarray, batch_size: int = 64
+    extractor,
+    mixture: dict,
+    store: SubtomogramStore,
+    rows: np.ndarray,
+    batch_size: int = 64,
+    rotations: int = 1,
+    seed: int = 0,
 ) -> Assignment:
-    """Assign subtomograms to a trained run's clusters: features → PCA → mixture posterior."""
-    feats = predict_features(extractor, store, np.asarray(rows), batch_size)
+    """Assign subtomograms to a trained run's clusters: features → PCA → mixture posterior
+    (``rotations``, ``seed``: the training run's, so that the features are computed alike)."""
+    feats = predict_features(extractor, store, np.asarray(rows), batch_size, False, rotations, seed)
     x = mixture["pca"].transform(feats)
     post_c = mixture["gmm"].predict_proba(x)
     c2l = np.asarray(mixture["component_to_label"])

@@ -428,8 +428,17 @@ def train_dataset(
     return ds.with_options(opts)
 
 
-def inference_dataset(store: SubtomogramStore, rows: np.ndarray, batch_size: int):
-    """A tf.data.Dataset of normalised ``x (B,S,S,S,1)`` in the order of ``rows``."""
+def inference_dataset(
+    store: SubtomogramStore,
+    rows: np.ndarray,
+    batch_size: int,
+    rotation: tuple[np.ndarray, np.ndarray] | None = None,
+):
+    """A tf.data.Dataset of normalised ``x (B,S,S,S,1)`` in the order of ``rows``.
+
+    ``rotation``: ``(matrix (3, 3), fill (S, S, S))``: every volume rotated by that matrix as the
+    training augmentation rotates (:func:`rotate_volumes`), voxels from outside the box taking the
+    values of ``fill``."""
     import tensorflow as tf
 
     s = store.box
@@ -443,7 +452,30 @@ def inference_dataset(store: SubtomogramStore, rows: np.ndarray, batch_size: int
     sig = tf.TensorSpec((None, s, s, s, 1), tf.float32)
     ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
     ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(rows) // batch_size)))
+    if rotation is not None:
+        rotate_batch = dataset_rotation()
+        mat = tf.constant(rotation[0], tf.float32)
+        fill = tf.constant(rotation[1], tf.float32)
+
+        def rotate(x):
+            b = tf.shape(x)[0]
+            mats = tf.tile(mat[None], [b, 1, 1])
+            noise = tf.broadcast_to(fill, tf.shape(x[..., 0]))
+            return rotate_batch(x[..., 0], mats, noise)[..., None]
+
+        ds = ds.map(rotate, num_parallel_calls=1, deterministic=True)
     return ds.prefetch(2)
+
+
+def prediction_rotations(count: int, box: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` rotations (uniform on SO(3)) and noise fills (standard normal, as the training
+    copies' fill) of :func:`predict_features`' rotated passes: ``(count, 3, 3)``, ``(count, S, S, S)``.
+    The same for every particle and batch, so features depend on ``seed`` only, not on how the rows
+    are batched or sharded."""
+    rng = np.random.default_rng([int(seed), 0x7E57])
+    mats = random_rotations(count, rng).astype(np.float32).reshape(count, 3, 3)
+    fills = rng.standard_normal((count, box, box, box), dtype=np.float32)
+    return mats, fills
 
 
 def predict_features(
@@ -452,14 +484,29 @@ def predict_features(
     rows: np.ndarray,
     batch_size: int = 64,
     local: bool = False,
+    rotations: int = 1,
+    seed: int = 0,
 ) -> np.ndarray:
     """Features (N, F) float32 of the store ``rows``, in inference mode, streamed from the memmap.
 
+    ``rotations`` > 1: the mean of the features of each volume and of ``rotations`` − 1 rotated
+    copies of it (:func:`prediction_rotations` of ``seed``; ``disca_cluster --predict-rotations``).
     ``local``: compute every row in this process with a plain compiled call instead of
     ``model.predict`` (used by multi-worker training, where each worker needs all the features and
     ``predict`` would split the rows among the workers).
     """
-    ds = inference_dataset(store, rows, batch_size)
+    out = _predict_pass(extractor, inference_dataset(store, rows, batch_size), local)
+    if rotations > 1:
+        mats, fills = prediction_rotations(rotations - 1, store.box, seed)
+        for rotation in zip(mats, fills, strict=True):
+            ds = inference_dataset(store, rows, batch_size, rotation)
+            out += _predict_pass(extractor, ds, local)
+        out /= np.float32(rotations)
+    return out
+
+
+def _predict_pass(extractor, ds, local: bool) -> np.ndarray:
+    """One pass of ``extractor`` over the batches of ``ds``: (N, F) float32."""
     if not local:
         out = extractor.predict(ds, verbose=0)
         return np.asarray(out, dtype=np.float32)
