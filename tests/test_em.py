@@ -299,3 +299,22 @@ def test_init_epochs_lengthen_only_the_first_round_from_descriptors(tiny_store):
     assert [h.epochs for h in res.history] == [1, 0]
     with pytest.raises(UserError, match="--init-epochs"):
         em.EMConfig(**dict(base, init_epochs=-1)).check(len(rows), tiny_store.box)
+
+
+@pytest.mark.parametrize(("init", "passes"), [("network", [0, 1]), ("invariants", [1])])
+def test_the_untrained_network_predicts_only_when_its_features_are_clustered(
+    tiny_store, monkeypatch, init, passes
+):
+    """Iteration 0 clusters the untrained network's features with --init network only; with
+    --init invariants (or voxels) nothing uses them, so they are not computed. The rotations of
+    --predict-rotations reach every pass."""
+    rows = np.arange(len(tiny_store))
+    real, seen, it = em.predict_features, [], []
+    monkeypatch.setattr(
+        em, "predict_features",
+        lambda *a, **kw: seen.append((len(it), kw["rotations"])) or real(*a, **kw),
+    )  # fmt: skip
+    cfg = em.EMConfig(**dict(TINY, max_iter=1, init=init, predict_rotations=2))
+    res = em.run_em(tiny_store, rows, cfg, on_iteration=lambda c: it.append(c.iteration))
+    assert seen == [(p, 2) for p in passes] and it == [0, 1]
+    assert res.best_iteration == 1 and res.features.shape == (len(rows), TINY["feature_dim"])

@@ -201,7 +201,7 @@ def _permute_posteriors(post: np.ndarray, mapping: dict[int, int]) -> tuple[np.n
 
 def warm_up_head(
     model,
-    features: np.ndarray,
+    features: np.ndarray | None,
     labels: np.ndarray,
     k: int,
     cfg: EMConfig,
@@ -223,8 +223,9 @@ def warm_up_head(
     a few thousand particles — through directions that are noise; the network then learns to
     reproduce those and forgets the classes: measured with benchmarks/probe_em_dynamics.py.)
     Without ``pca`` (the clusters came from something else: voxels, invariant descriptors) the
-    head is re-initialised at random and learns with the network.
-    Returns the agreement of the head with ``labels`` on ``features`` (fraction of equal argmax).
+    head is re-initialised at random and learns with the network (``features`` may then be None).
+    Returns the agreement of the head with ``labels`` on ``features`` (fraction of equal argmax;
+    NaN without features).
     """
     import warnings
 
@@ -236,16 +237,17 @@ def warm_up_head(
     if k > units:
         raise ValueError(f"head has {units} units, {k} clusters asked for")
     labels = np.asarray(labels)
-    x = np.asarray(features, dtype=np.float64)
-    full_kernel = np.zeros((x.shape[1], units))
+    n_features = int(head.kernel.shape[0])
+    full_kernel = np.zeros((n_features, units))
     full_bias = np.full(units, INACTIVE_BIAS)
     if pca is None:
         import keras
 
         init = keras.initializers.Orthogonal(seed=int(seed) % (2**31 - 1))
-        full_kernel[:, :k] = np.asarray(init((x.shape[1], k)))
+        full_kernel[:, :k] = np.asarray(init((n_features, k)))
         full_bias[:k] = 0.0
     else:
+        x = np.asarray(features, dtype=np.float64)
         z = pca.transform(x)
         mu, sd = z.mean(axis=0), z.std(axis=0)
         sd = np.where(sd > 0, sd, 1.0)
@@ -264,7 +266,10 @@ def warm_up_head(
         full_kernel[:, clf.classes_] = kernel
         full_bias[clf.classes_] = bias
     head.set_weights([full_kernel.astype(np.float32), full_bias.astype(np.float32)])
-    agreement = float(np.mean(np.argmax(x @ full_kernel + full_bias, axis=1) == labels))
+    if features is None:
+        return float("nan")
+    logits = np.asarray(features, dtype=np.float64) @ full_kernel + full_bias
+    agreement = float(np.mean(np.argmax(logits, axis=1) == labels))
     logger.debug(
         "head warm-up (%s): agreement %.3f", "fit" if pca is not None else "random", agreement
     )
@@ -461,15 +466,18 @@ def run_em(
         if cfg.calibrate_bn:
             sample = np.random.default_rng(seed_it).permutation(rows)[: cfg.calibrate_samples]
             Y.calibrate_batchnorm(model, gather(store, np.sort(sample)), cfg.predict_batch_size)
-        feats = predict_features(
-            extractor, store, rows, cfg.predict_batch_size * replicas, local=local_predict,
-            rotations=cfg.predict_rotations, seed=cfg.seed,
-        )  # fmt: skip
-        if not np.all(np.isfinite(feats)):
-            raise UserError("features: the network produced NaN/inf (try a lower --lr)")
-        t1 = time.time()
-        # iteration-0 clusters from the data itself (not from the random network's features)
+        # iteration-0 clusters from the data itself (not from the random network's features,
+        # which are then not computed: nothing uses them, and they cost a prediction pass)
         from_data = it == 0 and not pretrained and cfg.init != "network"
+        feats = None
+        if not from_data:
+            feats = predict_features(
+                extractor, store, rows, cfg.predict_batch_size * replicas, local=local_predict,
+                rotations=cfg.predict_rotations, seed=cfg.seed,
+            )  # fmt: skip
+            if not np.all(np.isfinite(feats)):
+                raise UserError("features: the network produced NaN/inf (try a lower --lr)")
+        t1 = time.time()
         if from_data and cfg.init == "voxels":
             pca, x = None, voxel_pca_features(store, rows, cfg.init_pca_components, seed_it)
         elif from_data and cfg.init == "invariants":
