@@ -237,6 +237,7 @@ def warm_up_head(
     if k > units:
         raise ValueError(f"head has {units} units, {k} clusters asked for")
     labels = np.asarray(labels)
+    x = None if features is None else np.asarray(features, dtype=np.float64)
     n_features = int(head.kernel.shape[0])
     full_kernel = np.zeros((n_features, units))
     full_bias = np.full(units, INACTIVE_BIAS)
@@ -247,7 +248,6 @@ def warm_up_head(
         full_kernel[:, :k] = np.asarray(init((n_features, k)))
         full_bias[:k] = 0.0
     else:
-        x = np.asarray(features, dtype=np.float64)
         z = pca.transform(x)
         mu, sd = z.mean(axis=0), z.std(axis=0)
         sd = np.where(sd > 0, sd, 1.0)
@@ -266,10 +266,9 @@ def warm_up_head(
         full_kernel[:, clf.classes_] = kernel
         full_bias[clf.classes_] = bias
     head.set_weights([full_kernel.astype(np.float32), full_bias.astype(np.float32)])
-    if features is None:
+    if x is None:
         return float("nan")
-    logits = np.asarray(features, dtype=np.float64) @ full_kernel + full_bias
-    agreement = float(np.mean(np.argmax(logits, axis=1) == labels))
+    agreement = float(np.mean(np.argmax(x @ full_kernel + full_bias, axis=1) == labels))
     logger.debug(
         "head warm-up (%s): agreement %.3f", "fit" if pca is not None else "random", agreement
     )
