@@ -47,3 +47,20 @@ def test_unknown_option_is_one_line_exit_2(name, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["disca_extract", "disca_cluster", "disca_split_star"])
+def test_a_missing_input_file_is_the_only_line_on_stderr(name, tmp_path):
+    """The one-line error comes alone: no tool starts TensorFlow before it has checked its
+    inputs (TensorFlow 2.21 prints start-up lines at import that no setting silences)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bin" / name), "--i", "missing.star", "--o", "Out"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"{name}: error: missing.star: ") and "not found" in lines[0]
+    assert not any(tmp_path.iterdir())

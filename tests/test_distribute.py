@@ -22,7 +22,7 @@ from helpers import simulate_subtomograms, working_directory  # noqa: E402
 from disca_tools.cli import cluster as C
 from disca_tools.cluster.matching import accuracy_after_matching
 from disca_tools.io.star import read_particles, read_star_blocks, write_star_blocks
-from disca_tools.model import yopo as Y
+from disca_tools.model import distribute as D
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--k-candidates", "2-4", "--pca-dim", "4", "--width-scale", "0.1", "--feature-dim", "32",
@@ -86,6 +86,44 @@ def test_mirrored_over_two_logical_cpus_in_a_subprocess(project):
                          text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     _check_agrees_with_plain("Mirrored2", replicas=2)
+
+
+def test_rotation_averaged_prediction_over_two_mirrored_replicas_matches_one_device():
+    """Prediction under MirroredStrategy over two logical CPUs equals the same weights' on one
+    device: with --predict-rotations every volume's copies stay on one replica; batches are
+    rounded to multiples of the replicas (3 to 2), and the last batch of one volume (fewer than the
+    replicas, which Keras' predict fails on) is padded, with and without copies."""
+    script = (
+        "import numpy as np, tensorflow as tf\n"
+        "from pathlib import Path\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from disca_tools.model import yopo as Y\n"
+        "from disca_tools.model.data import SubtomogramStore, predict_features\n"
+        "vols = np.random.default_rng(1).normal(size=(10, 24, 24, 24)).astype(np.float32)\n"
+        "store = SubtomogramStore(vols, [f'p{i}' for i in range(10)], Path('mem'))\n"
+        "cfg = Y.YopoConfig(24, 2, 0.05, 8)\n"
+        "strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])\n"
+        "with strategy.scope():\n"
+        "    mirrored = Y.feature_extractor(Y.build_yopo(cfg, seed=2))\n"
+        "plain = Y.feature_extractor(Y.build_yopo(cfg, seed=7))\n"
+        "plain.set_weights(mirrored.get_weights())\n"
+        "rows = np.arange(9)[::-1]\n"
+        "a = predict_features(mirrored, store, rows, batch_size=12, rotations=4, seed=3)\n"
+        "b = predict_features(plain, store, rows, batch_size=12, rotations=4, seed=3)\n"
+        "c = predict_features(plain, store, rows, batch_size=3, rotations=1, seed=3)\n"
+        "d = predict_features(mirrored, store, rows, batch_size=3, rotations=1, seed=3)\n"
+        "assert a.shape == c.shape == d.shape == (9, 8), (a.shape, c.shape, d.shape)\n"
+        "np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)\n"
+        "np.testing.assert_allclose(d, c, rtol=1e-4, atol=1e-5)\n"
+        "assert not np.allclose(a, c, atol=1e-3)\n"
+        "print('replicas', strategy.num_replicas_in_sync)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "replicas 2" in res.stdout
 
 
 def _free_ports(n: int) -> list[int]:
@@ -313,30 +351,30 @@ def test_bad_shard_options_exit_2_and_write_nothing(project, args, capsys):
 def test_distribute_resolution_and_chief_from_environment(monkeypatch):
     for var in ("TF_CONFIG", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(var, raising=False)
-    assert Y.resolve_distribute("auto") == "none"  # no GPU here
-    assert Y.resolve_distribute("mirrored") == "mirrored"
+    assert D.resolve_distribute("auto") == "none"  # no GPU here
+    assert D.resolve_distribute("mirrored") == "mirrored"
     cluster = {"worker": ["host1:2222", "host2:2222"]}
     monkeypatch.setenv(
         "TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}})
     )
-    assert Y.resolve_distribute("auto") == "multiworker"
-    assert Y.worker_task("multiworker") == (1, False)
+    assert D.resolve_distribute("auto") == "multiworker"
+    assert D.worker_task("multiworker") == (1, False)
     opts = C.Options(i="in.star", o="Out")
     out = C._output_dir(opts)
     assert out != "Out" and "worker1" in out and C._output_dir(opts) == out  # idempotent
     monkeypatch.setenv(
         "TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})
     )
-    assert Y.worker_task("multiworker") == (0, True)
+    assert D.worker_task("multiworker") == (0, True)
     assert C._output_dir(C.Options(i="in.star", o="Out")) == "Out"
     monkeypatch.delenv("TF_CONFIG")
     monkeypatch.setenv("SLURM_PROCID", "2")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert Y.resolve_distribute("auto") == "multiworker"
-    assert Y.worker_task("multiworker") == (2, False)
+    assert D.resolve_distribute("auto") == "multiworker"
+    assert D.worker_task("multiworker") == (2, False)
     # assigning with --model never trains: every task writes its own --o
     assert C._output_dir(C.Options(i="in.star", o="Out", model="Run")) == "Out"
-    assert Y.worker_task("none") == (0, True)
+    assert D.worker_task("none") == (0, True)
 
 
 def test_slurm_cluster_from_the_step_with_and_without_gpus(monkeypatch):
@@ -348,20 +386,20 @@ def test_slurm_cluster_from_the_step_with_and_without_gpus(monkeypatch):
                         "SLURM_STEP_NODELIST": "node[07-08]", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
                         "DISCA_PORT_BASE": "9100", "CUDA_VISIBLE_DEVICES": ""}.items():  # fmt: skip
         monkeypatch.setenv(name, value)
-    resolver = Y._slurm_resolver()
+    resolver = D.slurm_resolver()
     spec = resolver.cluster_spec().as_dict()
     assert spec == {"worker": ["node07:9100", "node07:9101", "node08:9100", "node08:9101"]}
     assert (resolver.task_type, resolver.task_id) == ("worker", 3)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # not set from the placeholder slots
     # a GPU node (4 GPUs granted to the step's 2 tasks on it): the resolver shares them out
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    resolver = Y._slurm_resolver()
+    resolver = D.slurm_resolver()
     assert resolver.cluster_spec().as_dict() == spec
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"  # task 3 is the second on node08
     monkeypatch.setenv("DISCA_PORT_BASE", "88x")
     with pytest.raises(UserError, match="DISCA_PORT_BASE"):
-        Y._slurm_resolver()
+        D.slurm_resolver()
     monkeypatch.setenv("DISCA_PORT_BASE", "9100")
     monkeypatch.delenv("SLURM_STEP_NODELIST")
     with pytest.raises(UserError, match="SLURM step not usable"):
-        Y._slurm_resolver()
+        D.slurm_resolver()

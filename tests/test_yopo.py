@@ -207,11 +207,21 @@ def test_streamed_prediction_equals_in_memory_prediction():
     assert f.shape == (len(rows), 8) and f.dtype == np.float32
 
 
-def test_rotation_averaged_features_are_the_mean_over_the_rotated_copies():
+def test_rotation_averaged_features_are_the_mean_over_the_rotated_copies(monkeypatch):
     """--predict-rotations N: the mean of the features of each volume and of N − 1 copies rotated
     (about the centre, trilinear, noise-filled corners) by the same seeded rotations, whatever the
-    batch size; another seed gives other rotations; N = 1 is the plain prediction."""
+    batch size and through the compiled local call too, each volume read from the store once;
+    another seed gives other rotations; N = 1 is the plain prediction."""
+    import disca_tools.model.data as D
+
     store = _store(9, 24, seed=6)
+    read = []
+
+    def counting_gather(st, rows):
+        read.extend(np.asarray(rows).tolist())
+        return gather(st, rows)
+
+    monkeypatch.setattr(D, "gather", counting_gather)
     ext = Y.feature_extractor(Y.build_yopo(Y.YopoConfig(24, 2, 0.05, 8)))
     rows = np.array([4, 0, 7, 2, 8])
     mats, fills = prediction_rotations(2, 24, seed=5)
@@ -226,9 +236,11 @@ def test_rotation_averaged_features_are_the_mean_over_the_rotated_copies():
         rotated = np.where(np.isnan(rotated), fill, rotated)  # voxels from outside: the fill
         passes.append(ext.predict(rotated[..., None].astype(np.float32), verbose=0))
     expected = np.mean(passes, axis=0)
-    for batch in (2, 5):
-        f = predict_features(ext, store, rows, batch_size=batch, rotations=3, seed=5)
+    for batch, local in ((2, False), (5, False), (7, True)):
+        read.clear()
+        f = predict_features(ext, store, rows, batch_size=batch, local=local, rotations=3, seed=5)
         np.testing.assert_allclose(f, expected, rtol=1e-4, atol=1e-5)
+        assert read == rows.tolist()  # each volume read once, in order
     assert not np.allclose(expected, passes[0], atol=1e-3)  # the copies do change the features
     other = predict_features(ext, store, rows, batch_size=5, rotations=3, seed=6)
     assert not np.allclose(other, expected, atol=1e-3)

@@ -326,28 +326,29 @@ def model_fingerprint(folder: str | Path) -> str:
 
 def _distribute_mode(o: Options) -> str:
     """The distribute mode of a training run (``none`` when nothing is trained)."""
-    from ..model import yopo as Y
+    from ..model.distribute import resolve_distribute
 
     if o.model or o.merge_shards:
         return "none"
-    return Y.resolve_distribute(o.distribute)
+    return resolve_distribute(o.distribute)
 
 
 def _output_dir(o: Options) -> str | None:
     """--o for the chief; a fresh temporary folder for the other workers of a multiworker run.
 
     Idempotent: the first call decides (and records the chief's folder in ``o._chief_output``).
+    Reads only the environment: TensorFlow has not started yet.
     """
-    from ..model import yopo as Y
+    from ..model.distribute import slurm_multitask, worker_task
 
     if getattr(o, "_chief_output", None) is not None or o.o is None:
         return o.o
     o._chief_output = o.o
     if o.model or o.merge_shards or o.distribute not in ("auto", "multiworker"):
         return o.o
-    if o.distribute == "auto" and not (os.environ.get("TF_CONFIG") or Y._slurm_multitask()):
+    if o.distribute == "auto" and not (os.environ.get("TF_CONFIG") or slurm_multitask()):
         return o.o
-    task, chief = Y.worker_task("multiworker")
+    task, chief = worker_task("multiworker")
     if not chief:
         o.o = str(Path(tempfile.gettempdir()) / f"disca_cluster_worker{task}_{os.getpid()}")
         _WORKER["scratch"] = o.o
@@ -577,9 +578,10 @@ def run(o: Options) -> dict:
     angpix = table.image_angpix() or 1.0
 
     from ..model import yopo as Y
+    from ..model.distribute import make_strategy
 
     mode = _distribute_mode(o)
-    strategy = Y.make_strategy(mode) if mode != "none" else None  # before any other TF op
+    strategy = make_strategy(mode) if mode != "none" else None  # before any other TF op
     _WORKER["joined"] = mode == "multiworker"
     precision = Y.resolve_precision(o.precision)
     _setup_tf(o.seed)

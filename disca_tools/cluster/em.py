@@ -76,6 +76,7 @@ import numpy as np
 
 from ..model import yopo as Y
 from ..model.data import SubtomogramStore, gather, predict_features, train_dataset
+from ..model.distribute import is_multiworker
 from ..runtime.errors import UserError
 from ..runtime.log import check_abort, logger
 from ..runtime.outputs import atomic_path, write_text_atomic
@@ -366,7 +367,7 @@ def run_em(
     ``init_extractor_weights`` (a trained run's ``model.keras``) starts from a trained feature
     extractor (fine-tuning): then iteration 0 is eligible to be reported.
 
-    ``strategy`` (a ``tf.distribute`` strategy, see :func:`disca_tools.model.yopo.make_strategy`):
+    ``strategy`` (a ``tf.distribute`` strategy, see :func:`disca_tools.model.distribute.make_strategy`):
     the network, its optimizer and head are built and compiled in its scope and trained on global
     batches of ``cfg.batch_size`` × replicas (each batch split among the replicas). With a
     multi-worker strategy every worker computes all the features itself and repeats the same
@@ -401,7 +402,7 @@ def run_em(
         return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
     replicas = int(strategy.num_replicas_in_sync) if strategy is not None else 1
-    local_predict = strategy is not None and Y.is_multiworker(strategy)
+    local_predict = strategy is not None and is_multiworker(strategy)
     global_batch = cfg.batch_size * replicas
     if replicas > 1:
         logger.info(

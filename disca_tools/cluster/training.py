@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..model import yopo as Y
+from ..model.distribute import is_multiworker
 from ..runtime.log import logger
 
 
@@ -33,7 +33,7 @@ class Trainer:
         model.optimizer.build(model.trainable_variables)
         self.initial = [np.array(v.numpy()) for v in model.optimizer.variables]
         # the custom step only where Keras' fit fails: fit elsewhere keeps seeded runs unchanged
-        multiworker = strategy is not None and Y.is_multiworker(strategy)
+        multiworker = strategy is not None and is_multiworker(strategy)
         self._multiworker = strategy if multiworker else None
         self._steps: dict[Any, Callable] = {}  # compiled steps by type of distributed batch
 

@@ -432,44 +432,58 @@ def inference_dataset(
     store: SubtomogramStore,
     rows: np.ndarray,
     batch_size: int,
-    rotation: tuple[np.ndarray, np.ndarray] | None = None,
+    copies: tuple[np.ndarray, np.ndarray] | None = None,
+    multiple: int = 1,
 ):
     """A tf.data.Dataset of normalised ``x (B,S,S,S,1)`` in the order of ``rows``.
 
-    ``rotation``: ``(matrix (3, 3), fill (S, S, S))``: every volume rotated by that matrix as the
-    training augmentation rotates (:func:`rotate_volumes`), voxels from outside the box taking the
-    values of ``fill``."""
+    ``multiple`` (a divisor of ``batch_size``): the last batch is padded to a multiple of it by
+    repeating its last volume (under a ``tf.distribute`` strategy with that many replicas, a batch
+    smaller than it would leave a replica with no data, which Keras' ``predict`` fails on); the
+    caller drops the extra rows, which come last.
+
+    ``copies``: ``(matrices (R, 3, 3), fills (R, S, S, S))``: each batch becomes
+    ``(B, R + 1, S, S, S, 1)``, every volume followed by R copies of it rotated as the training
+    augmentation rotates (:func:`rotate_volumes`), copy r by matrix r, its voxels from outside the
+    box taking the values of fill r. The volumes are read once, whatever R."""
     import tensorflow as tf
 
+    if batch_size % multiple:
+        raise ValueError(f"batch size {batch_size} is not a multiple of {multiple}")
     s = store.box
     rows = np.asarray(rows)
 
     def gen():
         for start in range(0, len(rows), batch_size):
             check_abort()
-            yield gather(store, rows[start : start + batch_size])[..., None]
+            chunk = rows[start : start + batch_size]  # only the last can be short
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], -len(chunk) % multiple)])
+            yield gather(store, chunk)[..., None]
 
     sig = tf.TensorSpec((None, s, s, s, 1), tf.float32)
     ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
     ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(rows) // batch_size)))
-    if rotation is not None:
+    if copies is not None:
         rotate_batch = dataset_rotation()
-        mat = tf.constant(rotation[0], tf.float32)
-        fill = tf.constant(rotation[1], tf.float32)
+        mats = tf.constant(copies[0], tf.float32)
+        fills = tf.constant(copies[1], tf.float32)
+        r = int(copies[0].shape[0])
 
-        def rotate(x):
+        def with_copies(x):
+            # one call rotates the R copies of the whole batch: rows copy-major, (R·B, S, S, S)
             b = tf.shape(x)[0]
-            mats = tf.tile(mat[None], [b, 1, 1])
-            noise = tf.broadcast_to(fill, tf.shape(x[..., 0]))
-            return rotate_batch(x[..., 0], mats, noise)[..., None]
+            vols = tf.reshape(tf.tile(x[None, ..., 0], [r, 1, 1, 1, 1]), [-1, s, s, s])
+            rotated = rotate_batch(vols, tf.repeat(mats, b, axis=0), tf.repeat(fills, b, axis=0))
+            rotated = tf.transpose(tf.reshape(rotated, [r, b, s, s, s]), [1, 0, 2, 3, 4])
+            return tf.concat([x[:, None, ..., 0], rotated], axis=1)[..., None]
 
-        ds = ds.map(rotate, num_parallel_calls=1, deterministic=True)
+        ds = ds.map(with_copies, num_parallel_calls=1, deterministic=True)
     return ds.prefetch(2)
 
 
 def prediction_rotations(count: int, box: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``count`` rotations (uniform on SO(3)) and noise fills (standard normal, as the training
-    copies' fill) of :func:`predict_features`' rotated passes: ``(count, 3, 3)``, ``(count, S, S, S)``.
+    copies' fill) of :func:`predict_features`' rotated copies: ``(count, 3, 3)``, ``(count, S, S, S)``.
     The same for every particle and batch, so features depend on ``seed`` only, not on how the rows
     are batched or sharded."""
     rng = np.random.default_rng([int(seed), 0x7E57])
@@ -490,30 +504,36 @@ def predict_features(
     """Features (N, F) float32 of the store ``rows``, in inference mode, streamed from the memmap.
 
     ``rotations`` > 1: the mean of the features of each volume and of ``rotations`` − 1 rotated
-    copies of it (:func:`prediction_rotations` of ``seed``; ``disca_cluster --predict-rotations``).
+    copies of it (:func:`prediction_rotations` of ``seed``; ``disca_cluster --predict-rotations``),
+    in one pass that reads each volume once; a batch then holds ``batch_size // rotations``
+    volumes with their copies, so the network still sees ``batch_size`` volumes at a time.
     ``local``: compute every row in this process with a plain compiled call instead of
     ``model.predict`` (used by multi-worker training, where each worker needs all the features and
     ``predict`` would split the rows among the workers).
     """
-    out = _predict_pass(extractor, inference_dataset(store, rows, batch_size), local)
-    if rotations > 1:
-        mats, fills = prediction_rotations(rotations - 1, store.box, seed)
-        for rotation in zip(mats, fills, strict=True):
-            ds = inference_dataset(store, rows, batch_size, rotation)
-            out += _predict_pass(extractor, ds, local)
-        out /= np.float32(rotations)
-    return out
+    rows = np.asarray(rows)
+    if len(rows) == 0:
+        return np.zeros((0, int(extractor.output.shape[-1])), dtype=np.float32)
+    # Under a tf.distribute strategy Keras' predict fails on a batch smaller than the replicas
+    # (a replica without data: InvalidArgumentError on MirroredStrategy over two logical CPUs),
+    # so the batches are multiples of the replicas (also an even split), the last one padded.
+    replicas = 1 if local else int(extractor.distribute_strategy.num_replicas_in_sync)
+    per_batch = max(1, batch_size // max(rotations, 1) // replicas) * replicas
+    if rotations <= 1:
+        ds = inference_dataset(store, rows, per_batch, multiple=replicas)
+        return _predict_pass(extractor, ds, local)[: len(rows)]
+    from .yopo import copy_mean_model
+
+    copies = prediction_rotations(rotations - 1, store.box, seed)
+    ds = inference_dataset(store, rows, per_batch, copies, multiple=replicas)
+    return _predict_pass(copy_mean_model(extractor, rotations), ds, local)[: len(rows)]
 
 
-def _predict_pass(extractor, ds, local: bool) -> np.ndarray:
-    """One pass of ``extractor`` over the batches of ``ds``: (N, F) float32."""
+def _predict_pass(model, ds, local: bool) -> np.ndarray:
+    """One pass of ``model`` over the batches of ``ds`` (at least one): (N, F) float32."""
     if not local:
-        out = extractor.predict(ds, verbose=0)
-        return np.asarray(out, dtype=np.float32)
+        return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
     import tensorflow as tf
 
-    step = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
-    parts = [np.asarray(step(x), dtype=np.float32) for x in ds]
-    if not parts:
-        return np.zeros((0, int(extractor.output.shape[-1])), dtype=np.float32)
-    return np.concatenate(parts)
+    step = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return np.concatenate([np.asarray(step(x), dtype=np.float32) for x in ds])
