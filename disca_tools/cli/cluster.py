@@ -236,8 +236,9 @@ class Options(CommonOptions):
         default=EMConfig.predict_rotations,
         help="features of each subtomogram averaged over it and N − 1 rotated copies (uniform "
         "random rotations, the same for every particle, noise-filled corners as in training; not in "
-        "the paper): less dependent on how the network sees a pose; prediction takes N times as "
-        "long. --model uses the trained run's N. See README 'Clustering accuracy'",
+        "the paper): less dependent on how the network sees a pose; the network does N times the "
+        "work (each subtomogram is still read once). --model uses the trained run's N. See README "
+        "'Clustering accuracy'",
     )
     width_scale: float = opt(
         "--width-scale",

@@ -169,6 +169,9 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, out, name="yopo_features")
 
 
+_COPY_MEANS = "_disca_copy_means"
+
+
 class _CopyMean(keras.Model):
     """``(B, C, S, S, S, 1)`` → the mean over the C copies of ``extractor``'s features, (B, F)."""
 
@@ -188,9 +191,16 @@ def copy_mean_model(extractor: keras.Model, copies: int) -> keras.Model:
     """A model from ``(B, copies, S, S, S, 1)`` (each volume and its copies, as
     :func:`disca_tools.model.data.inference_dataset` gives them) to the mean of ``extractor``'s
     features over the copies, (B, F) float32. It shares ``extractor``'s weights and its
-    ``tf.distribute`` strategy; the copies of a volume stay on one replica."""
-    with extractor.distribute_strategy.scope():
-        return _CopyMean(extractor, copies)
+    ``tf.distribute`` strategy; the copies of a volume stay on one replica. Kept on ``extractor``
+    (one per ``copies``), so each EM iteration's prediction reuses its traced function."""
+    cache = getattr(extractor, _COPY_MEANS, None)
+    if cache is None:
+        cache = {}
+        object.__setattr__(extractor, _COPY_MEANS, cache)  # not a tracked sub-layer
+    if copies not in cache:
+        with extractor.distribute_strategy.scope():
+            cache[copies] = _CopyMean(extractor, copies)
+    return cache[copies]
 
 
 def n_classes_of(model: keras.Model) -> int:
