@@ -172,7 +172,7 @@ def _worker_environments(slurm: bool) -> list[dict]:
 
 
 def _run_two_workers(
-    name: str, script: str, timeout: float, slurm: bool = False
+    name: str, script: str, timeout: float, slurm: bool = False, extra: tuple[str, ...] = ()
 ) -> tuple[list[int], Path, str]:
     """Run ``script`` (a disca_cluster main) as the two workers of a MultiWorkerMirroredStrategy
     on this machine with ``--o name`` (the cluster from TF_CONFIG, or with ``slurm`` from SLURM's
@@ -180,7 +180,7 @@ def _run_two_workers(
     worker's temporary files, and the logs' last lines."""
     tmp = Path(f"{name}Tmp").resolve()  # the non-chief worker's temporary folder goes here
     tmp.mkdir()
-    args = ["--i", "Sim/particles.star", "--o", name, "--distribute", "multiworker", *TINY]
+    args = ["--i", "Sim/particles.star", "--o", name, "--distribute", "multiworker", *TINY, *extra]
     procs = []
     base = {k: v for k, v in os.environ.items() if k != "TF_CONFIG" and not k.startswith("SLURM_")}
     for i, cluster_env in enumerate(_worker_environments(slurm)):
@@ -225,14 +225,19 @@ MAIN = (
 )
 
 
-@pytest.mark.parametrize("cluster_from", ["tf_config", "slurm"])
+@pytest.mark.parametrize("cluster_from", ["tf_config", "slurm", "tf_config_rotations"])
 def test_multiworker_with_two_worker_processes(project, cluster_from):
     # "slurm": no TF_CONFIG; the cluster comes from an srun step's variables through TensorFlow's
-    # SlurmClusterResolver, on a node without GPUs (as `srun --ntasks-per-node=2` on a CPU node)
+    # SlurmClusterResolver, on a node without GPUs (as `srun --ntasks-per-node=2` on a CPU node).
+    # "tf_config_rotations": features averaged over rotated copies, through each worker's local
+    # compiled call of the copy-mean model
     name = f"Multi_{cluster_from}"
-    codes, tmp, logs = _run_two_workers(name, MAIN, 300, slurm=cluster_from == "slurm")
+    extra = ("--predict-rotations", "3") if cluster_from.endswith("rotations") else ()
+    codes, tmp, logs = _run_two_workers(name, MAIN, 300, slurm=cluster_from == "slurm", extra=extra)
     assert codes == [0, 0], f"exit codes {codes} (-9: killed after 300 s)\n{logs}"
     _check_agrees_with_plain(name, replicas=2, distribute="multiworker")
+    rotations = json.loads(Path(name, "run_config.json").read_text())["predict_rotations"]
+    assert rotations == (3 if extra else 1)
     loss = pd.read_csv(f"{name}/history.tsv", sep="\t")["loss"].to_numpy()
     assert np.isfinite(loss[0]) and loss[0] > 0  # iteration 0 was trained
     # only the chief writes --o; the other worker's temporary folder is gone once it exits
