@@ -30,21 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from common import save_result  # noqa: E402
+from common import drop_page_cache, save_result  # noqa: E402
 
 from disca_tools.cli.extract import main as extract_main  # noqa: E402
 from disca_tools.extract import ExtractParams, StoreWriter, box_starts, iter_boxes  # noqa: E402
 from disca_tools.io.mrc import create_volume_memmap, open_volume  # noqa: E402
 from disca_tools.io.star import write_star_blocks  # noqa: E402
-
-
-def _drop_cache(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-    except (AttributeError, OSError):
-        pass
 
 
 def main() -> None:
@@ -83,7 +74,7 @@ def main() -> None:
         starts, _ = box_starts(xyz, params)
 
         def timed(label: str, fn) -> None:
-            _drop_cache(tomo)
+            drop_page_cache(tomo)
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0

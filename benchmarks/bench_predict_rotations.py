@@ -37,16 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 from bench_cluster_perf import make_store  # noqa: E402
-from common import save_result, timed  # noqa: E402
-
-
-def drop_cache(path: Path) -> None:
-    """Ask the kernel to drop ``path``'s clean pages from the page cache (no root needed)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+from common import drop_page_cache, save_result, timed  # noqa: E402
 
 
 def r_passes(ext, store, rows, batch_size: int, rotations: int, seed: int, cold: Path | None):
@@ -59,7 +50,7 @@ def r_passes(ext, store, rows, batch_size: int, rotations: int, seed: int, cold:
     out = None
     for r in range(rotations):
         if cold is not None:
-            drop_cache(cold)
+            drop_page_cache(cold)
         ds = inference_dataset(store, rows, batch_size)
         if r:
             mat, fill = tf.constant(mats[r - 1]), tf.constant(fills[r - 1])
@@ -132,7 +123,7 @@ def main() -> None:
 
         def one_read():
             if cold is not None:
-                drop_cache(cold)
+                drop_page_cache(cold)
             return predict_features(ext, store, rows, bs, rotations=r, seed=seed)
 
         def passes():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -50,6 +51,20 @@ def peak_rss_mb() -> float:
 def measured_on() -> dict[str, Any]:
     """What a figure depends on besides the code: ``machine`` and ``libraries`` (their versions)."""
     return {"machine": machine_info(), "libraries": library_versions()}
+
+
+def drop_page_cache(path: Path) -> None:
+    """Ask the kernel to drop ``path``'s clean pages from the page cache (``posix_fadvise
+    DONTNEED``; no root needed), so that the next read comes from disk. Where the platform or the
+    file system cannot, nothing happens (on overlay or tmpfs the pages stay)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except (AttributeError, OSError):
+        pass
 
 
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
