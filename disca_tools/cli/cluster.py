@@ -391,9 +391,6 @@ def _read_run_config(folder: str | Path, flag: str) -> dict:
 
 
 def _setup_tf(seed: int) -> None:
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
 
@@ -578,6 +575,9 @@ def run(o: Options) -> dict:
         raise
     angpix = table.image_angpix() or 1.0
 
+    from ..model.backend import import_tensorflow
+
+    import_tensorflow()  # TensorFlow's start-up lines kept off the terminal
     from ..model import yopo as Y
     from ..model.distribute import make_strategy
 
