@@ -213,10 +213,17 @@ def _tomo_name_from_path(path: str) -> str:
     return name
 
 
+def reference_bases(star_path: str | Path) -> tuple[Path, Path]:
+    """Where RELION resolves a relative path named in a STAR file (``rlnImageName``,
+    ``rlnMicrographName``, …): the working directory (the project), then the STAR's folder."""
+    return Path("."), Path(star_path).parent
+
+
 def _resolve_reference(ref: str | Path, referring: Path) -> Path | None:
-    """A file named inside ``referring``: cwd first, then its folder, then the bare name there."""
+    """A file named inside ``referring``: where :func:`reference_bases` say, then the bare name in
+    ``referring``'s folder."""
     ref = Path(str(ref))
-    candidates = [ref] if ref.is_absolute() else [ref, referring.parent / ref]
+    candidates = [ref] if ref.is_absolute() else [base / ref for base in reference_bases(referring)]
     candidates.append(referring.parent / ref.name)
     for c in candidates:
         if c.is_file():

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import file_error
+from .star import reference_bases
 
 STORE_FILE = "subtomograms.npy"
 NAMES_FILE = "subtomograms_names.txt"
@@ -177,17 +178,11 @@ def find_stores(
     return FoundStores(volumes, all_names, np.asarray(rows, np.int64), paths)
 
 
-def _image_bases(star_path: str | Path) -> tuple[Path, Path]:
-    """Where RELION resolves a STAR file's ``rlnImageName``: the working directory (the project),
-    then the STAR's folder."""
-    return Path("."), Path(star_path).parent
-
-
 def resolve_image_name(name: str, star_path: str | Path) -> Path | None:
     """The file of an ``rlnImageName`` of ``star_path`` (an ``N@`` stack prefix stripped), in the
-    first of :func:`_image_bases` that has it; None if neither."""
+    first of :func:`~disca_tools.io.star.reference_bases` that has it; None if neither."""
     raw = str(name).split("@", 1)[-1]
-    for base in _image_bases(star_path):
+    for base in reference_bases(star_path):
         if (base / raw).is_file():
             return base / raw
     return None
@@ -199,5 +194,5 @@ def find_star_stores(
     """:func:`find_stores` for the particles of the STAR file ``star_path``: a store beside it (or in
     ``also_in``), else the stores above the image files, resolved as :func:`resolve_image_name`
     resolves the names."""
-    bases = _image_bases(star_path)
+    bases = reference_bases(star_path)
     return find_stores(names, folders=(bases[1], *also_in), bases=bases)
