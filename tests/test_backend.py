@@ -76,3 +76,22 @@ os.write(2, b"descriptor 2 restored\\n")
     assert lines[:3] == [KEPT[0], "python line", "no newline at the end"]
     assert lines[-1] == "descriptor 2 restored"
     assert not any(is_startup_line(line) or is_no_cuda_line(line) for line in lines)
+
+
+def test_a_training_run_shows_none_of_tensorflows_startup_lines(simulated_subtomogram_project):
+    # disca_cluster must import TensorFlow only through import_tensorflow (checking the options
+    # once imported it through the network's module, and every start-up line reached the terminal)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = str(REPO)
+    out = simulated_subtomogram_project / "StartupLines"
+    args = ["--i", "Sim/particles.star", "--o", str(out), "--k-candidates", "2-3", "--pca-dim", "3",
+            "--width-scale", "0.05", "--feature-dim", "16", "--max-iter", "1", "--seed", "1"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", "from disca_tools.cli.cluster import main; main()", *args],
+        capture_output=True, text=True, env=env, timeout=600, cwd=simulated_subtomogram_project,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "clusters.star").is_file()
+    lines = proc.stderr.splitlines()
+    assert any("INFO iteration 1:" in line for line in lines)  # the run's own log is there
+    assert not [line for line in lines if is_startup_line(line) or is_no_cuda_line(line)]

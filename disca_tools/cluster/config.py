@@ -83,7 +83,7 @@ class EMConfig:
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³
         (errors only: :meth:`warn_skipped_k` logs what the run will skip)."""
-        from ..model.yopo import MIN_BOX
+        from ..model import MIN_BOX
 
         if box < MIN_BOX:
             raise UserError(f"subtomograms: box {box} is too small; YOPO needs at least {MIN_BOX}³")

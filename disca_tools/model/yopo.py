@@ -30,10 +30,10 @@ import numpy as np
 from keras import layers
 
 from ..runtime.provenance import cpu_info
+from . import MIN_BOX
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 BASE_WIDTHS = tuple(64 + 16 * i for i in range(10))
-MIN_BOX = 21
 FEATURES_LAYER = "features"
 HEAD_LAYER = "classifier"
 DROPOUT_LAYER = "input_dropout"
