@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -29,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import save_result  # noqa: E402
 from table_s1_cell import (  # noqa: E402
     PAPER,
     STRUCTURES,
     add_cell_arguments,
     cell_imaging,
-    parse_cells,
+    cell_protocol,
+    run_probe,
     simulate_cell,
 )
 
@@ -107,26 +106,7 @@ def main(argv=None) -> int:
     add_cell_arguments(ap)
     ap.add_argument("--cells", default="all", help="'all' or tilt:snr pairs, e.g. 60:0.1,40:0.01")
     args = ap.parse_args(argv)
-    protocol = {
-        "n_per_class": args.n_per_class,
-        "angpix": args.angpix,
-        "snr_convention": args.snr_convention,
-        "seed": args.seed,
-        "box": 24,
-    }
-    rows = []
-    for tilt, snr in parse_cells(args.cells):
-        t0 = time.time()
-        rows.append(run_cell(args, tilt, snr))
-        rows[-1]["seconds"] = round(time.time() - t0, 1)
-        print(rows[-1], flush=True)
-    text = markdown(rows, protocol)
-    print(text)
-    path = save_result(
-        "probe_pose_oracle", args.tag, {"protocol": protocol, "cells": rows}, markdown=text
-    )
-    print(f"saved {path}")
-    return 0
+    return run_probe("probe_pose_oracle", args, run_cell, markdown, cell_protocol(args))
 
 
 if __name__ == "__main__":

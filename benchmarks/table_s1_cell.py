@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -58,6 +60,46 @@ def add_cell_arguments(
     ap.add_argument("--tilt", type=float, default=60.0, help="tilt range ± degrees")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix for the result file")
+
+
+def cell_protocol(args: argparse.Namespace, **extra) -> dict:
+    """What a probe's result file records of its cells: the :func:`add_cell_arguments` options that
+    hold for every cell, the box, and ``extra``."""
+    return {
+        "n_per_class": args.n_per_class,
+        "angpix": args.angpix,
+        "snr_convention": args.snr_convention,
+        "seed": args.seed,
+        "box": 24,
+        **extra,
+    }
+
+
+def run_probe(
+    name: str,
+    args: argparse.Namespace,
+    run_cell: Callable[[argparse.Namespace, float, float], dict],
+    markdown: Callable[[list[dict], dict], str],
+    protocol: dict,
+    folder: Path | None = None,
+) -> int:
+    """Run ``run_cell(args, tilt, snr)`` on each of ``args.cells`` (printing each row as it ends,
+    with its ``seconds`` unless the row has them), print the table ``markdown`` makes and save both
+    as ``NAME[_TAG].{json,md}`` in ``folder`` (default ``benchmarks/results``)."""
+    from common import RESULTS, save_result
+
+    rows = []
+    for tilt, snr in parse_cells(args.cells):
+        t0 = time.time()
+        rows.append(run_cell(args, tilt, snr))
+        rows[-1].setdefault("seconds", round(time.time() - t0, 1))
+        print(rows[-1], flush=True)
+    text = markdown(rows, protocol)
+    print(text)
+    payload = {"protocol": protocol, "cells": rows}
+    path = save_result(name, args.tag, payload, markdown=text, folder=folder or RESULTS)
+    print(f"saved {path}")
+    return 0
 
 
 def cell_imaging(args: argparse.Namespace, tilt: float):

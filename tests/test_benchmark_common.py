@@ -159,3 +159,32 @@ def test_table_s1_names_the_options_beyond_the_paper_it_ran_with():
         "--init invariants --init-epochs 8 --input-dropout 0.0 --pca-trained-classes"
     )
     assert bench.beyond_paper({"init": "network"}) == "none"
+
+
+def test_a_probe_runs_its_cells_in_order_and_saves_protocol_rows_and_table(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import argparse
+
+    import table_s1_cell
+
+    ap = argparse.ArgumentParser()
+    table_s1_cell.add_cell_arguments(ap, n_per_class=7)
+    args = ap.parse_args(["--snr-convention", "aitom", "--tag", "t"])
+    args.cells = "60:0.1,40:0.01"
+    protocol = table_s1_cell.cell_protocol(args, rotations=11)
+    assert protocol == {"n_per_class": 7, "angpix": 14.0, "snr_convention": "aitom", "seed": 0,
+                        "box": 24, "rotations": 11}  # fmt: skip
+
+    def run_cell(a, tilt, snr):
+        return {"tilt": tilt, "snr": snr, **({"seconds": 5.0} if tilt == 40 else {})}
+
+    def markdown(rows, proto):
+        return "".join(f"{r['tilt']}:{r['snr']} {proto['rotations']}\n" for r in rows)
+
+    assert table_s1_cell.run_probe("probe_x", args, run_cell, markdown, protocol, tmp_path) == 0
+    record = json.loads((tmp_path / "probe_x_t.json").read_text())
+    assert record["protocol"] == protocol
+    assert [(c["tilt"], c["snr"]) for c in record["cells"]] == [(60, 0.1), (40, 0.01)]
+    assert 0.0 <= record["cells"][0]["seconds"] < 5.0  # measured where the cell did not say
+    assert record["cells"][1]["seconds"] == 5.0  # kept where it did
+    assert (tmp_path / "probe_x_t.md").read_text() == "60:0.1 11\n40:0.01 11\n"
