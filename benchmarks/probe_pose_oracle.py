@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from table_s1_cell import (  # noqa: E402
-    PAPER,
     STRUCTURES,
     add_cell_arguments,
     cell_imaging,
     cell_protocol,
+    classification_scores,
     run_probe,
     simulate_cell,
 )
@@ -75,12 +75,7 @@ def run_cell(args: argparse.Namespace, tilt: float, snr: float) -> dict:
         "effective_snr": round(float(noisy_set.effective_snr), 5),
     }
     pred = np.argmin(template_distances(noisy_set.volumes, templates), axis=1)
-    result["accuracy"] = round(100.0 * float(np.mean(pred == labels)), 2)
-    result["accuracy_per_class"] = [
-        round(100.0 * float(np.mean(pred[labels == c] == c)), 1) for c in range(k)
-    ]
-    paper = PAPER.get((int(tilt), snr))
-    result["paper_acc"] = paper[2] if paper else None
+    result.update(classification_scores(pred, labels, k, tilt, snr))
     return result
 
 

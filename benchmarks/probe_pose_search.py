@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
 from table_s1_cell import (  # noqa: E402
-    PAPER,
     STRUCTURES,
     add_cell_arguments,
     cell_imaging,
     cell_protocol,
+    classification_scores,
     run_probe,
     simulate_cell,
 )
@@ -239,10 +239,7 @@ def run_cell(args: argparse.Namespace, tilt: float, snr: float) -> dict:
         )  # fmt: skip
     best = best.reshape(n, k, starts).max(2)
     pred = best.argmax(1)
-    result["accuracy"] = accuracy(pred, labels)
-    result["accuracy_per_class"] = [
-        round(100.0 * float(np.mean(pred[labels == c] == c)), 1) for c in range(k)
-    ]
+    result.update(classification_scores(pred, labels, k, tilt, snr))
     # a wrong class wins when its best pose beats the true class's; fraction where the true class's
     # found pose scores below the true pose (the search, not the data, lost those)
     result["search_short_of_true_pose"] = round(
@@ -255,8 +252,6 @@ def run_cell(args: argparse.Namespace, tilt: float, snr: float) -> dict:
     result["accuracy_true_class_at_true_pose"] = round(
         100.0 * float(np.mean(at_truth[np.arange(n), labels] > others.max(1))), 2
     )
-    paper = PAPER.get((int(tilt), snr))
-    result["paper_acc"] = paper[2] if paper else None
     result["seconds"] = round(time.time() - t0, 1)
     return result
 

@@ -75,6 +75,21 @@ def cell_protocol(args: argparse.Namespace, **extra) -> dict:
     }
 
 
+def classification_scores(
+    pred: np.ndarray, labels: np.ndarray, k: int, tilt: float, snr: float
+) -> dict:
+    """A probe's classification of a cell against the truth (no matching: ``pred`` are class
+    indices): ``accuracy`` and ``accuracy_per_class`` in %, and the paper's DISCA ``paper_acc``."""
+    paper = PAPER.get((int(tilt), snr))
+    return {
+        "accuracy": round(100.0 * float(np.mean(pred == labels)), 2),
+        "accuracy_per_class": [
+            round(100.0 * float(np.mean(pred[labels == c] == c)), 1) for c in range(k)
+        ],
+        "paper_acc": paper[2] if paper else None,
+    }
+
+
 def run_probe(
     name: str,
     args: argparse.Namespace,

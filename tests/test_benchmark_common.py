@@ -188,3 +188,15 @@ def test_a_probe_runs_its_cells_in_order_and_saves_protocol_rows_and_table(tmp_p
     assert 0.0 <= record["cells"][0]["seconds"] < 5.0  # measured where the cell did not say
     assert record["cells"][1]["seconds"] == 5.0  # kept where it did
     assert (tmp_path / "probe_x_t.md").read_text() == "60:0.1 11\n40:0.01 11\n"
+
+
+def test_classification_scores_of_a_probe(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import table_s1_cell
+
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    pred = np.array([0, 1, 1, 1, 0, 2])
+    scores = table_s1_cell.classification_scores(pred, labels, 3, 60, 0.01)
+    assert scores == {"accuracy": 66.67, "accuracy_per_class": [50.0, 66.7, 100.0],
+                      "paper_acc": 94.8}  # fmt: skip
+    assert table_s1_cell.classification_scores(pred, labels, 3, 40, 0.003)["paper_acc"] is None
