@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
 from table_s1_cell import (  # noqa: E402
     STRUCTURES,
+    accuracy_percent,
     add_cell_arguments,
     cell_imaging,
     cell_protocol,
@@ -176,10 +177,6 @@ def local_refine(
         best_mats[sel[:, 0], sel[:, 1]] = mats[np.arange(len(pp))[better], j[better]]
 
 
-def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
-    return round(100.0 * float(np.mean(pred == labels)), 2)
-
-
 def run_cell(args: argparse.Namespace, tilt: float, snr: float) -> dict:
     """Simulate the cell, search each particle's pose against each true structure, score."""
     import tensorflow as tf
@@ -212,13 +209,13 @@ def run_cell(args: argparse.Namespace, tilt: float, snr: float) -> dict:
         ],
         axis=1,
     )  # fmt: skip
-    result["accuracy_true_pose"] = accuracy(at_truth.argmax(1), labels)
+    result["accuracy_true_pose"] = accuracy_percent(at_truth.argmax(1), labels)
     rng = np.random.default_rng(args.seed + 1)
     rotations = random_rotations(args.rotations, rng).astype(np.float32)
     t1 = time.time()
     starts = args.starts
     best, arg = coarse_search(scorer, volumes, rotations, starts)
-    result["accuracy_coarse"] = accuracy(best.max(2).argmax(1), labels)
+    result["accuracy_coarse"] = accuracy_percent(best.max(2).argmax(1), labels)
     result["seconds_coarse"] = round(time.time() - t1, 1)
     slot_class = np.repeat(np.arange(k), starts)
     best_mats = rotations[arg].reshape(n, k * starts, 3, 3)
@@ -234,7 +231,7 @@ def run_cell(args: argparse.Namespace, tilt: float, snr: float) -> dict:
         t1 = time.time()
         local_refine(scorer, spectra, best_mats, best, slot_class, radius, args.local, rng)
         result["rounds"].append(
-            {"radius_deg": radius, "accuracy": accuracy(best.reshape(n, k, starts).max(2).argmax(1), labels),
+            {"radius_deg": radius, "accuracy": accuracy_percent(best.reshape(n, k, starts).max(2).argmax(1), labels),
              "seconds": round(time.time() - t1, 1)}
         )  # fmt: skip
     best = best.reshape(n, k, starts).max(2)

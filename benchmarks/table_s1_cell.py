@@ -75,6 +75,11 @@ def cell_protocol(args: argparse.Namespace, **extra) -> dict:
     }
 
 
+def accuracy_percent(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Per cent of ``pred`` equal to ``labels`` (class indices, no matching), 2 decimals."""
+    return round(100.0 * float(np.mean(pred == labels)), 2)
+
+
 def classification_scores(
     pred: np.ndarray, labels: np.ndarray, k: int, tilt: float, snr: float
 ) -> dict:
@@ -82,7 +87,7 @@ def classification_scores(
     indices): ``accuracy`` and ``accuracy_per_class`` in %, and the paper's DISCA ``paper_acc``."""
     paper = PAPER.get((int(tilt), snr))
     return {
-        "accuracy": round(100.0 * float(np.mean(pred == labels)), 2),
+        "accuracy": accuracy_percent(pred, labels),
         "accuracy_per_class": [
             round(100.0 * float(np.mean(pred[labels == c] == c)), 1) for c in range(k)
         ],

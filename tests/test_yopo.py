@@ -241,6 +241,11 @@ def test_rotation_averaged_features_are_the_mean_over_the_rotated_copies(monkeyp
         f = predict_features(ext, store, rows, batch_size=batch, local=local, rotations=3, seed=5)
         np.testing.assert_allclose(f, expected, rtol=1e-4, atol=1e-5)
         assert read == rows.tolist()  # each volume read once, in order
+    # the compiled local call is kept on the copy-mean model and reused by a later prediction
+    step = getattr(Y.copy_mean_model(ext, 3), D._LOCAL_STEP)
+    again = predict_features(ext, store, rows, batch_size=7, local=True, rotations=3, seed=5)
+    assert getattr(Y.copy_mean_model(ext, 3), D._LOCAL_STEP) is step
+    np.testing.assert_allclose(again, expected, rtol=1e-4, atol=1e-5)
     assert not np.allclose(expected, passes[0], atol=1e-3)  # the copies do change the features
     other = predict_features(ext, store, rows, batch_size=5, rotations=3, seed=6)
     assert not np.allclose(other, expected, atol=1e-3)

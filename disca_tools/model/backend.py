@@ -29,8 +29,6 @@ _STARTUP_LINE = re.compile(
 # CUDA's error when there is no GPU driver at all; dropped only when TensorFlow then finds no GPU
 _NO_CUDA_LINE = re.compile(r"^E\d{4} .*\] failed call to cuInit: ")
 
-_IMPORTED = False
-
 
 def is_startup_line(line: str) -> bool:
     """Whether ``line`` is one of TensorFlow's start-up lines (absl INFO, preamble, CPU notice)."""
@@ -78,11 +76,9 @@ class _FilteredStderr:
 def import_tensorflow() -> None:
     """Import TensorFlow and Keras and list the GPUs, with TensorFlow's start-up lines filtered
     (see the module docstring). CUDA's failed-``cuInit`` line is shown when GPUs are found anyway,
-    otherwise logged at debug level, and the CPU run is logged. Once per process; a later call,
-    or a process that imported TensorFlow before, does nothing."""
-    global _IMPORTED
-    if _IMPORTED or "tensorflow" in sys.modules:
-        _IMPORTED = True
+    otherwise logged at debug level, and the CPU run is logged. In a process that has imported
+    TensorFlow already (a later call included) it does nothing."""
+    if "tensorflow" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with _FilteredStderr() as filtered:
@@ -90,7 +86,6 @@ def import_tensorflow() -> None:
         import tensorflow as tf
 
         gpus = tf.config.list_physical_devices("GPU")
-    _IMPORTED = True
     for line in filtered.held:
         if gpus:
             print(line, file=sys.stderr)

@@ -529,11 +529,21 @@ def predict_features(
     return _predict_pass(copy_mean_model(extractor, rotations), ds, local)[: len(rows)]
 
 
+_LOCAL_STEP = "_disca_local_predict_step"
+
+
 def _predict_pass(model, ds, local: bool) -> np.ndarray:
     """One pass of ``model`` over the batches of ``ds`` (at least one): (N, F) float32."""
     if not local:
         return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
     import tensorflow as tf
 
-    step = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    from .yopo import kept_on
+
+    # kept on the model: each EM iteration's prediction reuses the traced function
+    step = kept_on(
+        model,
+        _LOCAL_STEP,
+        lambda: tf.function(lambda x: model(x, training=False), reduce_retracing=True),
+    )
     return np.concatenate([np.asarray(step(x), dtype=np.float32) for x in ds])

@@ -22,6 +22,7 @@ capability ≥ 8.0), float32 otherwise.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -169,6 +170,17 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, out, name="yopo_features")
 
 
+def kept_on(model: keras.Model, name: str, make: Callable[[], Any]) -> Any:
+    """``make()``, made once per ``model`` and kept on it as attribute ``name`` (outside Keras'
+    attribute tracking, so not a sub-layer or weight): what an EM loop would otherwise rebuild and
+    retrace every iteration for the same network (compiled functions, wrapper models)."""
+    kept = getattr(model, name, None)
+    if kept is None:
+        kept = make()
+        object.__setattr__(model, name, kept)  # not a tracked sub-layer
+    return kept
+
+
 _COPY_MEANS = "_disca_copy_means"
 
 
@@ -193,10 +205,7 @@ def copy_mean_model(extractor: keras.Model, copies: int) -> keras.Model:
     features over the copies, (B, F) float32. It shares ``extractor``'s weights and its
     ``tf.distribute`` strategy; the copies of a volume stay on one replica. Kept on ``extractor``
     (one per ``copies``), so each EM iteration's prediction reuses its traced function."""
-    cache = getattr(extractor, _COPY_MEANS, None)
-    if cache is None:
-        cache = {}
-        object.__setattr__(extractor, _COPY_MEANS, cache)  # not a tracked sub-layer
+    cache = kept_on(extractor, _COPY_MEANS, dict)
     if copies not in cache:
         with extractor.distribute_strategy.scope():
             cache[copies] = _CopyMean(extractor, copies)
@@ -216,8 +225,7 @@ def _batchnorm_probes(model: keras.Model) -> list[tuple[layers.BatchNormalizatio
     network every iteration; kept on the model, outside Keras' attribute tracking)."""
     import tensorflow as tf
 
-    probes = getattr(model, _BN_PROBES, None)
-    if probes is None:
+    def make() -> list[tuple[layers.BatchNormalization, Any]]:
         probes = []
         for layer in [m for m in model.layers if isinstance(m, layers.BatchNormalization)]:
             probe = keras.Model(model.inputs, layer.input)
@@ -225,8 +233,9 @@ def _batchnorm_probes(model: keras.Model) -> list[tuple[layers.BatchNormalizatio
                 lambda v, probe=probe: probe(v, training=False), reduce_retracing=True
             )
             probes.append((layer, step))
-        object.__setattr__(model, _BN_PROBES, probes)  # not a tracked sub-layer
-    return probes
+        return probes
+
+    return kept_on(model, _BN_PROBES, make)
 
 
 def calibrate_batchnorm(model: keras.Model, volumes: np.ndarray, batch_size: int = 64) -> None:
