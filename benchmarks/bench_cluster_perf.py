@@ -35,7 +35,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -48,6 +47,8 @@ from common import (  # noqa: E402
     save_result,
     timed,
 )
+
+from disca_tools.model.backend import import_tensorflow  # noqa: E402
 
 STRUCTURES = ["4v4r", "1bxn", "3j9i", "1s3x", "3d2f"]
 
@@ -223,6 +224,7 @@ def main() -> None:
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS / "bench_cluster_perf"))
     args = ap.parse_args()
+    import_tensorflow()  # TensorFlow's start-up lines kept out of the log
     if args.one is not None:
         print("RESULT " + json.dumps(one(args)), flush=True)
         return

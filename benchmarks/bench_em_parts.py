@@ -35,11 +35,9 @@ Prints a table and writes benchmarks/results/bench_em_parts.json.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -47,6 +45,7 @@ import numpy as np  # noqa: E402
 from common import save_result, timed  # noqa: E402
 
 from disca_tools.cluster.mixture import select_mixture  # noqa: E402
+from disca_tools.model.backend import import_tensorflow  # noqa: E402
 from disca_tools.runtime.cli import resolve_jobs  # noqa: E402
 
 K_CANDIDATES = list(range(2, 21))
@@ -331,6 +330,7 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    import_tensorflow()  # TensorFlow's start-up lines kept out of the log
     jobs = resolve_jobs(args.j)
     payload = {"protocol": vars(args) | {"jobs": jobs, "k_candidates": "2-20", "dim": 16}}
     if "mixtures" in args.parts:

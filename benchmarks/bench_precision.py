@@ -23,12 +23,10 @@ Prints the figures and writes benchmarks/results/bench_precision[_T].json.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
@@ -37,6 +35,7 @@ from common import add_cluster_arguments, save_result, timed  # noqa: E402
 from table_s1_cell import PAPER, parse_cells, simulate_cell  # noqa: E402
 
 from disca_tools.evaluate import clustering_metrics  # noqa: E402
+from disca_tools.model.backend import import_tensorflow  # noqa: E402
 
 PRECISIONS = ("float32", "mixed_bfloat16")
 
@@ -144,6 +143,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    import_tensorflow()  # TensorFlow's start-up lines kept out of the log
     from disca_tools.model.yopo import resolve_precision
 
     payload: dict = {"protocol": vars(args) | {"auto_resolves_to": resolve_precision("auto")}}

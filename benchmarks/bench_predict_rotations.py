@@ -31,13 +31,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 from bench_cluster_perf import make_store  # noqa: E402
 from common import drop_page_cache, save_result, timed  # noqa: E402
+
+from disca_tools.model.backend import import_tensorflow  # noqa: E402
 
 
 def r_passes(ext, store, rows, batch_size: int, rotations: int, seed: int, cold: Path | None):
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="folder with a store made by an earlier run")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    import_tensorflow()  # TensorFlow's start-up lines kept out of the log
 
     import tensorflow as tf
 

@@ -27,12 +27,10 @@ clusters, PCA 16); ``--cells all`` runs the 10 cells.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -50,6 +48,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from disca_tools.cluster.config import BEYOND_PAPER, EMConfig  # noqa: E402
 from disca_tools.cluster.mixture import fit_pca, select_mixture  # noqa: E402
 from disca_tools.evaluate import clustering_metrics  # noqa: E402
+from disca_tools.model.backend import import_tensorflow  # noqa: E402
 from disca_tools.model.data import normalise  # noqa: E402
 
 
@@ -133,6 +132,7 @@ def main(argv=None) -> int:
     add_cluster_arguments(ap, BEYOND_PAPER)
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
+    import_tensorflow()  # TensorFlow's start-up lines kept out of the log
     from disca_tools.runtime.log import configure
 
     configure()  # DISCA's per-iteration log lines on stderr

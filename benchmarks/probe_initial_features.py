@@ -20,14 +20,16 @@ Prints a table and saves benchmarks/results/probe_initial_features.json.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from disca_tools.model.backend import import_tensorflow  # noqa: E402
+
+import_tensorflow()  # TensorFlow's start-up lines kept out of the log
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -19,11 +19,9 @@ Prints a table and saves benchmarks/results/probe_pose_oracle[_TAG].{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -38,6 +36,7 @@ from table_s1_cell import (  # noqa: E402
     simulate_cell,
 )
 
+from disca_tools.model.backend import import_tensorflow  # noqa: E402
 from disca_tools.simulate.structures import load_structure  # noqa: E402
 from disca_tools.simulate.subtomograms import image_particles  # noqa: E402
 
@@ -101,6 +100,7 @@ def main(argv=None) -> int:
     add_cell_arguments(ap)
     ap.add_argument("--cells", default="all", help="'all' or tilt:snr pairs, e.g. 60:0.1,40:0.01")
     args = ap.parse_args(argv)
+    import_tensorflow()  # TensorFlow's start-up lines kept out of the log
     return run_probe("probe_pose_oracle", args, run_cell, markdown, cell_protocol(args))
 
 

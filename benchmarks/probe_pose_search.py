@@ -24,13 +24,11 @@ Prints a table and saves benchmarks/results/probe_pose_search[_TAG].{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -48,6 +46,7 @@ from table_s1_cell import (  # noqa: E402
 )
 
 from disca_tools.geometry import euler_to_matrix, random_rotations  # noqa: E402
+from disca_tools.model.backend import import_tensorflow  # noqa: E402
 from disca_tools.simulate.imaging import Imaging, ctf_wedge_weight  # noqa: E402
 from disca_tools.simulate.structures import load_structure  # noqa: E402
 from disca_tools.simulate.subtomograms import image_particles  # noqa: E402
@@ -292,6 +291,7 @@ def main(argv=None) -> int:
     ap.add_argument("--local", type=int, default=24, help="perturbations per start and round")
     ap.add_argument("--max-shift-px", type=float, default=1.0, help="shift search, voxels")
     args = ap.parse_args(argv)
+    import_tensorflow()  # TensorFlow's start-up lines kept out of the log
     protocol = cell_protocol(
         args,
         rotations=args.rotations,

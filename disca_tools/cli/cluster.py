@@ -390,18 +390,6 @@ def _read_run_config(folder: str | Path, flag: str) -> dict:
         raise file_error(d / RUN_CONFIG, f"unreadable ({exc})") from None
 
 
-def _setup_tf(seed: int) -> None:
-    import keras
-    import tensorflow as tf
-
-    tf.get_logger().setLevel("ERROR")
-    keras.utils.set_random_seed(int(seed))
-    try:
-        tf.config.experimental.enable_op_determinism()
-    except Exception:  # pragma: no cover - older TF
-        logger.debug("op determinism not available")
-
-
 def _write_history(path: Path, history, best_it: int, ks: list[int]) -> None:
     cols = ["iteration", "K"] + [f"BIC_K{k}" for k in ks] + [
         "DDBI", "fraction_changed", "loss", "seconds", "lr", "label_smoothing", "eligible", "reported",
@@ -575,7 +563,7 @@ def run(o: Options) -> dict:
         raise
     angpix = table.image_angpix() or 1.0
 
-    from ..model.backend import import_tensorflow
+    from ..model.backend import import_tensorflow, seed_deterministically
 
     import_tensorflow()  # TensorFlow's start-up lines kept off the terminal
     from ..model import yopo as Y
@@ -585,7 +573,7 @@ def run(o: Options) -> dict:
     strategy = make_strategy(mode) if mode != "none" else None  # before any other TF op
     _WORKER["joined"] = mode == "multiworker"
     precision = Y.resolve_precision(o.precision)
-    _setup_tf(o.seed)
+    seed_deterministically(o.seed)
 
     if o.model:
         return _assign(o, out, table, store, rows, ref_cfg, precision, shard_info)

@@ -93,3 +93,18 @@ def import_tensorflow() -> None:
             logger.debug("TensorFlow: %s", line)
     if not gpus:
         logger.info("TensorFlow finds no GPU: running on the CPU")
+
+
+def seed_deterministically(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow (Keras' ``set_random_seed``) and ask TensorFlow for
+    deterministic kernels, so that a seeded run repeats on the same machine; TensorFlow's Python
+    logger shows errors only."""
+    import keras
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    keras.utils.set_random_seed(int(seed))
+    try:
+        tf.config.experimental.enable_op_determinism()
+    except AttributeError:  # pragma: no cover - TensorFlow before 2.9
+        logger.debug("op determinism not available")
