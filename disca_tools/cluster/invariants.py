@@ -118,7 +118,7 @@ def _degree_slices(l_max: int) -> list[slice]:
 
 
 # Degrees used by :func:`invariant_features`. Real-space shells: at ±60° SNR 0.03 and at ±40° SNR 0.1
-# (400 per class) degrees up to 10 separate the classes better than up to 6 (README, session 14).
+# (400 per class) degrees up to 10 separate the classes better than up to 6 (benchmarks/ACCURACY.md, session 14).
 # The power spectrum's even degrees up to 10 instead of 6 changed nothing measurable there.
 SHELL_L_MAX = 10
 SPECTRUM_L_MAX = 6
