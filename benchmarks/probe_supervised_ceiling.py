@@ -105,10 +105,7 @@ def main() -> None:
     vols, truth = normalise(sim.volumes), sim.labels
     held_vols = held_truth = None
     if args.held_out_per_class > 0:
-        held_args = argparse.Namespace(
-            **{**vars(args), "n_per_class": args.held_out_per_class, "seed": args.seed + 1000}
-        )
-        held = simulate_cell(held_args)
+        held = simulate_cell(args, n_per_class=args.held_out_per_class, seed=args.seed + 1000)
         held_vols, held_truth = normalise(held.volumes), held.labels
     rows = [{"stage": "raw voxels", **score(vols.reshape(len(vols), -1), truth, args.pca_dim)}]
     print(rows[-1], flush=True)

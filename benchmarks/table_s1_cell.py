@@ -138,21 +138,23 @@ def simulate_cell(
     snr: float | None = None,
     structures: list[str] | None = None,
     box: int = 24,
+    n_per_class: int | None = None,
+    seed: int | None = None,
     return_clean: bool = False,
 ):
     """The :class:`SubtomogramSet` of the cell described by :func:`add_cell_arguments` options
-    (``tilt``, ``snr``, ``structures`` and ``box`` override them where given); with
-    ``return_clean``, ``(set, noise-free volumes)``."""
+    (``tilt``, ``snr``, ``structures``, ``box``, ``n_per_class`` and ``seed`` override them where
+    given); with ``return_clean``, ``(set, noise-free volumes)``."""
     from disca_tools.simulate.subtomograms import simulate_subtomogram_set
 
     return simulate_subtomogram_set(
         structures or STRUCTURES,
-        args.n_per_class,
+        args.n_per_class if n_per_class is None else n_per_class,
         box,
         args.angpix,
         args.snr if snr is None else snr,
         cell_imaging(args, args.tilt if tilt is None else tilt),
-        seed=args.seed,
+        seed=args.seed if seed is None else seed,
         snr_convention=args.snr_convention,
         return_clean=return_clean,
     )
