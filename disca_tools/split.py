@@ -29,7 +29,7 @@ import pandas as pd
 
 from .io.mrc import read_volume
 from .io.particles import CLASS, IMAGE, POSTERIOR
-from .io.store import find_star_stores, resolve_image_name
+from .io.store import FoundStores, find_star_stores, resolve_image_name
 from .runtime.errors import UserError, file_error
 from .runtime.log import logger, progress
 
@@ -224,44 +224,87 @@ def _fmt(values: Sequence[int]) -> str:
 # ----------------------------------------------------------------------------- class averages
 
 
-def class_averages(
+@dataclass(frozen=True)
+class AverageSources:
+    """Where each class member's subtomogram is read from: the fast store(s) holding every member
+    (``store_rows[i]``: the store row of particle row ``i``, −1 for non-members), else one ``.mrc``
+    file per member (``files``)."""
+
+    star_path: Path
+    stores: FoundStores | None = None
+    store_rows: np.ndarray | None = None
+    files: dict[int, Path] = field(default_factory=dict)
+
+
+def locate_averages(
     particles: pd.DataFrame,
     members: dict[int, np.ndarray],
     star_path: str | Path,
-) -> dict[int, np.ndarray]:
-    """Unaligned average subtomogram of each class, streaming one subtomogram at a time.
+    general: dict | None = None,
+) -> AverageSources | str:
+    """Find every member's subtomogram once, before anything is computed or written.
 
-    Reads the fast store(s) holding every member (beside ``star_path``, or those of the
-    extractions a merged STAR combines; :func:`find_star_stores`), else the ``.mrc`` files.
+    Returns the sources, or why there can be no averages (a string) when none of the members can be
+    found: RELION 5 2D-stack pseudo-subtomograms, no ``rlnImageName``, or not one file found (a STAR
+    used outside its project directory, say). Some members found and others not is a UserError naming
+    the first missing file: the STAR's data are incomplete.
     """
+    star_path = Path(star_path)
+    if general and int(general.get("rlnTomoSubTomosAre2DStacks", 0) or 0) == 1:
+        return "particles are RELION 5 2D-stack pseudo-subtomograms"
     if IMAGE not in particles.columns:
-        raise file_error(star_path, f"no {IMAGE} column: cannot average subtomograms")
+        return f"no {IMAGE} column"
+    used = np.unique(np.concatenate([np.asarray(m, np.int64) for m in members.values()]))
+    if not len(used):
+        return "no particles in the classes kept"
     names = particles[IMAGE].astype(str).to_numpy()
-    used = np.concatenate(list(members.values()))
     found = find_star_stores(names[used], star_path)
     if found is not None:
+        store_rows = np.full(len(names), -1, np.int64)
+        store_rows[used] = found.rows
+        return AverageSources(star_path, stores=found, store_rows=store_rows)
+    files: dict[int, Path] = {}
+    missing: list[int] = []
+    for r in used.tolist():
+        path = resolve_image_name(names[r], star_path)
+        if path is None:
+            missing.append(r)
+        else:
+            files[r] = path
+    if not files:
+        return f"none of its {len(used)} subtomograms found (first: {names[used[0]]})"
+    if missing:
+        raise file_error(
+            names[missing[0]],
+            f"subtomogram listed in {star_path} not found ({len(missing)} of {len(used)} missing; "
+            "paths are relative to the project directory)",
+        )
+    return AverageSources(star_path, files=files)
+
+
+def class_averages(
+    sources: AverageSources, members: dict[int, np.ndarray]
+) -> dict[int, np.ndarray]:
+    """Unaligned average subtomogram of each class, streaming one subtomogram at a time from the
+    sources :func:`locate_averages` found (the fast store(s), else the ``.mrc`` files)."""
+    out: dict[int, np.ndarray] = {}
+    if sources.stores is not None:
+        found = sources.stores
         plural = "s" if len(found.paths) > 1 else ""
         logger.info("averaging from the fast store%s %s", plural, ", ".join(map(str, found.paths)))
-        store_row = np.empty(len(names), np.int64)
-        store_row[used] = found.rows
-        out = {}
         for c, rows in members.items():
             acc = np.zeros(found.volumes.shape[1:], np.float64)
-            for r in progress(store_row[rows], desc=f"class {c} average", unit="subtomo"):
+            for r in progress(sources.store_rows[rows], desc=f"class {c} average", unit="subtomo"):
                 acc += found.volumes[r]
             out[c] = (acc / max(len(rows), 1)).astype(np.float32)
         return out
-    logger.info("no fast store lists every particle of %s: reading the .mrc files", star_path)
-    out = {}
+    logger.info(
+        "no fast store lists every particle of %s: reading the .mrc files", sources.star_path
+    )
     for c, rows in members.items():
         acc = None
         for r in progress(rows, desc=f"class {c} average", unit="subtomo"):
-            path = resolve_image_name(names[r], star_path)
-            if path is None:
-                raise file_error(
-                    names[r],
-                    f"subtomogram listed in {star_path} not found (paths are relative to the project directory)",
-                )
+            path = sources.files[int(r)]
             vol, _ = read_volume(path)
             if acc is None:
                 acc = np.zeros(vol.shape, np.float64)
@@ -272,21 +315,6 @@ def class_averages(
             acc += vol
         out[c] = (acc / max(len(rows), 1)).astype(np.float32)
     return out
-
-
-def averages_available(
-    particles: pd.DataFrame, star_path: str | Path, general: dict | None = None
-) -> tuple[bool, str]:
-    """Whether unaligned averages can be computed, and why not."""
-    if general and int(general.get("rlnTomoSubTomosAre2DStacks", 0) or 0) == 1:
-        return False, "particles are RELION 5 2D-stack pseudo-subtomograms"
-    if IMAGE not in particles.columns or not len(particles):
-        return False, f"no {IMAGE} column"
-    first = str(particles[IMAGE].iloc[0])
-    in_store = find_star_stores([first], star_path)
-    if in_store is None and resolve_image_name(first, star_path) is None:
-        return False, f"subtomogram {first} not found"
-    return True, ""
 
 
 # ----------------------------------------------------------------------------- next steps

@@ -188,3 +188,39 @@ def test_refuses_to_overwrite_and_never_touches_input(
     )
     assert "overwrite an input" in capsys.readouterr().err
     assert Path("Out/class_001.star").read_bytes() == before
+
+
+def test_every_member_is_located_before_averaging(
+    clustered: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a store, each kept member's .mrc must exist: any one missing (the first included)
+    is an error naming it; none found means no averages (a warning), or an error with --averages;
+    a missing file of a class not kept does not matter."""
+    Path("Sim/subtomograms.npy").unlink()
+    blocks = read_star_blocks("Sim/clusters.star")
+    parts = blocks["particles"]
+    first_of_2 = int(np.flatnonzero(parts["rlnClassNumber"].to_numpy() == 2)[0])
+    parts.loc[first_of_2, "rlnImageName"] = "Sim/Subtomograms/gone.mrc"
+    write_star_blocks("Sim/one_missing.star", blocks)
+    capsys.readouterr()
+    assert main(["--i", "Sim/one_missing.star", "--o", "A", "-q", "--classes", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gone.mrc" in err and "1 of 8 missing" in err
+    assert not Path("A").exists() or not any(Path("A").iterdir())
+    # the STAR's very first particle missing (was checked alone, and its absence skipped averaging)
+    blocks0 = read_star_blocks("Sim/clusters.star")
+    blocks0["particles"].loc[0, "rlnImageName"] = "Sim/Subtomograms/first_gone.mrc"
+    write_star_blocks("Sim/first_missing.star", blocks0)
+    assert main(["--i", "Sim/first_missing.star", "--o", "A0", "-q"]) == 2
+    assert "first_gone.mrc" in capsys.readouterr().err
+    # the same file missing, but its class is not kept: the other classes average as usual
+    assert main(["--i", "Sim/one_missing.star", "--o", "B", "-q", "--classes", "1,3"]) == 0
+    assert Path("B/class_001_average.mrc").is_file() and Path("B/class_003_average.mrc").is_file()
+    # not one file found (a STAR used outside its project, say): no averages, or exit 2 if asked for
+    blocks["particles"]["rlnImageName"] = [f"Elsewhere/p{i}.mrc" for i in range(len(parts))]
+    write_star_blocks("Sim/elsewhere.star", blocks)
+    assert main(["--i", "Sim/elsewhere.star", "--o", "C"]) == 0
+    assert "no class averages (none of its 24 subtomograms found" in caplog.text
+    assert Path("C/class_001.star").is_file() and not list(Path("C").glob("*_average.mrc"))
+    assert main(["--i", "Sim/elsewhere.star", "--o", "D", "-q", "--averages"]) == 2
+    assert "cannot compute class averages" in capsys.readouterr().err

@@ -36,8 +36,8 @@ from ..runtime.errors import UserError, file_error, require_file
 from ..runtime.log import logger
 from ..runtime.outputs import atomic_path, check_not_input, prepare_output_dir, write_text_atomic
 from ..split import (
-    averages_available,
     class_averages,
+    locate_averages,
     next_steps,
     parse_class_list,
     parse_merges,
@@ -144,14 +144,15 @@ def run(o: Options) -> dict:
         else:
             opt_entries, tomo_file = found
 
-    do_avg = o.averages
-    if do_avg is None or do_avg:
-        ok, why = averages_available(particles, src, general)
-        if not ok and do_avg:
-            raise file_error(src, f"cannot compute class averages: {why}")
-        if not ok:
-            logger.warning("%s: no class averages (%s)", src, why)
-        do_avg = ok
+    sources = None
+    if o.averages is None or o.averages:
+        sources = locate_averages(particles, result.members, src, general)
+        if isinstance(sources, str):
+            if o.averages:
+                raise file_error(src, f"cannot compute class averages: {sources}")
+            logger.warning("%s: no class averages (%s)", src, sources)
+            sources = None
+    do_avg = sources is not None
 
     out_dir = Path(o.o)
     names = {c: f"class_{c:03d}" for c in result.classes}
@@ -164,7 +165,7 @@ def run(o: Options) -> dict:
             products.append(f"{stem}_optimisation_set.star")
     check_not_input([out_dir / p for p in products], [src, *([o.tomograms] if o.tomograms else [])])
     # compute everything that can fail on the inputs before writing anything
-    averages = class_averages(particles, result.members, src) if do_avg else {}
+    averages = class_averages(sources, result.members) if sources is not None else {}
     prepare_output_dir(out_dir, o.overwrite, products)
 
     star_paths = {c: str(out_dir / f"{s}.star") for c, s in names.items()}
