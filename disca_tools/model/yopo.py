@@ -167,7 +167,7 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     """The inference model subtomogram → float32 features (shares weights with ``model``)."""
     feats = model.get_layer(FEATURES_LAYER).output
     out = layers.Activation("linear", dtype="float32", name="features_float32")(feats)
-    return keras.Model(model.inputs, out, name="yopo_features")
+    return keras.Model(model.inputs[0], out, name="yopo_features")
 
 
 def kept_on(model: keras.Model, name: str, make: Callable[[], Any]) -> Any:
