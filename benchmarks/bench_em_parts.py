@@ -208,8 +208,8 @@ def stores(n_stores: int, n_particles: int, locate_names: int, repeats: int) -> 
 
     from common import proc_status_mb
 
-    from disca_tools.io.store import STORE_FILE, find_stores
-    from disca_tools.model.data import SubtomogramStore, gather
+    from disca_tools.io.store import STORE_FILE, SubtomogramStore, find_stores
+    from disca_tools.model.data import gather
 
     per_store = n_particles // n_stores
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,15 +217,15 @@ def stores(n_stores: int, n_particles: int, locate_names: int, repeats: int) -> 
         names = _write_stores(root, n_stores, per_store, fill=True)
         merged = find_stores(names, folders=(), bases=(root,))
         whole = np.lib.format.open_memmap(
-            root / STORE_FILE, mode="w+", dtype=np.float16, shape=merged.volumes.shape
+            root / STORE_FILE, mode="w+", dtype=np.float16, shape=merged.store.volumes.shape
         )
         for start in range(0, len(whole), 4096):  # the same rows in one file
-            whole[start : start + 4096] = merged.volumes[
+            whole[start : start + 4096] = merged.store.volumes[
                 np.arange(start, min(start + 4096, len(whole)))
             ]
         variants = {
             "one store": SubtomogramStore(whole, names, root / STORE_FILE),
-            f"{n_stores} stores": SubtomogramStore(merged.volumes, merged.names, merged.paths[0]),
+            f"{n_stores} stores": merged.store,
         }
         rows = merged.rows
         order = np.random.default_rng(1).permutation(len(names))
@@ -259,7 +259,7 @@ def stores(n_stores: int, n_particles: int, locate_names: int, repeats: int) -> 
         before = proc_status_mb("RssAnon") or 0.0
         locate_s, found = timed(find_stores, star_order, (root / "Extract",), (root,))
         grown = (proc_status_mb("RssAnon") or 0.0) - before
-        assert found is not None and len(found.paths) == n_stores
+        assert found is not None and len(found.store.paths) == n_stores
         del found
     out = {"stores": n_stores, "particles": per_store * n_stores, "gather": gather_rows,
            "locate": {"names": len(star_order), "seconds": locate_s, "rss_growth_mb": grown}}  # fmt: skip

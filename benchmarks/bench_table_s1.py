@@ -87,7 +87,7 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
     ``paper``: the paper's choices whatever the options say (every option beyond the paper at the
     paper's value, :meth:`EMConfig.paper_choices`, and PCA 16)."""
     from disca_tools.cluster.em import run_em
-    from disca_tools.model.data import SubtomogramStore
+    from disca_tools.io.store import SubtomogramStore
     from disca_tools.model.yopo import resolve_precision
 
     store = SubtomogramStore(

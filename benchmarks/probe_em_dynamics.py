@@ -40,7 +40,7 @@ from table_s1_cell import (  # noqa: E402
 )
 
 from disca_tools.cluster import em  # noqa: E402
-from disca_tools.model.data import SubtomogramStore  # noqa: E402
+from disca_tools.io.store import SubtomogramStore  # noqa: E402
 from disca_tools.model.yopo import resolve_precision  # noqa: E402
 
 

@@ -43,9 +43,9 @@ from table_s1_cell import (  # noqa: E402
 from disca_tools.cluster.em import EMConfig, smooth_targets  # noqa: E402
 from disca_tools.cluster.mixture import select_mixture  # noqa: E402
 from disca_tools.cluster.training import Trainer  # noqa: E402
+from disca_tools.io.store import SubtomogramStore  # noqa: E402
 from disca_tools.model import yopo as Y  # noqa: E402
 from disca_tools.model.data import (  # noqa: E402
-    SubtomogramStore,
     normalise,
     predict_features,
     train_dataset,

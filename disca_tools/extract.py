@@ -308,4 +308,4 @@ def read_store(directory: str | Path) -> tuple[np.ndarray, list[str]]:
     found = open_store(directory)
     if found is None:
         raise UserError(f"{Path(directory) / STORE_FILE}: no fast store (or its names file) here")
-    return found
+    return found.volumes, found.names

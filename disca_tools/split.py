@@ -29,7 +29,7 @@ import pandas as pd
 
 from .io.mrc import read_volume
 from .io.particles import CLASS, IMAGE, POSTERIOR
-from .io.store import FoundStores, find_star_stores, resolve_image_name
+from .io.store import SubtomogramStore, find_star_stores, resolve_image_name
 from .runtime.errors import UserError, file_error
 from .runtime.log import logger, progress
 
@@ -231,7 +231,7 @@ class AverageSources:
     file per member (``files``)."""
 
     star_path: Path
-    stores: FoundStores | None = None
+    store: SubtomogramStore | None = None
     store_rows: np.ndarray | None = None
     files: dict[int, Path] = field(default_factory=dict)
 
@@ -262,7 +262,7 @@ def locate_averages(
     if found is not None:
         store_rows = np.full(len(names), -1, np.int64)
         store_rows[used] = found.rows
-        return AverageSources(star_path, stores=found, store_rows=store_rows)
+        return AverageSources(star_path, store=found.store, store_rows=store_rows)
     files: dict[int, Path] = {}
     missing: list[int] = []
     for r in used.tolist():
@@ -288,14 +288,14 @@ def class_averages(
     """Unaligned average subtomogram of each class, streaming one subtomogram at a time from the
     sources :func:`locate_averages` found (the fast store(s), else the ``.mrc`` files)."""
     out: dict[int, np.ndarray] = {}
-    if sources.stores is not None:
-        found = sources.stores
-        plural = "s" if len(found.paths) > 1 else ""
-        logger.info("averaging from the fast store%s %s", plural, ", ".join(map(str, found.paths)))
+    if sources.store is not None:
+        store = sources.store
+        plural = "s" if len(store.paths) > 1 else ""
+        logger.info("averaging from the fast store%s %s", plural, ", ".join(map(str, store.paths)))
         for c, rows in members.items():
-            acc = np.zeros(found.volumes.shape[1:], np.float64)
+            acc = np.zeros(store.volumes.shape[1:], np.float64)
             for r in progress(sources.store_rows[rows], desc=f"class {c} average", unit="subtomo"):
-                acc += found.volumes[r]
+                acc += store.volumes[r]
             out[c] = (acc / max(len(rows), 1)).astype(np.float32)
         return out
     logger.info(

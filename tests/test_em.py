@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from disca_tools.cluster import em
+from disca_tools.io.store import SubtomogramStore
 from disca_tools.model import yopo as Y
-from disca_tools.model.data import SubtomogramStore
 from disca_tools.runtime.errors import UserError
 from disca_tools.simulate.imaging import Imaging
 from disca_tools.simulate.subtomograms import simulate_subtomogram_set

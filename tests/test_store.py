@@ -65,19 +65,19 @@ def test_find_stores_reads_a_merged_star_from_each_extraction(tmp_path):
     truth = np.stack([b_vols[2], a_vols[0], b_vols[0], a_vols[3]]).astype(np.float32)
     with working_directory(tmp_path):
         found = find_stores(wanted, folders=(Path("Extract"),), bases=(Path("."),))
-    assert found is not None and isinstance(found.volumes, StackedVolumes)
+    assert found is not None and isinstance(found.store.volumes, StackedVolumes)
     # TS_03 holds none of the names (and has another box): it takes no part
-    assert [p.parent.name for p in found.paths] == ["TS_01", "TS_02"]
-    assert np.array_equal(found.volumes[found.rows], truth)
-    assert [found.names[r] for r in found.rows] == wanted
+    assert [p.parent.name for p in found.store.paths] == ["TS_01", "TS_02"]
+    assert np.array_equal(found.store.volumes[found.rows], truth)
+    assert [found.store.names[r] for r in found.rows] == wanted
     # resolved against the STAR's folder too (a run from elsewhere)
     found = find_stores(wanted, folders=(), bases=(Path("/nonexistent"), tmp_path))
-    assert found is not None and np.array_equal(found.volumes[found.rows], truth)
+    assert found is not None and np.array_equal(found.store.volumes[found.rows], truth)
     # one store holding every name is used as it is
     with working_directory(tmp_path):
         one = find_stores(a_names[::-1], folders=(Path("Extract"),), bases=(Path("."),))
-        assert isinstance(one.volumes, np.memmap) and len(one.paths) == 1
-        assert np.array_equal(one.volumes[one.rows], a_vols[::-1])
+        assert isinstance(one.store.volumes, np.memmap) and len(one.store.paths) == 1
+        assert np.array_equal(one.store.volumes[one.rows], a_vols[::-1])
         # a name that no store holds: None (the caller reads the .mrc files)
         assert find_stores([*a_names, "Extract/TS_09/y.mrc"], (), (Path("."),)) is None
 

@@ -13,9 +13,9 @@ import pytest
 from scipy import stats
 
 from disca_tools.geometry import random_rotations, rotate_volume, rotation_angle_deg
+from disca_tools.io.store import SubtomogramStore
 from disca_tools.model import yopo as Y
 from disca_tools.model.data import (
-    SubtomogramStore,
     batch_bounds,
     compiled_rotation,
     gather,

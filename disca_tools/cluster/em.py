@@ -74,8 +74,9 @@ from typing import Any
 
 import numpy as np
 
+from ..io.store import SubtomogramStore
 from ..model import yopo as Y
-from ..model.data import SubtomogramStore, gather, predict_features, train_dataset
+from ..model.data import gather, predict_features, train_dataset
 from ..model.distribute import is_multiworker
 from ..runtime.errors import UserError
 from ..runtime.log import check_abort, logger

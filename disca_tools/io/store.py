@@ -23,8 +23,8 @@ STORE_FILE = "subtomograms.npy"
 NAMES_FILE = "subtomograms_names.txt"
 
 
-def open_store(folder: str | Path) -> tuple[np.ndarray, list[str]] | None:
-    """Memory-map the store in ``folder``: ``(volumes, names)``, or None when there is none.
+def open_store(folder: str | Path) -> SubtomogramStore | None:
+    """Memory-map the store in ``folder``, or None when there is none.
 
     A store that exists but is unreadable, not ``(N, S, S, S)``, or whose names do not match its
     rows is a UserError naming the file.
@@ -44,7 +44,7 @@ def open_store(folder: str | Path) -> tuple[np.ndarray, list[str]] | None:
         raise file_error(
             names_path, f"{len(names)} names for {vols.shape[0]} subtomograms in {vol_path.name}"
         )
-    return vols, names
+    return SubtomogramStore(vols, names, vol_path)
 
 
 class StackedVolumes:
@@ -93,15 +93,46 @@ class StackedVolumes:
         return out
 
 
-@dataclass(frozen=True)
-class FoundStores:
-    """The store(s) holding a list of subtomograms: their volumes as one array, every row's name,
-    the row of each requested name, and the store files (one, or one per contributing store)."""
+@dataclass
+class SubtomogramStore:
+    """A memory-mapped (M, S, S, S) array of subtomograms and the image name of each row.
+
+    ``volumes`` is one store's memmap, or several stores read as one (:class:`StackedVolumes`);
+    ``path`` is the (first) store file.
+    """
 
     volumes: np.ndarray | StackedVolumes
     names: list[str]
+    path: Path
+
+    @property
+    def box(self) -> int:
+        return int(self.volumes.shape[1])
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every store file read: one, or one per store of a :class:`StackedVolumes`."""
+        if isinstance(self.volumes, StackedVolumes):
+            return list(self.volumes.paths)
+        return [Path(self.path)]
+
+    def __len__(self) -> int:
+        return int(self.volumes.shape[0])
+
+    def source(self, row: int) -> str:
+        """The store file and image name of a row, for messages."""
+        path = self.path
+        if isinstance(self.volumes, StackedVolumes):
+            path = self.volumes.paths[int(self.volumes.part_of(row))]
+        return f"{path} ({self.names[row]})"
+
+
+@dataclass(frozen=True)
+class FoundStores:
+    """The store(s) holding a list of subtomograms, read as one, and the row of each requested name."""
+
+    store: SubtomogramStore
     rows: np.ndarray
-    paths: list[Path]
 
 
 def _ancestor_folders(names: Sequence[str]) -> list[str]:
@@ -127,9 +158,9 @@ def find_stores(
     sorted folder order). Stores of different box sizes are a UserError naming the file.
     """
     wanted = [str(n) for n in names]
-    opened: dict[Path, tuple[np.ndarray, list[str]] | None] = {}
+    opened: dict[Path, SubtomogramStore | None] = {}
 
-    def open_once(folder: Path) -> tuple[np.ndarray, list[str]] | None:
+    def open_once(folder: Path) -> SubtomogramStore | None:
         key = Path(folder).resolve()  # the STAR's folder can also be above its images
         if key not in opened:
             opened[key] = open_store(folder)
@@ -138,12 +169,10 @@ def find_stores(
     for folder in folders:
         found = open_once(folder)
         if found is not None:
-            index = {n: i for i, n in enumerate(found[1])}
+            index = {n: i for i, n in enumerate(found.names)}
             rows = [index.get(n) for n in wanted]
             if all(r is not None for r in rows):
-                return FoundStores(
-                    found[0], found[1], np.asarray(rows, np.int64), [Path(folder) / STORE_FILE]
-                )
+                return FoundStores(found, np.asarray(rows, np.int64))
     candidates: list[Path] = []
     seen: set[Path] = set()
     for rel in _ancestor_folders(wanted):
@@ -157,9 +186,9 @@ def find_stores(
     arrays, all_names, paths = [], [], []
     for folder in candidates:
         found = open_once(folder)
-        if found is None or not any(n in needed and n not in index for n in found[1]):
+        if found is None or not any(n in needed and n not in index for n in found.names):
             continue
-        vols, store_names = found
+        vols, store_names = found.volumes, found.names
         if arrays and vols.shape[1:] != arrays[0].shape[1:]:
             raise file_error(
                 folder / STORE_FILE,
@@ -175,7 +204,7 @@ def find_stores(
     if not arrays or any(r is None for r in rows):
         return None
     volumes = arrays[0] if len(arrays) == 1 else StackedVolumes(arrays, paths)
-    return FoundStores(volumes, all_names, np.asarray(rows, np.int64), paths)
+    return FoundStores(SubtomogramStore(volumes, all_names, paths[0]), np.asarray(rows, np.int64))
 
 
 def resolve_image_name(name: str, star_path: str | Path) -> Path | None:

@@ -37,51 +37,15 @@ from ..io.particles import IMAGE, ParticleTable
 from ..io.store import (
     NAMES_FILE,
     STORE_FILE,
-    StackedVolumes,
+    SubtomogramStore,
     find_star_stores,
+    open_store,
     resolve_image_name,
 )
-from ..io.store import open_store as read_fast_store
 from ..runtime.errors import UserError, file_error
 from ..runtime.log import check_abort, logger, progress
 
 _CHUNK = 256
-
-
-@dataclass
-class SubtomogramStore:
-    """A memory-mapped (M, S, S, S) array of subtomograms and the image name of each row.
-
-    ``volumes`` is one store's memmap, or several stores read as one (:class:`StackedVolumes`);
-    ``path`` is the (first) store file.
-    """
-
-    volumes: np.ndarray | StackedVolumes
-    names: list[str]
-    path: Path
-
-    @property
-    def box(self) -> int:
-        return int(self.volumes.shape[1])
-
-    def __len__(self) -> int:
-        return int(self.volumes.shape[0])
-
-    def source(self, row: int) -> str:
-        """The store file and image name of a row, for messages."""
-        path = self.path
-        if isinstance(self.volumes, StackedVolumes):
-            path = self.volumes.paths[int(self.volumes.part_of(row))]
-        return f"{path} ({self.names[row]})"
-
-
-def open_store(folder: str | Path) -> SubtomogramStore | None:
-    """Open the fast store in ``folder`` (None when there is none)."""
-    found = read_fast_store(folder)
-    if found is None:
-        return None
-    vols, names = found
-    return SubtomogramStore(vols, names, Path(folder) / STORE_FILE)
 
 
 def resolve_image_paths(image_names: list[str], star_path: str | Path) -> list[Path]:
@@ -205,8 +169,7 @@ def locate_particle_volumes(
         raise file_error(star_path, "no particles")
     found = find_star_stores(names, star_path, also_in=(Path(work_dir),))
     if found is not None:
-        store = SubtomogramStore(found.volumes, found.names, found.paths[0])
-        return ParticleVolumes(store.box, store=store, rows=found.rows)
+        return ParticleVolumes(found.store.box, store=found.store, rows=found.rows)
     paths = resolve_image_paths(names, star_path)
     shape = read_info(paths[0]).shape_zyx
     if len(set(shape)) != 1:
@@ -227,8 +190,7 @@ def load_particle_volumes(
     """
     loc = located or locate_particle_volumes(table, star_path, work_dir)
     if loc.store is not None:
-        vols = loc.store.volumes
-        n_stores = len(vols.paths) if isinstance(vols, StackedVolumes) else 1
+        n_stores = len(loc.store.paths)
         logger.info(
             "Reading subtomograms from %s%s",
             loc.store.path,
