@@ -81,11 +81,12 @@ def run_kmeans(volumes, k, seed):
         return km.fit_predict(normalised_flat(volumes))
 
 
-def run_disca(volumes, truth, args, seed, paper: bool = False):
+def run_disca(volumes, truth, args, seed, paper: bool = False, save_dir: Path | None = None):
     """DISCA through the core API (disca_tools.cluster.em.run_em on an in-memory store).
 
     ``paper``: the paper's choices whatever the options say (every option beyond the paper at the
-    paper's value, :meth:`EMConfig.paper_choices`, and PCA 16)."""
+    paper's value, :meth:`EMConfig.paper_choices`, and PCA 16). ``save_dir``: every iteration's
+    clustering is saved there (:class:`IterationWatcher`)."""
     from disca_tools.cluster.em import run_em
     from disca_tools.io.store import SubtomogramStore
     from disca_tools.model.yopo import resolve_precision
@@ -96,7 +97,7 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
     choices = EMConfig.paper_choices() if paper else {}
     precision = resolve_precision(args.precision)
     cfg = EMConfig.from_options(args, seed=seed, precision=precision, **choices)
-    watch = IterationWatcher(truth)
+    watch = IterationWatcher(truth, save_dir=save_dir)
     res = run_em(store, np.arange(len(volumes)), cfg, on_iteration=watch)
     records = watch.records
     extra = {"best_iteration": int(res.best_iteration), "iterations": len(res.history)}
@@ -106,6 +107,23 @@ def run_disca(volumes, truth, args, seed, paper: bool = False):
     extra["ddbi_by_iteration"] = [round(float(h.ddbi), 4) for h in res.history]
     extra["eligible_by_iteration"] = [bool(h.eligible) for h in res.history]
     return np.asarray(res.labels), extra
+
+
+def save_cell(root: Path, sim, tilt: float, snr: float, method: str) -> Path:
+    """A folder under ``root`` for one cell's DISCA run, holding ``cell.npz`` (truth labels, RELION
+    angles, shifts, class names, tilt, SNR)."""
+    folder = root / f"t{tilt:g}_snr{snr:g}_{method}"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        folder / "cell.npz",
+        labels=sim.labels,
+        angles_deg=sim.angles_deg,
+        shifts_xyz=sim.shifts_xyz,
+        class_names=np.array(sim.class_names),
+        tilt=tilt,
+        snr=snr,
+    )
+    return folder
 
 
 def main(argv=None) -> int:
@@ -130,6 +148,13 @@ def main(argv=None) -> int:
         "(with AITom's CTF: no amplitude contrast)",
     )
     add_cluster_arguments(ap, BEYOND_PAPER)
+    ap.add_argument(
+        "--save-iterations",
+        type=Path,
+        default=None,
+        help="folder: each DISCA run's iterations (labels, PCA points, posteriors) and its cell's "
+        "truth and poses, in a subfolder per cell and method (for probe_cluster_errors.py)",
+    )
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     import_tensorflow()  # TensorFlow's start-up lines kept out of the log
@@ -141,7 +166,7 @@ def main(argv=None) -> int:
     methods = args.methods.split(",")
     k_true = len(structures)
     cells = parse_cells(args.cells)
-    protocol = {k: v for k, v in vars(args).items()}
+    protocol = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     protocol.update(n_total=args.n_per_class * k_true, cells=[list(c) for c in cells])
     rows = []
     for tilt, snr in cells:
@@ -153,8 +178,11 @@ def main(argv=None) -> int:
             t0 = time.time()
             extra: dict = {}
             if method in ("disca", "disca_paper"):
+                save_dir = None
+                if args.save_iterations is not None:
+                    save_dir = save_cell(args.save_iterations, sim, tilt, snr, method)
                 labels, extra = run_disca(
-                    sim.volumes, truth, args, args.seed, method == "disca_paper"
+                    sim.volumes, truth, args, args.seed, method == "disca_paper", save_dir
                 )
             elif method == "gmm":
                 labels = run_gmm_bic(sim.volumes, args.k_candidates, args.pca_dim, args.seed)

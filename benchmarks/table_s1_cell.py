@@ -179,7 +179,9 @@ class IterationWatcher:
     same points). ``pca_sweep`` (dimensions) also records, per dimension d, the K and accuracy of the
     loop's mixture selection (:func:`bic_clusters`, ``k_candidates``) on the first d principal
     components of those points. With ``echo`` each record is also printed as its iteration ends,
-    so a run cut short by a time limit still reports the iterations it finished."""
+    so a run cut short by a time limit still reports the iterations it finished. With ``save_dir``
+    every iteration's clustering (labels, the points the mixtures saw, posteriors, K) is also
+    written there as ``iteration_NNN.npz``, for ``probe_cluster_errors.py``."""
 
     def __init__(
         self,
@@ -188,8 +190,10 @@ class IterationWatcher:
         echo: bool = False,
         pca_sweep: tuple[int, ...] = (),
         k_candidates: tuple[int, ...] = tuple(range(2, 21)),
+        save_dir: Path | None = None,
     ) -> None:
         self.truth = np.asarray(truth)
+        self.save_dir = save_dir
         self.kmeans_k = kmeans_k
         self.echo = echo
         self.pca_sweep = tuple(pca_sweep)
@@ -221,5 +225,14 @@ class IterationWatcher:
             rec.setdefault("bic_by_pca_dim", {})[d] = {"k": k, "accuracy": acc}
         rec["elapsed_s"] = round(time.perf_counter() - self._start, 1)
         self.records.append(rec)
+        if self.save_dir is not None:
+            np.savez(
+                self.save_dir / f"iteration_{clustering.iteration:03d}.npz",
+                labels=clustering.labels,
+                x=clustering.x,
+                posteriors=clustering.posteriors,
+                k=clustering.k,
+                eligible=clustering.eligible,
+            )
         if self.echo:
             print(rec, flush=True)

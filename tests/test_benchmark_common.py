@@ -200,3 +200,69 @@ def test_classification_scores_of_a_probe(monkeypatch):
     assert scores == {"accuracy": 66.67, "accuracy_per_class": [50.0, 66.7, 100.0],
                       "paper_acc": 94.8}  # fmt: skip
     assert table_s1_cell.classification_scores(pred, labels, 3, 40, 0.003)["paper_acc"] is None
+
+
+@pytest.fixture()
+def cluster_errors(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(
+        "probe_cluster_errors", BENCHMARKS / "probe_cluster_errors.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_split_by_the_long_axis_to_the_beam_is_told_by_orientation(cluster_errors):
+    from disca_tools.geometry import random_rotations
+
+    rotations = random_rotations(600, np.random.default_rng(3))
+    axis = np.array([0.6, 0.0, 0.8])
+    beam_cos = np.abs(np.einsum("nji,j->ni", rotations, axis)[:, 2])  # |z| of Mᵀa
+    along = beam_cos > 0.5  # long axis within 60° of the beam
+    split = cluster_errors.split_by_orientation(rotations, along, axis)
+    assert split["orientation_predicts_percent"] >= 85.0
+    assert split["orientation_predicts_percent"] > split["majority_percent"] + 20
+    near, far = split["long_axis_to_beam_deg"]
+    assert near < 40.0 < 65.0 < far
+    # a split that has nothing to do with orientation is not predicted from it
+    noise = np.random.default_rng(4).random(600) < 0.5
+    chance = cluster_errors.split_by_orientation(rotations, noise, axis)
+    assert chance["orientation_predicts_percent"] < chance["majority_percent"] + 8
+
+
+def test_the_best_merge_joins_the_halves_of_a_split_class(cluster_errors):
+    truth = np.repeat([0, 1, 2], 50)
+    labels = truth.copy()
+    labels[:20] = 3  # class 0 over clusters 0 and 3
+    labels[60] = 2  # one particle of class 1 elsewhere
+    pair, accuracy = cluster_errors.best_merge(truth, labels)
+    assert pair == (0, 3)
+    assert accuracy == pytest.approx(100 * 149 / 150)
+
+
+def test_the_long_axis_of_an_elongated_map_is_its_longest_direction(cluster_errors, monkeypatch):
+    z, y, x = np.indices((21, 21, 21)) - 10.0
+    rod = (((x / 9) ** 2 + (y / 3) ** 2 + (z / 3) ** 2) <= 1).astype(np.float32)
+    monkeypatch.setattr(cluster_errors, "load_structure", lambda name, angpix: rod)
+    axis = cluster_errors.long_axis("rod", 10.0)
+    assert abs(axis[0]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_watcher_saves_each_iteration_for_the_error_probe(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from types import SimpleNamespace
+
+    import table_s1_cell
+
+    truth = np.repeat([0, 1], 5)
+    watch = table_s1_cell.IterationWatcher(truth, save_dir=tmp_path)
+    labels = truth[::-1].copy()
+    post = np.eye(2)[labels]
+    x = np.arange(20.0).reshape(10, 2)
+    watch(SimpleNamespace(iteration=3, k=2, labels=labels, x=x, eligible=True, posteriors=post))
+    saved = np.load(tmp_path / "iteration_003.npz")
+    assert saved["labels"].tolist() == labels.tolist()
+    assert np.array_equal(saved["x"], x) and np.array_equal(saved["posteriors"], post)
+    assert int(saved["k"]) == 2 and bool(saved["eligible"])
+    assert watch.records[0]["accuracy"] == 100.0
