@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import add_cluster_arguments, save_result  # noqa: E402
+from common import add_cluster_arguments, save_arrays, save_result  # noqa: E402
 from table_s1_cell import (  # noqa: E402
     PAPER,
     STRUCTURES,
@@ -114,7 +114,7 @@ def save_cell(root: Path, sim, tilt: float, snr: float, method: str) -> Path:
     angles, shifts, class names, tilt, SNR)."""
     folder = root / f"t{tilt:g}_snr{snr:g}_{method}"
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez(
+    save_arrays(
         folder / "cell.npz",
         labels=sim.labels,
         angles_deg=sim.angles_deg,

@@ -95,6 +95,15 @@ def save_result(
     return write_text_atomic(Path(folder) / f"{stem}.json", text)
 
 
+def save_arrays(path: Path, **arrays: Any) -> Path:
+    """Write ``arrays`` to the ``.npz`` file ``path`` atomically (``numpy.savez``); return the path."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
+    return Path(path)
+
+
 def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
     """Save a matplotlib figure atomically (the format comes from ``path``'s suffix)."""
     with atomic_path(path) as tmp:

@@ -151,9 +151,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cell_file = args.folder / "cell.npz"
     if not cell_file.is_file():
-        raise SystemExit(
-            f"{cell_file}: not found (write it with bench_table_s1.py --save-iterations)"
+        print(
+            f"{cell_file}: not found (write it with bench_table_s1.py --save-iterations)",
+            file=sys.stderr,
         )
+        return 2
     cell = np.load(cell_file)
     truth = cell["labels"]
     names = [str(n) for n in cell["class_names"]]

@@ -226,7 +226,9 @@ class IterationWatcher:
         rec["elapsed_s"] = round(time.perf_counter() - self._start, 1)
         self.records.append(rec)
         if self.save_dir is not None:
-            np.savez(
+            from common import save_arrays
+
+            save_arrays(
                 self.save_dir / f"iteration_{clustering.iteration:03d}.npz",
                 labels=clustering.labels,
                 x=clustering.x,

@@ -266,3 +266,10 @@ def test_the_watcher_saves_each_iteration_for_the_error_probe(tmp_path, monkeypa
     assert np.array_equal(saved["x"], x) and np.array_equal(saved["posteriors"], post)
     assert int(saved["k"]) == 2 and bool(saved["eligible"])
     assert watch.records[0]["accuracy"] == 100.0
+
+
+def test_save_arrays_writes_one_npz_through_a_rename(common, tmp_path):
+    path = common.save_arrays(tmp_path / "it.npz", labels=np.arange(3), k=2)
+    saved = np.load(path)
+    assert saved["labels"].tolist() == [0, 1, 2] and int(saved["k"]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["it.npz"]  # no temporary left, no ".npz.npz"
