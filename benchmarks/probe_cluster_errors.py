@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 from common import save_result  # noqa: E402
 
-from disca_tools.cluster.matching import accuracy_after_matching  # noqa: E402
+from disca_tools.cluster.matching import accuracy_after_matching, contingency  # noqa: E402
 from disca_tools.geometry import euler_to_matrix  # noqa: E402
 from disca_tools.simulate.structures import load_structure  # noqa: E402
 
@@ -92,9 +92,7 @@ def probe_iteration(
     """The record of one saved iteration (see the module docstring)."""
     it = np.load(saved)
     labels = it["labels"]
-    clusters = np.unique(labels)
-    table = np.array([[int(np.sum((labels == c) & (truth == t))) for t in range(len(names))]
-                      for c in clusters])  # fmt: skip
+    table, clusters, classes = contingency(labels, truth)
     rec: dict = {
         "iteration": int(saved.stem.split("_")[-1]),
         "k": int(it["k"]),
@@ -105,11 +103,14 @@ def probe_iteration(
         pair, acc = best_merge(truth, labels)
         rec["best_merge"] = {"clusters": list(pair), "accuracy": round(acc, 2)}
     splits = {}
-    for t, name in enumerate(names):
-        order = np.argsort(table[:, t])[::-1]
-        first, second = table[order[0], t], table[order[1], t] if len(order) > 1 else 0
+    for column, t in enumerate(classes):
+        counts = table[:, column]
+        order = np.argsort(counts)[::-1]
+        first = counts[order[0]]
+        second = counts[order[1]] if len(order) > 1 else 0
         if second < max(40, 0.25 * first):
             continue
+        name = names[t]
         pair = clusters[order[:2]]
         member = (truth == t) & np.isin(labels, pair)
         split = split_by_orientation(rotations[member], labels[member] == pair[0], axes[name])

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from common import save_arrays
 
 STRUCTURES = ["4v4r", "3j9i", "4v94", "1qvr", "3d2f"]
 
@@ -226,8 +227,6 @@ class IterationWatcher:
         rec["elapsed_s"] = round(time.perf_counter() - self._start, 1)
         self.records.append(rec)
         if self.save_dir is not None:
-            from common import save_arrays
-
             save_arrays(
                 self.save_dir / f"iteration_{clustering.iteration:03d}.npz",
                 labels=clustering.labels,
