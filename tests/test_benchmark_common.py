@@ -141,7 +141,8 @@ def test_cluster_arguments_are_the_tools_and_reach_the_same_config(common):
     assert EMConfig.paper_choices() == {  # METHOD.md: the paper's network start, PCA 16, dropout 0.5
         "init": "network", "init_epochs": 0, "init_covariance": "full", "init_pca_dim": 0,
         "train_clusters": 0, "calibrate_bn": False, "input_dropout": 0.5,
-        "pca_trained_classes": False, "predict_rotations": 1, "pca_dim": 16,
+        "pca_trained_classes": False, "predict_rotations": 1, "projection": "pca",
+        "init_refine": "none", "pca_dim": 16,
     }  # fmt: skip
     with pytest.raises(SystemExit):  # the tool's choices
         ap.parse_args(["--init-covariance", "spherical"])

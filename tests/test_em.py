@@ -318,3 +318,38 @@ def test_the_untrained_network_predicts_only_when_its_features_are_clustered(
     res = em.run_em(tiny_store, rows, cfg, on_iteration=lambda c: it.append(c.iteration))
     assert seen == [(p, 2) for p in passes] and it == [0, 1]
     assert res.best_iteration == 1 and res.features.shape == (len(rows), TINY["feature_dim"])
+
+
+def test_lda_projection_and_refinement_replace_only_their_steps(tiny_store):
+    """--projection lda: from iteration 1 on the mixtures see the features on the previous
+    clusters' K − 1 discriminant directions; --init-refine lda: iteration 0's clusters of the
+    descriptors are those of refine_by_discriminants at the K the mixtures chose."""
+    from disca_tools.cluster.discriminant import DiscriminantProjection, refine_by_discriminants
+    from disca_tools.cluster.invariants import invariant_features
+    from disca_tools.cluster.mixture import fit_pca, select_initial_mixture
+
+    rows = np.arange(len(tiny_store))
+    seen: list[em.IterationClustering] = []
+    opts = dict(TINY, max_iter=2, init="invariants", projection="lda", init_refine="lda")
+    cfg = em.EMConfig(**opts)
+    res = em.run_em(tiny_store, rows, cfg, on_iteration=seen.append)
+    seed0 = em.iteration_seed(cfg.seed, 0)
+    inv = invariant_features(tiny_store, rows)
+    chosen = select_initial_mixture(fit_pca(inv, cfg.pca_dim, seed0).transform(inv),
+                                    cfg.k_candidates, seed0)  # fmt: skip
+    refined, z = refine_by_discriminants(inv, chosen, seed0)
+    np.testing.assert_array_equal(seen[0].labels, refined.labels)
+    np.testing.assert_allclose(seen[0].x, z)
+    for before, after in zip(seen[:-1], seen[1:], strict=True):
+        assert after.x.shape[1] == max(1, before.k - 1)
+    assert res.history[-1].k == seen[-1].k
+    # the reported iteration's projection and mixture assign its features as the run did
+    assert isinstance(res.pca, DiscriminantProjection) and res.best_iteration >= 1
+    post = res.gmm.predict_proba(res.pca.transform(res.features))
+    np.testing.assert_array_equal(np.asarray(res.component_to_label)[post.argmax(1)], res.labels)
+    with pytest.raises(UserError, match="--projection: must be one of pca, lda"):
+        em.EMConfig(projection="pls").check(len(rows), tiny_store.box)
+    with pytest.raises(UserError, match="pca-trained-classes: applies only to --projection pca"):
+        em.EMConfig(projection="lda", pca_trained_classes=True).check(len(rows), tiny_store.box)
+    with pytest.raises(UserError, match="init-refine lda: applies only"):
+        em.EMConfig(init="network", init_refine="lda").check(len(rows), tiny_store.box)

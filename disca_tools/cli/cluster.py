@@ -100,7 +100,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cluster.config import INIT_COVARIANCES, EMConfig
+from ..cluster.config import INIT_COVARIANCES, INIT_REFINES, PROJECTIONS, EMConfig
 from ..cluster.shards import (
     SHARD_FILE,
     files_fingerprint,
@@ -230,6 +230,24 @@ class Options(CommonOptions):
         "was last trained on (--pca-dim the most; not in the paper): a network trained on M classes "
         "separates them in M − 1 directions, and the other components only add to the BIC's "
         "penalty. See README 'Clustering accuracy'",
+    )
+    projection: str = opt(
+        "--projection",
+        default=EMConfig.projection,
+        choices=list(PROJECTIONS),
+        help="what the mixtures see of the network's features from iteration 1 on: their PCA "
+        "(--pca-dim; the paper) or lda, their projection on the K − 1 discriminant directions of "
+        "the previous iteration's K clusters (shrinkage LDA; not in the paper): at low SNR the "
+        "directions that separate classes carry little of the variance PCA keeps. See README "
+        "'Clustering accuracy'",
+    )
+    init_refine: str = opt(
+        "--init-refine",
+        default=EMConfig.init_refine,
+        choices=list(INIT_REFINES),
+        help="with --init invariants/voxels: lda refines iteration 0's clusters at their K by "
+        "LDA-k-means on the descriptors (discriminant directions of the clusters, then a mixture "
+        "in them, until they settle; not in the paper). See README 'Clustering accuracy'",
     )
     predict_rotations: int = opt(
         "--predict-rotations",

@@ -29,11 +29,22 @@ BEYOND_PAPER = (
     "input_dropout",
     "pca_trained_classes",
     "predict_rotations",
+    "projection",
+    "init_refine",
 )
 
 # Options that act only on the clusters of the data at iteration 0 (init "invariants"/"voxels"),
 # with the flag that sets them
-INIT_DATA_ONLY = {"init_covariance": "--init-covariance", "init_pca_dim": "--init-pca-dim"}
+INIT_DATA_ONLY = {
+    "init_covariance": "--init-covariance",
+    "init_pca_dim": "--init-pca-dim",
+    "init_refine": "--init-refine",
+}
+
+# --projection: what the mixtures see of a trained network's features (cluster.discriminant)
+PROJECTIONS = ("pca", "lda")
+# --init-refine: iteration 0's clusters of the data as chosen, or refined by LDA-k-means
+INIT_REFINES = ("none", "lda")
 
 
 @dataclass
@@ -79,6 +90,12 @@ class EMConfig:
     init_pca_dim: int = 0
     # features: the mean over each subtomogram and this many − 1 rotated copies (1: the paper's one)
     predict_rotations: int = 1
+    # the mixtures' points from iteration 1 on: the PCA of the features (the paper's "pca"), or
+    # their projection on the previous clusters' discriminant directions ("lda")
+    projection: str = "pca"
+    # iteration 0's clusters of the data (init "invariants"/"voxels"): as the mixtures chose them
+    # ("none"), or refined at their K by LDA-k-means on the descriptors ("lda")
+    init_refine: str = "none"
 
     def check(self, n: int, box: int) -> None:
         """Raise a UserError for settings that cannot work with ``n`` particles of ``box``³
@@ -113,6 +130,16 @@ class EMConfig:
             )
         if self.init_pca_dim < 0:
             raise UserError(f"--init-pca-dim: must be ≥ 0 (0: --pca-dim), got {self.init_pca_dim}")
+        for flag, value, allowed in (
+            ("--projection", self.projection, PROJECTIONS),
+            ("--init-refine", self.init_refine, INIT_REFINES),
+        ):
+            if value not in allowed:
+                raise UserError(f"{flag}: must be one of {', '.join(allowed)}, got {value!r}")
+        if self.projection != "pca" and self.pca_trained_classes:
+            raise UserError(
+                "--pca-trained-classes: applies only to --projection pca (the PCA's dimension)"
+            )
         if self.init == "network":
             for name, flag in INIT_DATA_ONLY.items():
                 value = getattr(self, name)

@@ -10,7 +10,11 @@ Iteration ``t`` (0, 1, …, ``max_iter``):
    features are computed from;
 2. PCA to ``pca_dim`` (with ``pca_trained_classes``, not in the paper and off by default, at most
    M − 1 dimensions after a round trained on M classes: :meth:`EMConfig.mixture_pca_dim`; the
-   descriptors of ``init`` "invariants"/"voxels" at iteration 0 to ``init_pca_dim``, if set);
+   descriptors of ``init`` "invariants"/"voxels" at iteration 0 to ``init_pca_dim``, if set;
+   with ``projection`` "lda", not in the paper and off by default, from iteration 1 on the
+   features' projection on the previous clusters' K − 1 discriminant directions instead, and with
+   ``init_refine`` "lda" iteration 0's clusters of the descriptors refined at their K by
+   LDA-k-means: :mod:`disca_tools.cluster.discriminant`);
    full-covariance Gaussian mixtures for every candidate K, the paper's BIC
    (:func:`disca_tools.cluster.mixture.select_mixture`: inherited + de-novo fit for the current K,
    empty clusters dropped);
@@ -82,6 +86,7 @@ from ..runtime.errors import UserError
 from ..runtime.log import check_abort, logger
 from ..runtime.outputs import atomic_path, write_text_atomic
 from .config import EMConfig
+from .discriminant import fit_discriminant_projection, refine_by_discriminants
 from .invariants import invariant_features
 from .matching import match_labels
 from .mixture import fit_pca, nested_subclusters, select_initial_mixture, select_mixture
@@ -485,6 +490,9 @@ def run_em(
             inv = invariant_features(store, rows)
             x = fit_pca(inv, cfg.init_pca_components, seed_it).transform(inv)
             pca = None  # the clusters are not in the network's feature space
+        elif cfg.projection == "lda" and prev_labels is not None:
+            pca = fit_discriminant_projection(feats, prev_labels, seed_it)
+            x = pca.transform(feats)
         else:
             pca = fit_pca(feats, cfg.mixture_pca_dim(k_trained), seed_it)
             x = pca.transform(feats)
@@ -492,6 +500,9 @@ def run_em(
             sel = select_initial_mixture(
                 x, cfg.k_candidates, seed_it, cfg.init_covariance, cfg.mixture_jobs
             )
+            if cfg.init_refine == "lda":
+                descriptors = inv if cfg.init == "invariants" else x
+                sel, x = refine_by_discriminants(descriptors, sel, seed_it)
         else:
             sel = select_mixture(
                 x, cfg.k_candidates, seed_it, prev_labels=prev_labels, prev_k=prev_k,
