@@ -490,7 +490,7 @@ def run_em(
             inv = invariant_features(store, rows)
             x = fit_pca(inv, cfg.init_pca_components, seed_it).transform(inv)
             pca = None  # the clusters are not in the network's feature space
-        elif cfg.projection == "lda" and prev_labels is not None:
+        elif cfg.projection == "lda" and prev_labels is not None and prev_k >= 2:
             pca = fit_discriminant_projection(feats, prev_labels, seed_it)
             x = pca.transform(feats)
         else:
@@ -500,7 +500,7 @@ def run_em(
             sel = select_initial_mixture(
                 x, cfg.k_candidates, seed_it, cfg.init_covariance, cfg.mixture_jobs
             )
-            if cfg.init_refine == "lda":
+            if cfg.init_refine == "lda" and sel.k >= 2:  # one cluster has no directions
                 descriptors = inv if cfg.init == "invariants" else x
                 sel, x = refine_by_discriminants(descriptors, sel, seed_it)
         else:
