@@ -123,19 +123,15 @@ class EMConfig:
             raise UserError(f"--j: must be at least 1, got {self.mixture_jobs}")
         if not 0.0 <= self.input_dropout < 1.0:
             raise UserError(f"--input-dropout: must be in [0, 1), got {self.input_dropout}")
-        if self.init_covariance not in INIT_COVARIANCES:
-            raise UserError(
-                f"--init-covariance: must be one of {', '.join(INIT_COVARIANCES)}, "
-                f"got {self.init_covariance!r}"
-            )
-        if self.init_pca_dim < 0:
-            raise UserError(f"--init-pca-dim: must be ≥ 0 (0: --pca-dim), got {self.init_pca_dim}")
         for flag, value, allowed in (
+            ("--init-covariance", self.init_covariance, INIT_COVARIANCES),
             ("--projection", self.projection, PROJECTIONS),
             ("--init-refine", self.init_refine, INIT_REFINES),
         ):
             if value not in allowed:
                 raise UserError(f"{flag}: must be one of {', '.join(allowed)}, got {value!r}")
+        if self.init_pca_dim < 0:
+            raise UserError(f"--init-pca-dim: must be ≥ 0 (0: --pca-dim), got {self.init_pca_dim}")
         if self.projection != "pca" and self.pca_trained_classes:
             raise UserError(
                 "--pca-trained-classes: applies only to --projection pca (the PCA's dimension)"
