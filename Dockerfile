@@ -1,5 +1,5 @@
 # disca_tools: the whole tool chain (disca_simulate, disca_pick, disca_extract, disca_cluster,
-# disca_evaluate, disca_split_star, disca_reembed) on PATH, CPU TensorFlow.
+# disca_evaluate, disca_classify3d, disca_split_star, disca_reembed) on PATH, CPU TensorFlow.
 #
 #   docker build -t disca_tools .
 #   docker run --rm -v "$PWD":/project -w /project disca_tools disca_pick --help
@@ -32,7 +32,7 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY disca_tools ./disca_tools
 RUN pip install -c constraints.txt . \
     && if [ "$WITH_CUDA" = "1" ]; then pip install -c constraints.txt "tensorflow[and-cuda]"; fi \
-    && for t in disca_simulate disca_pick disca_extract disca_cluster disca_evaluate disca_split_star disca_reembed; \
+    && for t in disca_simulate disca_pick disca_extract disca_cluster disca_evaluate disca_classify3d disca_split_star disca_reembed; \
        do "$t" --help > /dev/null || exit 1; done
 
 # Run from the RELION project directory: every path inside STAR files is relative to it.

@@ -19,9 +19,11 @@ job. On the 2-core CPU use the options to shrink it and state the protocol, e.g.
     python benchmarks/bench_table_s1.py --n-per-class 60 --width-scale 0.25 --max-iter 6 \\
         --cells 60:0.1,60:0.01
 
-``--methods`` picks what to run (``disca,disca_paper,gmm,kmeans``; ``disca`` uses the options given
-here, ``disca_paper`` the paper's choices: iteration 0 from the untrained network, training on the K
-clusters, PCA 16); ``--cells all`` runs the 10 cells.
+``--methods`` picks what to run (``disca,disca_paper,classify3d,gmm,kmeans``; ``disca`` uses the
+options given here, ``disca_paper`` the paper's choices: iteration 0 from the untrained network,
+training on the K clusters, PCA 16; ``classify3d`` refines the clusters of the DISCA method run
+before it in the same cell by 3D classification with the pose marginalised, as ``disca_classify3d``
+does, with the cell's wedge and the ``--c3d-*`` settings); ``--cells all`` runs the 10 cells.
 """
 
 from __future__ import annotations
@@ -109,6 +111,27 @@ def run_disca(volumes, truth, args, seed, paper: bool = False, save_dir: Path | 
     return np.asarray(res.labels), extra
 
 
+def run_classify3d(volumes, start_labels, tilt: float, args):
+    """``disca_classify3d``'s core on the cell, from ``start_labels`` (a DISCA run's clusters)."""
+    from disca_tools.cluster.classify3d import ClassifyConfig, classify_with_poses
+
+    cfg = ClassifyConfig(
+        rotations=args.c3d_rotations,
+        iterations=args.c3d_iterations,
+        hold_iterations=args.c3d_hold,
+        temperature=args.c3d_temperature,
+        max_tilt_deg=float(tilt),
+        seed=args.seed,
+    )
+    res = classify_with_poses(lambda a, b: normalise(volumes[a:b]), len(volumes), start_labels, cfg)
+    extra = {
+        "classify3d_iterations": len(res.history),
+        "classify3d_converged": res.converged,
+        "classify3d_changed_by_iteration": [h["changed_fraction"] for h in res.history],
+    }
+    return res.labels, extra
+
+
 def save_cell(root: Path, sim, tilt: float, snr: float, method: str) -> Path:
     """A folder under ``root`` for one cell's DISCA run, holding ``cell.npz`` (truth labels, RELION
     angles, shifts, class names, tilt, SNR)."""
@@ -155,6 +178,13 @@ def main(argv=None) -> int:
         help="folder: each DISCA run's iterations (labels, PCA points, posteriors) and its cell's "
         "truth and poses, in a subfolder per cell and method (for probe_cluster_errors.py)",
     )
+    from disca_tools.cluster.classify3d import ClassifyConfig
+
+    c3d = ClassifyConfig()
+    ap.add_argument("--c3d-rotations", type=int, default=c3d.rotations, help="classify3d")
+    ap.add_argument("--c3d-iterations", type=int, default=c3d.iterations, help="classify3d")
+    ap.add_argument("--c3d-hold", type=int, default=c3d.hold_iterations, help="classify3d")
+    ap.add_argument("--c3d-temperature", type=float, default=c3d.temperature, help="classify3d")
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     import_tensorflow()  # TensorFlow's start-up lines kept out of the log
@@ -168,8 +198,13 @@ def main(argv=None) -> int:
     cells = parse_cells(args.cells)
     protocol = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     protocol.update(n_total=args.n_per_class * k_true, cells=[list(c) for c in cells])
+    if "classify3d" in methods and not any(
+        m in ("disca", "disca_paper") for m in methods[: methods.index("classify3d")]
+    ):
+        raise SystemExit("--methods: classify3d refines a DISCA run: put disca before it")
     rows = []
     for tilt, snr in cells:
+        disca_labels = None
         t0 = time.time()
         sim = simulate_cell(args, tilt=tilt, snr=snr, structures=structures, box=args.box)
         t_sim = time.time() - t0
@@ -183,6 +218,12 @@ def main(argv=None) -> int:
                     save_dir = save_cell(args.save_iterations, sim, tilt, snr, method)
                 labels, extra = run_disca(
                     sim.volumes, truth, args, args.seed, method == "disca_paper", save_dir
+                )
+                disca_labels = labels
+            elif method == "classify3d":
+                labels, extra = run_classify3d(sim.volumes, disca_labels, tilt, args)
+                extra["start_accuracy"] = round(
+                    100 * clustering_metrics(truth, disca_labels)["accuracy"], 2
                 )
             elif method == "gmm":
                 labels = run_gmm_bic(sim.volumes, args.k_candidates, args.pca_dim, args.seed)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole disca_tools pipeline on a small simulated dataset made from shipped real structures.
-#   simulate → pick → extract → cluster → evaluate → split → RELION reconstruction (if installed) → reembed
+#   simulate → pick → extract → cluster → evaluate → 3D classification → split → RELION reconstruction
+#   (if installed) → reembed
 # Run from the repository root by `make demo` (which creates .venv first). CPU-sized: a few minutes.
 # Everything is written under demo_run/, which is treated as the RELION project directory: every path
 # inside the STAR files is relative to it, as RELION expects.
@@ -19,7 +20,7 @@ mkdir -p "$OUT"
 cd "$OUT"
 step() { printf '\n==> %s\n' "$*"; }
 
-step "1/8 disca_simulate: a crowded 320x320x128 tomogram (12 Å voxels, SNR $SNR, ±60° wedge, CTF)"
+step "1/9 disca_simulate: a crowded 320x320x128 tomogram (12 Å voxels, SNR $SNR, ±60° wedge, CTF)"
 # shellcheck disable=SC2086
 disca_simulate tomogram --o Simulate/tomogram --structures $STRUCTURES --shape 320,320,128 \
   --n-particles 150 --angpix 12 --snr "$SNR" --tilt-range 60 --seed "$SEED"
@@ -28,23 +29,27 @@ step "    and a subtomogram set with ground truth (40 per class, 24³, SNR $SNR)
 disca_simulate subtomograms --o Simulate/subtomograms --structures $STRUCTURES --n-per-class 40 \
   --box 24 --angpix 12 --snr "$SNR" --tilt-range 60 --seed "$SEED"
 
-step "2/8 disca_pick: Difference-of-Gaussians picking (protein dark)"
+step "2/9 disca_pick: Difference-of-Gaussians picking (protein dark)"
 disca_pick --i Simulate/tomogram/tomogram.mrc --o Pick --particle-diameter 220 --max-picks 170
 disca_evaluate --i Pick/coordinates.star --truth Simulate/tomogram/particles.star --picks --o Pick/evaluation
 
-step "3/8 disca_extract: 24³ subtomograms, protein white, 3D CTF/wedge weights"
+step "3/9 disca_extract: 24³ subtomograms, protein white, 3D CTF/wedge weights"
 disca_extract --i Pick/coordinates.star --o Extract --box 24 --tilt-range 60 --border pad
 
-step "4/8 disca_cluster: DISCA (CPU-sized network: --width-scale 0.25)"
+step "4/9 disca_cluster: DISCA (CPU-sized network: --width-scale 0.25)"
 disca_cluster --i Extract/particles.star --o Cluster --seed "$SEED" ${DEMO_CLUSTER_ARGS:---width-scale 0.25 --max-iter 6 --k-candidates 2-8}
 
-step "5/8 disca_evaluate: clusters against the simulation's ground truth (matched by position)"
+step "5/9 disca_evaluate: clusters against the simulation's ground truth (matched by position)"
 disca_evaluate --i Cluster/clusters.star --truth Simulate/tomogram/particles.star --match coords --o Cluster/evaluation
 
-step "6/8 disca_split_star: one STAR per class, ready for RELION, with unaligned class averages"
+step "6/9 disca_classify3d: the clusters refined by 3D classification, the pose marginalised"
+disca_classify3d --i Cluster/clusters.star --o Class3D --rotations 500 --iter 6 --max-tilt-deg 60 --seed "$SEED"
+disca_evaluate --i Class3D/clusters.star --truth Simulate/tomogram/particles.star --match coords --o Class3D/evaluation
+
+step "7/9 disca_split_star: one STAR per class, ready for RELION, with unaligned class averages"
 disca_split_star --i Cluster/clusters.star --o Split --min-size 5
 
-step "7/8 RELION: reconstruct each class, then a short 3D refinement of class 1"
+step "8/9 RELION: reconstruct each class, then a short 3D refinement of class 1"
 if command -v relion_reconstruct >/dev/null 2>&1 && command -v relion_refine >/dev/null 2>&1; then
   for star in Split/class_*[0-9].star; do
     # picked particles carry no angles yet: this is each class's unaligned reconstruction
@@ -60,7 +65,7 @@ else
   echo "RELION not on the PATH: skipped (apt-get install relion)"
 fi
 
-step "8/8 disca_reembed: classes placed back into the tomogram"
+step "9/9 disca_reembed: classes placed back into the tomogram"
 disca_reembed --i Cluster/clusters.star --maps Split/class_*_average.mrc --o Reembed/classes \
   --tomograms Simulate/tomogram/tomogram.mrc --spheres
 if [ -f Refine3D/class_001/run_it003_data.star ]; then
@@ -80,6 +85,7 @@ def load(p):
 
 picks = load("Pick/evaluation/evaluation.json")
 clus = load("Cluster/evaluation/evaluation.json")
+c3d = load("Class3D/evaluation/evaluation.json")
 run = load("Cluster/run.json").get("results", {})
 rows = [
     ("picking precision", picks.get("precision")),
@@ -89,6 +95,7 @@ rows = [
     ("homogeneity", clus.get("homogeneity")),
     ("completeness", clus.get("completeness")),
     ("accuracy (Hungarian)", clus.get("accuracy")),
+    ("accuracy after classify3d", c3d.get("accuracy")),
 ]
 print(f"{'demo figure':28s} value")
 for name, value in rows:

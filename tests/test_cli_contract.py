@@ -49,7 +49,9 @@ def test_unknown_option_is_one_line_exit_2(name, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("name", ["disca_extract", "disca_cluster", "disca_split_star"])
+@pytest.mark.parametrize(
+    "name", ["disca_extract", "disca_cluster", "disca_split_star", "disca_classify3d"]
+)
 def test_a_missing_input_file_is_the_only_line_on_stderr(name, tmp_path):
     """The one-line error comes alone: no tool starts TensorFlow before it has checked its
     inputs (TensorFlow 2.21 prints start-up lines at import that no setting silences)."""

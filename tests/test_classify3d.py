@@ -1,0 +1,191 @@
+"""disca_classify3d: 3D classification with the pose marginalised, from given classes.
+
+The core (disca_tools.cluster.classify3d) on simulated subtomograms of shipped structures: poses
+in RELION's convention, misassigned particles moved back, results independent of the batch size,
+held iterations that never move a particle; the tool: outputs, angles, provenance, bad input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import starfile
+from helpers import simulate_subtomograms, working_directory
+
+from disca_tools.cli.classify3d import main
+from disca_tools.cluster.classify3d import (
+    ClassifyConfig,
+    classify_with_poses,
+    missing_wedge_weight,
+)
+from disca_tools.evaluate import clustering_metrics
+from disca_tools.geometry import euler_to_matrix, rotation_angle_deg
+from disca_tools.model.data import normalise
+from disca_tools.runtime.errors import UserError
+from disca_tools.simulate.imaging import Imaging
+from disca_tools.simulate.subtomograms import simulate_subtomogram_set
+
+STRUCTURES = ["1bxn", "3j9i", "4v4r"]
+
+
+def scrambled(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """``labels`` with about ``fraction`` of them replaced by a different class."""
+    rng = np.random.default_rng(seed)
+    out = labels.copy()
+    pick = rng.random(len(out)) < fraction
+    out[pick] = (out[pick] + rng.integers(1, labels.max() + 1, int(pick.sum()))) % (
+        labels.max() + 1
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def three_classes():
+    """3 structures × 15, 24³ at 14 Å, SNR 0.5, CTF and ±60° wedge; normalised volumes."""
+    s = simulate_subtomogram_set(STRUCTURES, 15, 24, 14.0, 0.5, Imaging(), seed=0)
+    return normalise(s.volumes), s.labels
+
+
+def reader(volumes):
+    return lambda start, stop: volumes[start:stop]
+
+
+def test_poses_follow_relions_convention():
+    """From the true map, each particle's pose is its simulated RELION orientation within the
+    sampling of 1,000 random rotations (the transposed convention gives ~110°, chance ~126°)."""
+    s = simulate_subtomogram_set(["4v4r"], 12, 24, 14.0, 1.0, Imaging(apply_ctf=False), seed=0)
+    ref = s.references["4v4r"]
+    # on the scale of the normalised data: signal s.d. √(SNR / (1 + SNR))
+    ref = (ref - ref.mean()) / ref.std() * np.sqrt(0.5)
+    cfg = ClassifyConfig(rotations=1000, iterations=1, hold_iterations=1, batch_size=5)
+    res = classify_with_poses(
+        reader(normalise(s.volumes)), 12, np.zeros(12, int), cfg, initial=ref[None]
+    )
+    truth = euler_to_matrix(s.angles_deg)
+    errors = rotation_angle_deg(np.einsum("nij,nkj->nik", res.poses, truth))
+    assert np.median(errors) < 25.0, errors
+
+
+def test_misassigned_particles_return_to_their_class(three_classes):
+    volumes, truth = three_classes
+    start = scrambled(truth, 0.3, seed=1)
+    assert clustering_metrics(truth, start)["accuracy"] < 0.85
+    cfg = ClassifyConfig(rotations=300, iterations=5, hold_iterations=2, batch_size=16)
+    res = classify_with_poses(reader(volumes), len(volumes), start, cfg)
+    assert clustering_metrics(truth, res.labels)["accuracy"] >= 0.95
+    assert res.history[0]["held"] and not res.history[-1]["held"]
+    assert res.references.shape == (3, 24, 24, 24)
+    assert np.all((res.posterior > 0) & (res.posterior <= 1 + 1e-6))
+
+
+def test_batch_size_does_not_change_the_result(three_classes):
+    volumes, truth = three_classes
+    start = scrambled(truth, 0.3, seed=2)
+    runs = [
+        classify_with_poses(
+            reader(volumes),
+            len(volumes),
+            start,
+            ClassifyConfig(rotations=200, iterations=3, hold_iterations=1, batch_size=b),
+        )
+        for b in (4, 64)
+    ]
+    np.testing.assert_array_equal(runs[0].labels, runs[1].labels)
+    np.testing.assert_allclose(runs[0].posterior, runs[1].posterior, atol=1e-4)
+    np.testing.assert_allclose(runs[0].references, runs[1].references, rtol=1e-3, atol=1e-4)
+
+
+def test_held_iterations_never_move_a_particle(three_classes):
+    volumes, truth = three_classes
+    start = scrambled(truth, 0.3, seed=3)
+    cfg = ClassifyConfig(rotations=100, iterations=2, hold_iterations=2, batch_size=32)
+    res = classify_with_poses(reader(volumes), len(volumes), start, cfg)
+    np.testing.assert_array_equal(res.labels, start)
+    assert all(h["changed_fraction"] == 0.0 for h in res.history)
+
+
+def test_missing_wedge_weight_samples_the_tilt_range():
+    w = missing_wedge_weight(24, 60.0)
+    c = 12
+    assert w[c, c, c + 6] == 1.0  # along x (perpendicular to the beam and the tilt axis)
+    assert w[c + 6, c, c] == 0.0  # along the beam
+    assert w[c + 6, c, c + 6] == 1.0  # 45° from the beam: inside ±60°
+    assert w[c + 6, c + 6, c + 2] == 0.0  # 72° from the x axis in the x-z plane: outside
+    assert 0.6 < w.mean() < 0.75  # ~60/90 of the sphere's directions, plus the tilt axis
+    assert np.all(missing_wedge_weight(24, 90.0) == 1.0)
+
+
+def test_bad_settings_are_user_errors(three_classes):
+    volumes, truth = three_classes
+    with pytest.raises(UserError, match="--hold-iterations"):
+        ClassifyConfig(iterations=2, hold_iterations=3).check()
+    with pytest.raises(UserError, match="Nyquist"):
+        ClassifyConfig(lowpass_px=1.5).check()
+    with pytest.raises(UserError, match="one label per particle"):
+        classify_with_poses(reader(volumes), len(volumes), truth[:-1], ClassifyConfig())
+
+
+@pytest.fixture(scope="module")
+def c3d_project(tmp_path_factory):
+    """``disca_simulate`` output (3 × 8, SNR 1) plus ``start.star``: its classes 30 % scrambled,
+    the angle columns dropped (what disca_cluster's clusters.star of picked particles looks like)."""
+    root = tmp_path_factory.mktemp("c3d")
+    with working_directory(root):
+        simulate_subtomograms("Sim", STRUCTURES, 8, 24, 14, 1, 0)
+        blocks = starfile.read("Sim/particles.star", always_dict=True)
+        p = blocks["particles"]
+        truth = p["rlnClassNumber"].to_numpy() - 1
+        p["rlnClassNumber"] = scrambled(truth, 0.3, seed=4) + 1
+        blocks["particles"] = p.drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
+        starfile.write(blocks, "Sim/start.star")
+    return root
+
+
+def test_tool_refines_classes_and_writes_poses(c3d_project, monkeypatch, caplog):
+    monkeypatch.chdir(c3d_project)
+    args = ["--i", "Sim/start.star", "--o", "C3D", "--rotations", "200", "--iter", "5"]
+    assert main([*args, "--hold-iter", "2", "-q"]) == 0
+    out = starfile.read("C3D/clusters.star", always_dict=True)["particles"]
+    start = starfile.read("Sim/start.star", always_dict=True)["particles"]
+    truth = starfile.read("Sim/particles.star", always_dict=True)["particles"]
+    assert set(start.columns) <= set(out.columns)
+    assert {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnMaxValueProbDistribution"} <= set(
+        out.columns
+    )
+    before = clustering_metrics(truth["rlnClassNumber"], start["rlnClassNumber"])["accuracy"]
+    after = clustering_metrics(truth["rlnClassNumber"], out["rlnClassNumber"])["accuracy"]
+    assert before < 0.85 and after >= 0.95
+    for name in ("class_001.mrc", "class_002.mrc", "class_003.mrc", "history.tsv", "note.txt"):
+        assert (c3d_project / "C3D" / name).is_file()
+    assert "--rotations 200" in (c3d_project / "C3D" / "note.txt").read_text()
+    # outputs are not replaced without --overwrite
+    stamp = (c3d_project / "C3D" / "clusters.star").stat().st_mtime_ns
+    assert main([*args, "-q"]) == 2
+    assert (c3d_project / "C3D" / "clusters.star").stat().st_mtime_ns == stamp
+
+
+def test_tool_keeps_the_inputs_angles(c3d_project, monkeypatch):
+    monkeypatch.chdir(c3d_project)
+    args = ["--i", "Sim/particles.star", "--o", "C3D_angles", "--rotations", "50"]
+    assert main([*args, "--iter", "1", "--hold-iter", "1", "-q"]) == 0
+    out = starfile.read("C3D_angles/clusters.star", always_dict=True)["particles"]
+    given = starfile.read("Sim/particles.star", always_dict=True)["particles"]
+    np.testing.assert_allclose(out["rlnAngleTilt"], given["rlnAngleTilt"])
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda p: p.drop(columns=["rlnClassNumber"]), "no rlnClassNumber column"),
+        (lambda p: p.assign(rlnClassNumber=0), "class numbers ≥ 1"),
+    ],
+)
+def test_bad_classes_are_one_line_errors(c3d_project, monkeypatch, capsys, edit, problem):
+    monkeypatch.chdir(c3d_project)
+    blocks = starfile.read("Sim/start.star", always_dict=True)
+    blocks["particles"] = edit(blocks["particles"])
+    starfile.write(blocks, "bad.star", overwrite=True)
+    assert main(["--i", "bad.star", "--o", "Bad"]) == 2
+    assert not (c3d_project / "Bad").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.star" in err[0] and problem in err[0]
