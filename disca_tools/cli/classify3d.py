@@ -18,8 +18,11 @@ Writes, in --o:
   history.tsv       per iteration: held, fraction of labels changed, mean posterior, sizes, seconds
   note.txt, run.json  the command, options, version and seed
 
-Memory: classes × rotations × (box³ + the voxels in the sphere) × 4 bytes (0.36 GiB at 5 classes,
-1,000 rotations, 24³) plus one batch; time per iteration grows linearly with particles, classes and rotations.
+Memory: fixed arrays of classes × rotations × (box³ + the voxels in the sphere) × 4 bytes (0.36 GiB at
+5 classes, 1,000 rotations, 24³) plus one batch; measured peak resident memory 1.9–2.1 GB from 500 to
+4,000 particles (TensorFlow included), time per iteration 3.8 s + 1.9 s per 1,000 particles on a
+2-core CPU (benchmarks/bench_classify3d.py). The time grows linearly with particles, classes and
+rotations.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Options(CommonOptions):
     i: str = opt("--i", "--input", help="clustered particle STAR file (rlnClassNumber)")
     o: str = opt("--o", "--output-dir", help="output folder")
     rotations: int = opt("--rotations", default=1000, help="uniform random rotations searched")
-    iterations: int = opt("--iter", "--iterations", default=10, help="EM iterations at most")
+    iterations: int = opt("--iter", "--iterations", default=25, help="EM iterations at most")
     hold_iterations: int = opt(
         "--hold-iter",
         "--hold-iterations",

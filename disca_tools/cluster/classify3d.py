@@ -47,7 +47,7 @@ class ClassifyConfig:
     """Settings of :func:`classify_with_poses` (defaults: those measured in benchmarks/ACCURACY.md)."""
 
     rotations: int = 1000
-    iterations: int = 10
+    iterations: int = 25  # at most (RELION Class3D's default); stops when ≥ stable_fraction stay
     hold_iterations: int = 3
     temperature: float = 5.0
     lowpass_px: float = 4.0  # period of the low-pass cut-off in voxels (0.25 cycles/voxel)
