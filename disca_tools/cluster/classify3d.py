@@ -228,6 +228,8 @@ def classify_with_poses(
         raise UserError("classes: labels must be ≥ 0")
     k = int(labels.max()) + 1
     first = read(0, 1)
+    if first.ndim != 4 or len(set(first.shape[1:])) != 1:
+        raise UserError(f"subtomograms: need cubic volumes, got shape {first.shape[1:]}")
     box = int(first.shape[-1])
     rng = np.random.default_rng(config.seed)
     rots = random_rotations(config.rotations, rng).astype(np.float32)
