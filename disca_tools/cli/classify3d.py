@@ -60,7 +60,6 @@ class Options(CommonOptions):
     )
     lowpass_angstrom: float = opt(
         "--lowpass-angstrom",
-        "--lowpass",
         default=None,
         help="low-pass cut-off in Å (default: 4 × the pixel size)",
     )
@@ -77,7 +76,8 @@ class Options(CommonOptions):
     )
 
 
-def _class_labels(table, path: str) -> np.ndarray:
+def _class_labels(table, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """The input's class numbers (sorted, unique) and each particle's index into them."""
     if CLASS not in table.particles.columns:
         raise file_error(path, f"no {CLASS} column: the starting classes (run disca_cluster first)")
     raw = table.particles[CLASS].to_numpy()
@@ -87,8 +87,8 @@ def _class_labels(table, path: str) -> np.ndarray:
         raise file_error(path, f"{CLASS} is not an integer column") from None
     if (classes != raw.astype(np.float64)).any() or classes.min() < 1:
         raise file_error(path, f"{CLASS} must hold class numbers ≥ 1")
-    _, labels = np.unique(classes, return_inverse=True)
-    return labels
+    originals, labels = np.unique(classes, return_inverse=True)
+    return originals, labels
 
 
 def run(o: Options) -> dict:
@@ -99,8 +99,7 @@ def run(o: Options) -> dict:
     table = read_particles(o.i, angpix=o.angpix)
     if len(table) == 0:
         raise file_error(o.i, "no particles")
-    labels = _class_labels(table, o.i)
-    originals = np.unique(table.particles[CLASS].to_numpy(np.int64))
+    originals, labels = _class_labels(table, o.i)
     angpix = table.image_angpix() or o.angpix
     if o.lowpass_angstrom is not None and not angpix:
         raise file_error(o.i, "no pixel size for --lowpass-angstrom: pass --angpix")
@@ -147,6 +146,8 @@ def run(o: Options) -> dict:
     write_particles(out / "clusters.star", table.with_particles(df), overwrite=True)
     for c, ref in zip(used, result.references, strict=True):
         write_volume(out / f"class_{int(c):03d}.mrc", ref, angpix or 1.0, overwrite=True)
+    for c in set(originals.tolist()) - set(used.tolist()):  # an emptied class: no stale map
+        (out / f"class_{int(c):03d}.mrc").unlink(missing_ok=True)
     lines = ["iteration\theld\tchanged_fraction\tmean_posterior\tsizes\tseconds"]
     for h in result.history:
         lines.append(
