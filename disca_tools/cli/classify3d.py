@@ -183,7 +183,6 @@ SPEC = ToolSpec(
     run=run,
     output_dir=lambda o: o.o,
     relion_inputs={"in_parts": "i"},
-    relion_nodes=lambda o: getattr(o, "_relion_nodes", []),
 )
 
 

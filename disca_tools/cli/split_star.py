@@ -211,7 +211,7 @@ def run(o: Options) -> dict:
         (p, "map") for p in avg_paths.values()
     ]
     nodes += [(p, "optimisation_set") for p in opt_sets.values()]
-    o._relion_nodes = nodes  # read by relion_nodes below (RELION External job)
+    o._relion_nodes = nodes  # the RELION External job's output nodes (runtime.cli.run_tool)
     return {
         "flavour": result.flavour,
         "n_particles_in": int(len(particles)),
@@ -245,7 +245,6 @@ SPEC = ToolSpec(
     run=run,
     output_dir=lambda o: o.o,
     relion_inputs={"in_parts": "i"},
-    relion_nodes=lambda o: getattr(o, "_relion_nodes", []),
 )
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.special import softmax
 
 from ..geometry import random_rotations
 from ..runtime.errors import UserError
@@ -177,13 +178,6 @@ def back_rotate_sum(
     return out
 
 
-def _softmax_rows(score: np.ndarray) -> np.ndarray:
-    score = score - score.max(axis=1, keepdims=True)
-    np.exp(score, out=score)
-    score /= score.sum(axis=1, keepdims=True)
-    return score
-
-
 def initial_references(
     read: ReadBatch, n: int, labels: np.ndarray, k: int, lp: np.ndarray, batch_size: int
 ) -> tuple[np.ndarray, float]:
@@ -198,7 +192,9 @@ def initial_references(
         if sums is None:
             sums = np.zeros((k, *x.shape[1:]), np.float64)
             mask = sphere_mask(x.shape[-1])
-        np.add.at(sums, labels[start : start + len(x)], x)
+        batch_labels = labels[start : start + len(x)]
+        for c in np.unique(batch_labels):
+            sums[c] += x[batch_labels == c].sum(axis=0, dtype=np.float64)
         xm = x.reshape(len(x), -1)[:, mask]
         total += float(xm.sum(dtype=np.float64))
         total2 += float(np.square(xm, dtype=np.float64).sum())
@@ -258,16 +254,16 @@ def classify_with_poses(
             for m in (rots_t[s : s + _CHUNK] for s in range(0, n_rot, _CHUNK))
         ]
     )
-    held = labels.copy()
     current = labels.copy()
     posterior = np.zeros(n, np.float32)
     pose_index = np.zeros(n, np.int64)
     history: list[dict] = []
     converged = False
+    projection_weight = wedge * lp
     for it in range(config.iterations):
         t0 = time.time()
         hold = it < config.hold_iterations
-        proj = project(refs, rots, wedge * lp, mask)
+        proj = project(refs, rots, projection_weight, mask)
         half_norm = 0.5 * np.einsum("ij,ij->i", proj, proj)
         sums = np.zeros((k * n_rot, vox), np.float32)
         weights = np.zeros(k * n_rot, np.float64)
@@ -280,9 +276,9 @@ def classify_with_poses(
             score = (flat[:, mask] @ proj.T - half_norm) / (sigma2 * config.temperature)
             if hold:
                 keep = np.zeros((b, k, 1), bool)
-                keep[np.arange(b), held[start : start + b]] = True
+                keep[np.arange(b), labels[start : start + b]] = True
                 score = np.where(keep, score.reshape(b, k, n_rot), -np.inf).reshape(b, -1)
-            g = _softmax_rows(score)
+            g = softmax(score, axis=1)
             per_class = g.reshape(b, k, n_rot)
             class_post = per_class.sum(axis=2)
             lab = class_post.argmax(axis=1)

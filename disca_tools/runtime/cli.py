@@ -148,7 +148,9 @@ class ToolSpec:
     ``run(options)`` does the work and returns a dict of results for ``run.json`` (or None).
     ``output_dir(options)`` names the output folder. ``relion_inputs`` maps RELION External job
     input flags (``in_parts``...) to the tool's option names; ``relion_nodes(options)`` lists the
-    (path, kind) output nodes to declare, kind being a key of :data:`NODE_TYPES`.
+    (path, kind) output nodes to declare, kind being a key of :data:`NODE_TYPES`. Without it, the
+    nodes are those ``run`` left in ``options._relion_nodes`` (none if it left none): for tools
+    whose outputs are known only once they ran.
     """
 
     name: str
@@ -288,7 +290,11 @@ def run_tool(spec: ToolSpec, argv: Sequence[str] | None = None) -> int:
                 extra=results,
             )
             if external:
-                nodes = spec.relion_nodes(options) if spec.relion_nodes else []
+                nodes = (
+                    spec.relion_nodes(options)
+                    if spec.relion_nodes
+                    else getattr(options, "_relion_nodes", [])
+                )
                 write_relion_output_nodes(out_dir, nodes)
                 _touch(out_dir / "RELION_JOB_EXIT_SUCCESS")
         return 0
