@@ -1,12 +1,12 @@
 """Benchmark disca_classify3d's core: seconds per EM iteration and peak memory against N.
 
     .venv/bin/python benchmarks/bench_classify3d.py [--n 500 1000 2000 4000] [--k 5]
-        [--rotations 1000] [--box 24] [--iterations 2] [--tag TAG]
+        [--rotations 1000] [--box 24] [--iterations 2] [--max-shift-px 2] [--tag TAG]
 
 Each N runs in a fresh subprocess (its peak resident memory, ``VmHWM``, is its own; see
 ``common.peak_rss_mb``) on N memory-mapped normalised noise volumes (the arithmetic does not depend
 on the content) split into K classes, :func:`disca_tools.cluster.classify3d.classify_with_poses`
-with ``--iterations`` free iterations. Reported: seconds per iteration (mean of the iterations after
+with ``--iterations`` free iterations (``--max-shift-px 0``: no translation search). Reported: seconds per iteration (mean of the iterations after
 the first, which also compiles the rotation), the ratio t(N) / t(N_min) against N / N_min (linear:
 equal), peak RSS and its growth over the smallest N, and the size of the core's fixed arrays.
 Saves ``benchmarks/results/bench_classify3d[_TAG].json`` and ``.md``.
@@ -30,7 +30,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from common import peak_rss_mb, proc_status_mb, save_result  # noqa: E402
 
 
-def _worker(n: int, k: int, rotations: int, box: int, iterations: int, folder: str) -> dict:
+def _worker(
+    n: int, k: int, rotations: int, box: int, iterations: int, max_shift_px: float, folder: str
+) -> dict:
     import numpy as np
 
     from disca_tools.cluster.classify3d import ClassifyConfig, classify_with_poses, sphere_mask
@@ -48,7 +50,11 @@ def _worker(n: int, k: int, rotations: int, box: int, iterations: int, folder: s
     mask = int(sphere_mask(box).sum())
     base = peak_rss_mb()
     cfg = ClassifyConfig(
-        rotations=rotations, iterations=iterations, hold_iterations=0, stable_fraction=1.0
+        rotations=rotations,
+        iterations=iterations,
+        hold_iterations=0,
+        stable_fraction=1.0,
+        max_shift_px=max_shift_px,
     )
     t0 = time.perf_counter()
     res = classify_with_poses(lambda a, b: normalise(data[a:b]), n, labels, cfg)
@@ -75,12 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rotations", type=int, default=1000)
     ap.add_argument("--box", type=int, default=24)
     ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--max-shift-px", type=float, default=None, help="default: the core's")
     ap.add_argument("--tag", default="")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.max_shift_px is None:
+        from disca_tools.cluster.classify3d import ClassifyConfig
+
+        args.max_shift_px = ClassifyConfig.max_shift_px
     if args.worker is not None:
-        rec = _worker(args.worker, args.k, args.rotations, args.box, args.iterations, args.folder)
+        rec = _worker(
+            args.worker, args.k, args.rotations, args.box, args.iterations, args.max_shift_px,
+            args.folder,
+        )  # fmt: skip
         print("RESULT " + json.dumps(rec), flush=True)
         return 0
     rows = []
@@ -89,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--worker", str(n), "--folder", folder]
             cmd += ["--k", str(args.k), "--rotations", str(args.rotations)]
             cmd += ["--box", str(args.box), "--iterations", str(args.iterations)]
+            cmd += ["--max-shift-px", str(args.max_shift_px)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
@@ -103,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     first = rows[0]
     lines = [
-        f"# disca_classify3d core: K {args.k}, {args.rotations} rotations, box {args.box}³",
+        f"# disca_classify3d core: K {args.k}, {args.rotations} rotations, box {args.box}³, "
+        f"translations searched within {args.max_shift_px:g} voxels",
         "",
         "| N | s / iteration | t(N) / t(N₀) | N / N₀ | peak RSS MiB | RSS − RSS(N₀) MiB | anonymous RSS at the end MiB |",
         "|---|---|---|---|---|---|---|",

@@ -120,6 +120,8 @@ def run_classify3d(volumes, start_labels, tilt: float, args):
         iterations=args.c3d_iterations,
         hold_iterations=args.c3d_hold,
         temperature=args.c3d_temperature,
+        lowpass_px=args.c3d_lowpass_px,
+        max_shift_px=args.c3d_max_shift_px,
         max_tilt_deg=float(tilt),
         seed=args.seed,
     )
@@ -128,6 +130,7 @@ def run_classify3d(volumes, start_labels, tilt: float, args):
         "classify3d_iterations": len(res.history),
         "classify3d_converged": res.converged,
         "classify3d_changed_by_iteration": [h["changed_fraction"] for h in res.history],
+        "classify3d_log_likelihood_by_iteration": [h["log_likelihood"] for h in res.history],
     }
     return res.labels, extra
 
@@ -185,6 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--c3d-iterations", type=int, default=c3d.iterations, help="classify3d")
     ap.add_argument("--c3d-hold", type=int, default=c3d.hold_iterations, help="classify3d")
     ap.add_argument("--c3d-temperature", type=float, default=c3d.temperature, help="classify3d")
+    ap.add_argument("--c3d-lowpass-px", type=float, default=c3d.lowpass_px, help="classify3d")
+    ap.add_argument("--c3d-max-shift-px", type=float, default=c3d.max_shift_px, help="classify3d")
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     import_tensorflow()  # TensorFlow's start-up lines kept out of the log

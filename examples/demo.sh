@@ -43,7 +43,7 @@ step "5/9 disca_evaluate: clusters against the simulation's ground truth (matche
 disca_evaluate --i Cluster/clusters.star --truth Simulate/tomogram/particles.star --match coords --o Cluster/evaluation
 
 step "6/9 disca_classify3d: the clusters refined by 3D classification, the pose marginalised"
-disca_classify3d --i Cluster/clusters.star --o Class3D --rotations 500 --iter 6 --max-tilt-deg 60 --seed "$SEED"
+disca_classify3d --i Cluster/clusters.star --o Class3D --rotations 500 --iter 10 --hold-iter 4 --max-tilt-deg 60 --seed "$SEED"
 disca_evaluate --i Class3D/clusters.star --truth Simulate/tomogram/particles.star --match coords --o Class3D/evaluation
 
 step "7/9 disca_split_star: one STAR per class, ready for RELION, with unaligned class averages"

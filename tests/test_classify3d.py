@@ -11,15 +11,23 @@ import numpy as np
 import pytest
 import starfile
 from helpers import simulate_subtomograms, working_directory
+from scipy.special import logsumexp, softmax
 
 from disca_tools.cli.classify3d import main
 from disca_tools.cluster.classify3d import (
     ClassifyConfig,
+    best_shifts,
     classify_with_poses,
+    fourier_filter,
+    initial_references,
+    lowpass_weight,
     missing_wedge_weight,
+    project,
+    sphere_mask,
 )
 from disca_tools.evaluate import clustering_metrics
-from disca_tools.geometry import euler_to_matrix, rotation_angle_deg
+from disca_tools.geometry import euler_to_matrix, random_rotations, rotation_angle_deg
+from disca_tools.io.particles import ORIGINS_ANGST
 from disca_tools.model.data import normalise
 from disca_tools.runtime.errors import UserError
 from disca_tools.simulate.imaging import Imaging
@@ -104,6 +112,80 @@ def test_held_iterations_never_move_a_particle(three_classes):
     assert all(h["changed_fraction"] == 0.0 for h in res.history)
 
 
+def test_e_step_against_a_direct_computation(three_classes):
+    """One E-step against a direct computation: ℓ_kr from the projections of the references, the
+    class posterior the sum over poses of softmax_kr(ℓ_kr / T), the pose the most probable one
+    of the chosen class, the history's log-likelihood the mean of log Σ_kr exp(ℓ_kr) / (K R)."""
+    volumes, truth = three_classes
+    n, box, temperature = len(volumes), volumes.shape[-1], 3.0
+    cfg = ClassifyConfig(
+        rotations=60, iterations=1, hold_iterations=0, batch_size=16,
+        temperature=temperature, max_shift_px=0.0,
+    )  # fmt: skip
+    initial = np.stack([volumes[truth == c].mean(axis=0) for c in range(3)])
+    res = classify_with_poses(reader(volumes), n, truth, cfg, initial=initial)
+
+    lp = lowpass_weight(box, cfg.lowpass_px)
+    mask = sphere_mask(box)
+    _, sigma2 = initial_references(reader(volumes), n, truth, 3, lp, 16)
+    rots = random_rotations(cfg.rotations, np.random.default_rng(cfg.seed)).astype(np.float32)
+    proj = project(fourier_filter(initial.astype(np.float32), lp), rots,
+                   missing_wedge_weight(box, 60.0) * lp, mask)  # fmt: skip
+    x = fourier_filter(volumes, lp).reshape(n, -1)[:, mask]
+    ll = ((x @ proj.T - 0.5 * (proj**2).sum(axis=1)) / sigma2).reshape(n, 3, len(rots))
+    expected = softmax(ll.reshape(n, -1) / temperature, axis=1).reshape(ll.shape).sum(axis=2)
+    assert len(res.classes) == 3  # no class emptied: labels are the direct argmax
+    np.testing.assert_array_equal(res.labels, expected.argmax(axis=1))
+    np.testing.assert_allclose(res.posterior, expected.max(axis=1), atol=2e-3)
+    best_pose = ll[np.arange(n), res.labels].argmax(axis=1)
+    np.testing.assert_allclose(res.poses, rots[best_pose], atol=1e-6)
+    expected_ll = np.mean(logsumexp(ll, axis=(1, 2)) - np.log(3 * len(rots)))
+    assert res.history[0]["log_likelihood"] == pytest.approx(expected_ll, abs=1e-3)
+
+
+def test_best_shifts_recovers_sub_voxel_shifts():
+    """A low-passed structure moved by known sub-voxel shifts (a phase ramp): the cross-correlation
+    peak with its parabolic refinement gives each shift back within 0.15 voxel."""
+    s = simulate_subtomogram_set(["4v4r"], 1, 24, 14.0, np.inf, Imaging(apply_ctf=False), seed=0)
+    model = fourier_filter(s.volumes[:1], lowpass_weight(24, 3.0))
+    shifts = np.array([[0.0, 0.0, 0.0], [0.4, -1.3, 0.8], [-1.7, 0.25, -0.6], [1.9, 1.5, -1.95]])
+    moved = fourier_filter(np.repeat(model, len(shifts), axis=0), np.ones((24,) * 3), shifts)
+    found = best_shifts(moved, np.repeat(model, len(shifts), axis=0), reach_px=2)
+    np.testing.assert_allclose(found, shifts, atol=0.15)
+
+
+def test_translation_search_finds_the_particle_centres():
+    """Particles off-centre by up to ±1.5 voxels per axis: from the true map, the search brings
+    each particle's centre nearer its simulated one than the box centre is (up to the one
+    translation a class's map may share with its particles: compared in the map's frame), and
+    with the centres found the map explains the particles better (log-likelihood)."""
+    s = simulate_subtomogram_set(
+        ["4v4r"], 24, 24, 14.0, 2.0, Imaging(apply_ctf=False), seed=1, max_shift_px=1.5
+    )
+    ref = s.references["4v4r"]
+    ref = (ref - ref.mean()) / ref.std() * np.sqrt(2.0 / 3.0)  # signal s.d. √(SNR / (1 + SNR))
+    volumes = normalise(s.volumes)
+    runs = {
+        reach: classify_with_poses(
+            reader(volumes),
+            24,
+            np.zeros(24, int),
+            ClassifyConfig(rotations=1000, iterations=3, hold_iterations=3, max_shift_px=reach),
+            initial=ref[None],
+        )  # fmt: skip
+        for reach in (0.0, 2.0)
+    }
+
+    def error_in_map_frame(result):
+        residual = np.einsum("nij,nj->ni", result.poses, result.offsets - s.shifts_xyz)
+        return np.linalg.norm(residual - residual.mean(axis=0), axis=1)
+
+    searched, fixed = (np.median(error_in_map_frame(runs[r])) for r in (2.0, 0.0))
+    assert searched < 0.7 * fixed, (searched, fixed)
+    np.testing.assert_array_equal(runs[0.0].offsets, 0.0)
+    assert runs[2.0].history[-1]["log_likelihood"] > runs[0.0].history[-1]["log_likelihood"]
+
+
 def test_missing_wedge_weight_samples_the_tilt_range():
     w = missing_wedge_weight(24, 60.0)
     c = 12
@@ -117,6 +199,8 @@ def test_missing_wedge_weight_samples_the_tilt_range():
 
 def test_bad_settings_are_user_errors(three_classes):
     volumes, truth = three_classes
+    with pytest.raises(UserError, match="--max-shift-px"):
+        ClassifyConfig(max_shift_px=-1.0).check()
     with pytest.raises(UserError, match="--hold-iterations"):
         ClassifyConfig(iterations=2, hold_iterations=3).check()
     with pytest.raises(UserError, match="Nyquist"):
@@ -128,7 +212,7 @@ def test_bad_settings_are_user_errors(three_classes):
 @pytest.fixture(scope="module")
 def c3d_project(tmp_path_factory):
     """``disca_simulate`` output (3 × 8, SNR 1) plus ``start.star``: its classes 30 % scrambled,
-    the angle columns dropped (what disca_cluster's clusters.star of picked particles looks like)."""
+    the angle and origin columns dropped (what disca_cluster's clusters.star of picked particles looks like)."""
     root = tmp_path_factory.mktemp("c3d")
     with working_directory(root):
         simulate_subtomograms("Sim", STRUCTURES, 8, 24, 14, 1, 0)
@@ -136,7 +220,9 @@ def c3d_project(tmp_path_factory):
         p = blocks["particles"]
         truth = p["rlnClassNumber"].to_numpy() - 1
         p["rlnClassNumber"] = scrambled(truth, 0.3, seed=4) + 1
-        blocks["particles"] = p.drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
+        blocks["particles"] = p.drop(
+            columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", *ORIGINS_ANGST]
+        )
         starfile.write(blocks, "Sim/start.star")
     return root
 
@@ -144,6 +230,7 @@ def c3d_project(tmp_path_factory):
 def test_tool_refines_classes_and_writes_poses(c3d_project, monkeypatch, caplog):
     monkeypatch.chdir(c3d_project)
     args = ["--i", "Sim/start.star", "--o", "C3D", "--rotations", "200", "--iter", "5"]
+    args += ["--max-shift-px", "2"]
     assert main([*args, "--hold-iter", "2", "-q"]) == 0
     out = starfile.read("C3D/clusters.star", always_dict=True)["particles"]
     start = starfile.read("Sim/start.star", always_dict=True)["particles"]
@@ -155,6 +242,13 @@ def test_tool_refines_classes_and_writes_poses(c3d_project, monkeypatch, caplog)
     before = clustering_metrics(truth["rlnClassNumber"], start["rlnClassNumber"])["accuracy"]
     after = clustering_metrics(truth["rlnClassNumber"], out["rlnClassNumber"])["accuracy"]
     assert before < 0.85 and after >= 0.95
+    # the centres found, as RELION origins (−offset · pixel size), nearer the simulated ones
+    found = out[list(ORIGINS_ANGST)].to_numpy()
+    simulated = truth[list(ORIGINS_ANGST)].to_numpy()
+    assert np.all(np.abs(found) <= 2.0 * 14.0 + 1e-6)
+    assert np.median(np.linalg.norm(found - simulated, axis=1)) < np.median(
+        np.linalg.norm(simulated, axis=1)
+    )
     for name in ("class_001.mrc", "class_002.mrc", "class_003.mrc", "history.tsv", "note.txt"):
         assert (c3d_project / "C3D" / name).is_file()
     assert "--rotations 200" in (c3d_project / "C3D" / "note.txt").read_text()
@@ -167,10 +261,13 @@ def test_tool_refines_classes_and_writes_poses(c3d_project, monkeypatch, caplog)
 def test_tool_keeps_the_inputs_angles(c3d_project, monkeypatch):
     monkeypatch.chdir(c3d_project)
     args = ["--i", "Sim/particles.star", "--o", "C3D_angles", "--rotations", "50"]
-    assert main([*args, "--iter", "1", "--hold-iter", "1", "-q"]) == 0
+    assert main([*args, "--iter", "2", "-q"]) == 0  # fewer iterations than the 8 held by default
     out = starfile.read("C3D_angles/clusters.star", always_dict=True)["particles"]
     given = starfile.read("Sim/particles.star", always_dict=True)["particles"]
     np.testing.assert_allclose(out["rlnAngleTilt"], given["rlnAngleTilt"])
+    np.testing.assert_allclose(out["rlnOriginXAngst"], given["rlnOriginXAngst"])
+    history = (c3d_project / "C3D_angles" / "history.tsv").read_text().splitlines()
+    assert [line.split("\t")[1] for line in history] == ["held", "1", "0"]
 
 
 @pytest.mark.parametrize(

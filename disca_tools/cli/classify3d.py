@@ -7,15 +7,22 @@ Starts from the classes of --i (rlnClassNumber, e.g. disca_cluster's clusters.st
 multi-reference expectation-maximisation over uniform random rotations (RELION Class3D's model,
 with the missing wedge; disca_tools.cluster.classify3d): the first --hold-iter iterations align
 each class's members to their class's reference without moving them, then particles may change
-class. The number of classes stays that of the input (classes that empty are dropped). No shift
-search, one missing wedge for all particles and no CTF: a starting point for RELION, not a refinement.
+class. The number of classes stays that of the input (classes that empty are dropped). Each
+particle is centred on the input's rlnOriginX/Y/ZAngst where given; with --max-shift-px its
+centre is also searched within that many voxels (off by default: on simulated data it lowered
+the accuracy reached from DISCA's classes, benchmarks/ACCURACY.md). One missing wedge for all
+particles and no CTF: a starting point for RELION, not a refinement.
 
 Writes, in --o:
   clusters.star     the input table with rlnClassNumber (1-based) and rlnMaxValueProbDistribution
-                    replaced; rlnAngleRot/Tilt/Psi of the most probable pose when the input has no
-                    angles (a starting orientation for RELION, relative to the class's map)
+                    replaced; rlnAngleRot/Tilt/Psi of the most probable pose and
+                    rlnOriginX/Y/ZAngst of the centre found when the input has no angles (a
+                    starting pose for RELION, relative to the class's map)
   class_NNN.mrc     each class's map, aligned and wedge-corrected (the input's pixel size)
-  history.tsv       per iteration: held, fraction of labels changed, mean posterior, sizes, seconds
+  history.tsv       per iteration: held, fraction of labels changed, mean posterior, the mean
+                    log-likelihood per particle (up to a constant set by the data: compare runs
+                    on the same particles and settings; higher is better), the mean change of
+                    the particles' centres (voxels), sizes, seconds
   note.txt, run.json  the command, options, version and seed
 
 Memory: fixed arrays of classes × rotations × (box³ + the voxels in the sphere) × 4 bytes (0.36 GiB at
@@ -33,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.mrc import write_volume
-from ..io.particles import ANGLES, CLASS, POSTERIOR
+from ..io.particles import ANGLES, CLASS, ORIGINS_ANGST, POSTERIOR
 from ..io.star import read_particles, write_particles
 from ..runtime.cli import CommonOptions, ToolSpec, opt, run_tool
 from ..runtime.errors import file_error
@@ -52,21 +59,30 @@ class Options(CommonOptions):
     hold_iterations: int = opt(
         "--hold-iter",
         "--hold-iterations",
-        default=3,
-        help="first iterations that align without changing any particle's class",
+        default=None,
+        help="first iterations that align without changing any particle's class (default: 8, "
+        "or --iter − 1 when that is fewer)",
     )
     temperature: float = opt(
-        "--temperature", default=5.0, help="divides the log-likelihoods (1: the plain likelihood)"
+        "--temperature",
+        default=5.0,
+        help="softens the class posteriors: divides each class's log-evidence (1: the plain likelihood)",
     )
     lowpass_angstrom: float = opt(
         "--lowpass-angstrom",
         default=None,
-        help="low-pass cut-off in Å (default: 4 × the pixel size)",
+        help="low-pass cut-off in Å (default: 3 × the pixel size)",
     )
     max_tilt_deg: float = opt(
         "--max-tilt-deg",
         default=60.0,
         help="the tilt series' largest tilt (a symmetric ± range); 90 or more: no missing wedge",
+    )
+    max_shift_px: float = opt(
+        "--max-shift-px",
+        default=0.0,
+        help="search each particle's centre within this many voxels of its box centre (or of "
+        "the input's origins) along each axis; 0: no translation search",
     )
     tilt_axis: str = opt("--tilt-axis", default="y", choices=["x", "y"], help="tilt axis")
     batch_size: int = opt("--batch-size", default=256, help="subtomograms per batch")
@@ -103,12 +119,19 @@ def run(o: Options) -> dict:
     angpix = table.image_angpix() or o.angpix
     if o.lowpass_angstrom is not None and not angpix:
         raise file_error(o.i, "no pixel size for --lowpass-angstrom: pass --angpix")
-    lowpass_px = 4.0 if o.lowpass_angstrom is None else o.lowpass_angstrom / angpix
+    lowpass_px = (
+        ClassifyConfig.lowpass_px if o.lowpass_angstrom is None else o.lowpass_angstrom / angpix
+    )
     config = ClassifyConfig(
         rotations=o.rotations,
         iterations=o.iterations,
-        hold_iterations=o.hold_iterations,
+        hold_iterations=(
+            min(ClassifyConfig.hold_iterations, max(o.iterations - 1, 0))
+            if o.hold_iterations is None
+            else o.hold_iterations
+        ),
         temperature=o.temperature,
+        max_shift_px=o.max_shift_px,
         lowpass_px=lowpass_px,
         max_tilt_deg=o.max_tilt_deg,
         tilt_axis=o.tilt_axis,
@@ -126,7 +149,13 @@ def run(o: Options) -> dict:
     def read(start: int, stop: int) -> np.ndarray:
         return gather(store, rows[start:stop])
 
-    result = classify_with_poses(read, len(table), labels, config)
+    offsets = None
+    if all(c in table.particles.columns for c in ORIGINS_ANGST):
+        if not angpix:
+            raise file_error(o.i, "rlnOriginX/Y/ZAngst need a pixel size: pass --angpix")
+        # RELION's origin is minus the particle centre's offset from the box centre, in Å
+        offsets = -table.particles[list(ORIGINS_ANGST)].to_numpy(np.float64) / angpix
+    result = classify_with_poses(read, len(table), labels, config, offsets=offsets)
 
     df = table.particles.copy()
     used = originals[result.classes]  # the input's class numbers of the classes kept
@@ -143,16 +172,19 @@ def run(o: Options) -> dict:
         euler = matrix_to_euler(result.poses.astype(np.float64))
         for j, name in enumerate(ANGLES):
             df[name] = euler[:, j]
+        if angpix and (config.max_shift_px > 0 or offsets is not None):
+            for j, name in enumerate(ORIGINS_ANGST):
+                df[name] = -result.offsets[:, j] * angpix
     write_particles(out / "clusters.star", table.with_particles(df), overwrite=True)
     for c, ref in zip(used, result.references, strict=True):
         write_volume(out / f"class_{int(c):03d}.mrc", ref, angpix or 1.0, overwrite=True)
     for c in set(originals.tolist()) - set(used.tolist()):  # an emptied class: no stale map
         (out / f"class_{int(c):03d}.mrc").unlink(missing_ok=True)
-    lines = ["iteration\theld\tchanged_fraction\tmean_posterior\tsizes\tseconds"]
-    for h in result.history:
+    lines = ["\t".join(result.history[0])]
+    for h in result.history:  # held as 0/1, sizes as a comma-separated list
+        values = [int(v) if isinstance(v, bool) else v for v in h.values()]
         lines.append(
-            f"{h['iteration']}\t{int(h['held'])}\t{h['changed_fraction']}\t{h['mean_posterior']}"
-            f"\t{','.join(str(s) for s in h['sizes'])}\t{h['seconds']}"
+            "\t".join(",".join(map(str, v)) if isinstance(v, list) else str(v) for v in values)
         )
     write_text_atomic(out / "history.tsv", "\n".join(lines) + "\n")
     sizes = {int(c): int((df[CLASS] == c).sum()) for c in used}

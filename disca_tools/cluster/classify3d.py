@@ -9,8 +9,9 @@ wedge (wedge-weighted references as in Bartesaghi et al. 2008):
   (tilt axis y or x, beam z), ``L`` a low-pass, ``R_r`` one of ``rotations`` uniform random
   rotations (RELION's convention, :mod:`disca_tools.geometry`), white noise of one variance
   ``σ²`` estimated from the data (at cryo-ET SNR the variance of a subtomogram is mostly noise);
-* E-step: the posterior of every (class, rotation) pair from ``(x·p_kr − |p_kr|²/2) / (σ² T)``
-  with a temperature ``T`` that softens the posteriors (T = 1: the plain likelihood);
+* E-step: the log-likelihood of every (class, rotation) pair, ``ℓ_kr = (x·p_kr − |p_kr|²/2) / σ²``,
+  and their posterior ``softmax_kr(ℓ_kr / T)`` with a temperature ``T`` that softens it (T = 1: the
+  plain likelihood);
 * M-step: each reference is the posterior-weighted sum of the subtomograms rotated back into the
   reference frame, divided by the sum of the back-rotated wedges plus a small regulariser (a
   Wiener-like wedge correction);
@@ -18,9 +19,20 @@ wedge (wedge-weighted references as in Bartesaghi et al. 2008):
   references are aligned before particles may move; then classes may change, and the loop stops
   when ≥ ``stable_fraction`` of the labels stay put or after ``iterations``.
 
-Not modelled (left to RELION's Class3D/Refine3D after this stage): translations (particles must sit
-within a voxel or two of the box centre, as extraction at the picked centres leaves them), the CTF
-(one wedge for all particles, not each particle's 3D CTF weight), symmetry.
+* translations: each particle's centre ``d`` (its offset from the box centre) is searched locally:
+  after each E-step, the peak of the cross-correlation of the particle (moved by −d) with its most
+  probable (class, pose) projection, within ``ceil(max_shift_px)`` voxels and refined to a sub-voxel
+  position, is added to ``d``, which is held within ``±max_shift_px`` per axis of its starting
+  value (the box centre, or the centre given, e.g. by RELION origins); the next iteration
+  reads every particle moved by −d (a Fourier phase ramp). The translation a class's map shares with
+  its particles is removed each iteration (the map moved to its particles' mean offset seen in its
+  frame), so maps stay centred. One translation per particle, not marginalised (RELION's
+  Class3D marginalises over a grid of them). Off by default (``max_shift_px`` 0): on the
+  simulated Table S1 cells it raised the fixed point reached from the true classes at ±60°/SNR 0.01
+  but lowered what was reached from DISCA's classes (benchmarks/ACCURACY.md, session 32).
+
+Not modelled (left to RELION's Class3D/Refine3D after this stage): the CTF (one wedge for all
+particles, not each particle's 3D CTF weight), symmetry.
 
 Memory: the projections (K·R × voxels in the mask) and the M-step's sums (K·R × S³), both float32,
 plus one batch of subtomograms: nothing grows with N. Time per iteration is linear in N, K and R.
@@ -33,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import softmax
+from scipy.special import logsumexp, softmax
 
 from ..geometry import random_rotations
 from ..runtime.errors import UserError
@@ -49,14 +61,15 @@ class ClassifyConfig:
 
     rotations: int = 1000
     iterations: int = 25  # at most (RELION Class3D's default); stops when ≥ stable_fraction stay
-    hold_iterations: int = 3
+    hold_iterations: int = 8  # at SNR 0.01 the maps still sharpen after 3 (benchmarks/ACCURACY.md)
     temperature: float = 5.0
-    lowpass_px: float = 4.0  # period of the low-pass cut-off in voxels (0.25 cycles/voxel)
+    lowpass_px: float = 3.0  # period of the low-pass cut-off in voxels (1/3 cycle per voxel)
     max_tilt_deg: float = 60.0  # ≥ 90: no missing wedge
     tilt_axis: str = "y"
     batch_size: int = 256
     seed: int = 0
     stable_fraction: float = 0.99
+    max_shift_px: float = 0.0  # > 0: each particle's centre searched within this of its start
     regularisation: float = (
         0.05  # λ of the wedge correction, a fraction of each class's largest weight
     )
@@ -82,6 +95,8 @@ class ClassifyConfig:
             raise UserError(f"--max-tilt-deg: must be positive, got {self.max_tilt_deg}")
         if self.tilt_axis not in ("x", "y"):
             raise UserError(f"--tilt-axis: must be x or y, got {self.tilt_axis!r}")
+        if self.max_shift_px < 0:
+            raise UserError(f"--max-shift-px: must be ≥ 0, got {self.max_shift_px}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size: must be at least 1, got {self.batch_size}")
         if not 0.0 < self.stable_fraction <= 1.0:
@@ -93,8 +108,10 @@ class ClassifyResult:
     """The classification: 0-based ``labels`` (empty classes dropped, renumbered in order;
     ``classes`` gives each kept class's starting label),
     the chosen class's posterior, the most probable pose within it (matrices ``(N, 3, 3)`` on
-    ``(x, y, z)``: ``particle(x) ≈ reference(M · (x − c) + c)``), the references ``(K, S, S, S)``
-    and one history row per iteration."""
+    ``(x, y, z)``: ``particle(x) ≈ reference(M · (x − c − d) + c)`` with ``d`` the particle's
+    row of ``offsets``), the references ``(K, S, S, S)`` and one history row per iteration
+    (``log_likelihood``: the mean over particles of ``log Σ_kr exp(ℓ_kr) / (K R)``, up to a
+    constant set by the data and the filter: compare runs on the same particles and settings)."""
 
     labels: np.ndarray
     classes: np.ndarray
@@ -103,6 +120,7 @@ class ClassifyResult:
     references: np.ndarray
     history: list[dict] = field(default_factory=list)
     converged: bool = False
+    offsets: np.ndarray | None = None  # (N, 3) x y z voxels: each particle's centre − box centre
 
 
 def missing_wedge_weight(box: int, max_tilt_deg: float, tilt_axis: str = "y") -> np.ndarray:
@@ -125,12 +143,55 @@ def lowpass_weight(box: int, period_px: float) -> np.ndarray:
     return np.exp(-0.5 * radius**4).astype(np.float32)
 
 
-def fourier_filter(vols: np.ndarray, weight_centered: np.ndarray) -> np.ndarray:
+def fourier_filter(
+    vols: np.ndarray, weight_centered: np.ndarray, shifts_xyz: np.ndarray | None = None
+) -> np.ndarray:
     """Multiply the Fourier transform of each volume of ``vols`` (..., S, S, S) by a centred
-    weight (float32 result)."""
-    w = np.fft.ifftshift(weight_centered)[..., : vols.shape[-1] // 2 + 1]
+    weight (float32 result); with ``shifts_xyz`` ((B, 3) voxels, x y z) each volume is also
+    moved by its shift, ``out(x) = vol(x − shift)`` (a phase ramp: circular, sub-voxel)."""
+    box = vols.shape[-1]
+    w = np.fft.ifftshift(weight_centered)[..., : box // 2 + 1]
     spec = np.fft.rfftn(vols, axes=(-3, -2, -1)) * w
+    if shifts_xyz is not None:
+        f, fh = np.fft.fftfreq(box), np.fft.rfftfreq(box)
+        d = np.asarray(shifts_xyz, np.float64)
+        phase = (
+            d[:, 2, None, None, None] * f[None, :, None, None]
+            + d[:, 1, None, None, None] * f[None, None, :, None]
+            + d[:, 0, None, None, None] * fh[None, None, None, :]
+        )
+        spec = spec * np.exp(-2j * np.pi * phase)
     return np.fft.irfftn(spec, s=vols.shape[-3:], axes=(-3, -2, -1)).astype(np.float32)
+
+
+def best_shifts(vols: np.ndarray, models: np.ndarray, reach_px: int = 2) -> np.ndarray:
+    """``(B, 3)`` shifts (x y z voxels) that best overlay each model on its volume, ``vol(x) ≈
+    model(x − shift)``: the peak of their cross-correlation within ``reach_px`` voxels of no shift
+    along each axis, refined to a sub-voxel position by a parabola through the peak and its two
+    neighbours on each axis."""
+    box = vols.shape[-1]
+    axes = (-3, -2, -1)
+    cc = np.fft.irfftn(
+        np.fft.rfftn(vols, axes=axes) * np.conj(np.fft.rfftn(models, axes=axes)),
+        s=vols.shape[-3:], axes=axes,
+    )  # fmt: skip
+    steps = np.arange(-reach_px - 1, reach_px + 2)  # the window and one voxel beyond, for the fit
+    win = cc[np.ix_(np.arange(len(cc)), steps % box, steps % box, steps % box)]
+    inner = win[:, 1:-1, 1:-1, 1:-1].reshape(len(cc), -1)
+    peak = np.stack(np.unravel_index(inner.argmax(axis=1), (2 * reach_px + 1,) * 3), axis=1) + 1
+    out = np.empty((len(cc), 3))
+    rows = np.arange(len(cc))
+    for axis in range(3):  # array axes z, y, x → shift components 2, 1, 0
+        lo, hi = peak.copy(), peak.copy()
+        lo[:, axis] -= 1
+        hi[:, axis] += 1
+        c0 = win[rows, peak[:, 0], peak[:, 1], peak[:, 2]]
+        cm = win[rows, lo[:, 0], lo[:, 1], lo[:, 2]]
+        cp = win[rows, hi[:, 0], hi[:, 1], hi[:, 2]]
+        curve = cm - 2.0 * c0 + cp
+        frac = np.where(curve < 0, 0.5 * (cm - cp) / np.where(curve < 0, curve, -1.0), 0.0)
+        out[:, 2 - axis] = steps[peak[:, axis]] + np.clip(frac, -0.5, 0.5)
+    return out
 
 
 def sphere_mask(box: int) -> np.ndarray:
@@ -179,7 +240,13 @@ def back_rotate_sum(
 
 
 def initial_references(
-    read: ReadBatch, n: int, labels: np.ndarray, k: int, lp: np.ndarray, batch_size: int
+    read: ReadBatch,
+    n: int,
+    labels: np.ndarray,
+    k: int,
+    lp: np.ndarray,
+    batch_size: int,
+    offsets: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """The low-passed unaligned mean of each class and the noise variance ``σ²`` (the variance of
     the low-passed voxels inside the mask), in one pass over the data."""
@@ -188,7 +255,8 @@ def initial_references(
     total = total2 = 0.0
     count = 0
     for start in progress(range(0, n, batch_size), desc="references", unit="batch"):
-        x = fourier_filter(read(start, min(start + batch_size, n)), lp)
+        stop = min(start + batch_size, n)
+        x = fourier_filter(read(start, stop), lp, None if offsets is None else -offsets[start:stop])
         if sums is None:
             sums = np.zeros((k, *x.shape[1:]), np.float64)
             mask = sphere_mask(x.shape[-1])
@@ -211,11 +279,14 @@ def classify_with_poses(
     labels: np.ndarray,
     config: ClassifyConfig,
     initial: np.ndarray | None = None,
+    offsets: np.ndarray | None = None,
 ) -> ClassifyResult:
     """Refine the classes ``labels`` (0-based, N) of the ``n`` subtomograms that ``read(start,
     stop)`` returns (normalised, float32, (B, S, S, S)) by multi-reference classification with the
     pose marginalised (module docstring). ``initial`` (K, S, S, S) replaces the classes' unaligned
-    means as starting references (tests, known structures)."""
+    means as starting references (tests, known structures); ``offsets`` (N, 3) are the
+    particles' known centres relative to the box centre (x y z voxels; e.g. from RELION origins),
+    the start of the translation search."""
     config.check()
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (n,) or n == 0:
@@ -239,7 +310,23 @@ def classify_with_poses(
         "3D classification: %d particles, %d classes, %d rotations, box %d (%.0f MiB of fixed arrays)",
         n, k, n_rot, box, mib,
     )  # fmt: skip
-    refs, sigma2 = initial_references(read, n, labels, k, lp, config.batch_size)
+    search_shifts = config.max_shift_px > 0
+    if offsets is None:
+        offsets = np.zeros((n, 3))
+    offsets = np.array(offsets, np.float64)
+    start_offsets = offsets.copy()
+    if offsets.shape != (n, 3):
+        raise UserError(f"offsets: need ({n}, 3), got {offsets.shape}")
+    moved = search_shifts or bool(np.any(offsets))
+    reach = max(1, int(np.ceil(config.max_shift_px)))
+
+    def centred(start: int, stop: int) -> np.ndarray:
+        """The low-passed batch, each particle moved by minus its offset."""
+        return fourier_filter(read(start, stop), lp, -offsets[start:stop] if moved else None)
+
+    refs, sigma2 = initial_references(
+        read, n, labels, k, lp, config.batch_size, offsets if moved else None
+    )
     if initial is not None:
         if initial.shape != (k, box, box, box):
             raise UserError(
@@ -260,6 +347,7 @@ def classify_with_poses(
     history: list[dict] = []
     converged = False
     projection_weight = wedge * lp
+    log_pairs = float(np.log(k * n_rot))  # the uniform prior over (class, rotation)
     for it in range(config.iterations):
         t0 = time.time()
         hold = it < config.hold_iterations
@@ -268,12 +356,16 @@ def classify_with_poses(
         sums = np.zeros((k * n_rot, vox), np.float32)
         weights = np.zeros(k * n_rot, np.float64)
         new = np.empty(n, np.int64)
+        new_offsets = offsets.copy()
+        log_likelihood = 0.0
         for start in progress(range(0, n, config.batch_size), desc=f"iteration {it}", unit="batch"):
             check_abort()
-            x = fourier_filter(read(start, min(start + config.batch_size, n)), lp)
+            x = centred(start, min(start + config.batch_size, n))
             b = len(x)
             flat = x.reshape(b, vox)
-            score = (flat[:, mask] @ proj.T - half_norm) / (sigma2 * config.temperature)
+            loglik = (flat[:, mask] @ proj.T - half_norm) / sigma2  # (b, K·R)
+            log_likelihood += float(logsumexp(loglik, axis=1).sum()) - b * log_pairs
+            score = loglik / config.temperature
             if hold:
                 keep = np.zeros((b, k, 1), bool)
                 keep[np.arange(b), labels[start : start + b]] = True
@@ -285,6 +377,11 @@ def classify_with_poses(
             new[start : start + b] = lab
             posterior[start : start + b] = class_post[np.arange(b), lab]
             pose_index[start : start + b] = per_class[np.arange(b), lab].argmax(axis=1)
+            if search_shifts:  # the centre that best fits the most probable (class, pose)
+                models = np.zeros((b, vox), np.float32)
+                models[:, mask] = proj[lab * n_rot + pose_index[start : start + b]]
+                step = best_shifts(x, models.reshape(x.shape), reach)
+                new_offsets[start : start + b] = offsets[start : start + b] + step
             sums += g.T @ flat
             weights += g.sum(axis=0)
         changed = float(np.mean(new != current))
@@ -303,20 +400,39 @@ def classify_with_poses(
         sizes = np.bincount(current, minlength=k)
         occupied = sizes > 0
         refs[occupied] = new_refs[occupied]  # an emptied class keeps its last reference
+        if search_shifts:
+            # the translation a class's map shares with its particles is not determined by the
+            # data: each map is moved to its particles' mean offset, seen in its own frame
+            # (M·d), and that part is taken off their offsets (Mᵀ·t), so the maps stay centred
+            new_offsets = np.clip(
+                new_offsets,
+                start_offsets - config.max_shift_px,
+                start_offsets + config.max_shift_px,
+            )
+            pose_mats = rots[pose_index].astype(np.float64)
+            for c in np.flatnonzero(occupied):
+                members = current == c
+                t = np.einsum("nij,nj->i", pose_mats[members], new_offsets[members]) / members.sum()
+                new_offsets[members] -= pose_mats[members].transpose(0, 2, 1) @ t
+                refs[c] = fourier_filter(refs[c][None], np.ones_like(lp), t[None])[0]
+            shift_moved = float(np.sqrt(((new_offsets - offsets) ** 2).sum(axis=1)).mean())
+            offsets = new_offsets
         row = {
             "iteration": it,
             "held": hold,
             "changed_fraction": round(changed, 5),
             "mean_posterior": round(float(posterior.mean()), 5),
+            "log_likelihood": round(log_likelihood / n, 4),
+            "mean_shift_change_px": round(shift_moved, 4) if search_shifts else 0.0,
             "sizes": sizes.tolist(),
             "seconds": round(time.time() - t0, 2),
         }
         history.append(row)
         logger.info(
             "3D classification iteration %d%s: %.2f %% of labels changed, sizes %s, mean "
-            "posterior %.3f, %.1f s",
+            "posterior %.3f, log-likelihood %.2f per particle, %.1f s",
             it, " (classes held)" if hold else "", 100 * changed, sizes.tolist(),
-            row["mean_posterior"], row["seconds"],
+            row["mean_posterior"], row["log_likelihood"], row["seconds"],
         )  # fmt: skip
         if not hold and changed <= 1.0 - config.stable_fraction:
             converged = True
@@ -329,6 +445,7 @@ def classify_with_poses(
         classes=used,
         posterior=posterior,
         poses=rots[pose_index],
+        offsets=offsets,
         references=refs[used],
         history=history,
         converged=converged,
