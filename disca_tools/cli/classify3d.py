@@ -55,7 +55,7 @@ class Options(CommonOptions):
     i: str = opt("--i", "--input", help="clustered particle STAR file (rlnClassNumber)")
     o: str = opt("--o", "--output-dir", help="output folder")
     rotations: int = opt("--rotations", default=1000, help="uniform random rotations searched")
-    iterations: int = opt("--iter", "--iterations", default=25, help="EM iterations at most")
+    iterations: int = opt("--iter", "--iterations", default=40, help="EM iterations at most")
     hold_iterations: int = opt(
         "--hold-iter",
         "--hold-iterations",

@@ -60,7 +60,7 @@ class ClassifyConfig:
     """Settings of :func:`classify_with_poses` (defaults: those measured in benchmarks/ACCURACY.md)."""
 
     rotations: int = 1000
-    iterations: int = 25  # at most (RELION Class3D's default); stops when ≥ stable_fraction stay
+    iterations: int = 40  # at most (8 held + 32 free); stops when ≥ stable_fraction stay
     hold_iterations: int = 8  # at SNR 0.01 the maps still sharpen after 3 (benchmarks/ACCURACY.md)
     temperature: float = 5.0
     lowpass_px: float = 3.0  # period of the low-pass cut-off in voxels (1/3 cycle per voxel)
