@@ -6,9 +6,10 @@
 Each N runs in a fresh subprocess (its peak resident memory, ``VmHWM``, is its own; see
 ``common.peak_rss_mb``) on N memory-mapped normalised noise volumes (the arithmetic does not depend
 on the content) split into K classes, :func:`disca_tools.cluster.classify3d.classify_with_poses`
-with ``--iterations`` free iterations (``--max-shift-px 0``: no translation search). Reported: seconds per iteration (mean of the iterations after
-the first, which also compiles the rotation), the ratio t(N) / t(N_min) against N / N_min (linear:
-equal), peak RSS and its growth over the smallest N, and the size of the core's fixed arrays.
+with ``--iterations`` free iterations (``--max-shift-px 0``: no translation search). Reported:
+seconds per iteration (mean of the iterations after the first, which also compiles the rotation),
+the ratio t(N) / t(N_min) against N / N_min (linear: equal), peak RSS and its growth over the
+smallest N, and the size of the core's fixed arrays.
 Saves ``benchmarks/results/bench_classify3d[_TAG].json`` and ``.md``.
 """
 

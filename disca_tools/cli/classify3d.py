@@ -64,9 +64,7 @@ class Options(CommonOptions):
         "or --iter − 1 when that is fewer)",
     )
     temperature: float = opt(
-        "--temperature",
-        default=5.0,
-        help="softens the class posteriors: divides each class's log-evidence (1: the plain likelihood)",
+        "--temperature", default=5.0, help="divides the log-likelihoods (1: the plain likelihood)"
     )
     lowpass_angstrom: float = opt(
         "--lowpass-angstrom",
