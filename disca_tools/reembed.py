@@ -33,7 +33,7 @@ import pandas as pd
 
 from .geometry import euler_to_matrix, resample_volume, rotate_volume
 from .io.mrc import create_volume_memmap, mrc_header, read_volume
-from .io.particles import ANGLES, CLASS, ORIGINS_ANGST
+from .io.particles import ANGLES, CLASS, origins_px
 from .runtime.errors import UserError, file_error
 from .runtime.log import check_abort, logger, progress
 from .runtime.outputs import atomic_path
@@ -197,8 +197,9 @@ def particle_placements(
             f"no {CLASS} column: which map goes where is unknown (cluster or classify first)",
         )
     centres = np.asarray(coords_px, dtype=np.float64).copy()
-    if all(c in particles.columns for c in ORIGINS_ANGST):
-        centres -= particles[list(ORIGINS_ANGST)].to_numpy(np.float64) / float(tomo_angpix)
+    origins = origins_px(particles, tomo_angpix)
+    if origins is not None:
+        centres -= origins
     elif all(c in particles.columns for c in ORIGINS_PX):
         if not image_angpix:
             raise file_error(

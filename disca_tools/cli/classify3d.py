@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.mrc import write_volume
-from ..io.particles import ANGLES, CLASS, ORIGINS_ANGST, POSTERIOR
+from ..io.particles import ANGLES, CLASS, ORIGINS_ANGST, POSTERIOR, origins_px
 from ..io.star import read_particles, write_particles
 from ..runtime.cli import CommonOptions, ToolSpec, opt, run_tool
 from ..runtime.errors import file_error
@@ -137,6 +137,11 @@ def run(o: Options) -> dict:
         seed=o.seed,
     )
     config.check()
+    if all(c in table.particles.columns for c in ORIGINS_ANGST) and not angpix:
+        raise file_error(o.i, "rlnOriginX/Y/ZAngst need a pixel size: pass --angpix")
+    # RELION's origin is minus the particle centre's offset from the box centre
+    origins = origins_px(table.particles, angpix) if angpix else None
+    offsets = None if origins is None else -origins
     out = Path(o.o)
     products = ["clusters.star", "history.tsv"] + [f"class_{c:03d}.mrc" for c in originals]
     check_not_input([out / p for p in products], [o.i])
@@ -147,12 +152,6 @@ def run(o: Options) -> dict:
     def read(start: int, stop: int) -> np.ndarray:
         return gather(store, rows[start:stop])
 
-    offsets = None
-    if all(c in table.particles.columns for c in ORIGINS_ANGST):
-        if not angpix:
-            raise file_error(o.i, "rlnOriginX/Y/ZAngst need a pixel size: pass --angpix")
-        # RELION's origin is minus the particle centre's offset from the box centre, in Å
-        offsets = -table.particles[list(ORIGINS_ANGST)].to_numpy(np.float64) / angpix
     result = classify_with_poses(read, len(table), labels, config, offsets=offsets)
 
     df = table.particles.copy()

@@ -56,6 +56,7 @@ from disca_tools.io.particles import (
     TOMO_NAME,
     TOMO_RECONSTRUCTION,
     ParticleTable,
+    origins_px,
 )
 from disca_tools.io.star import default_optics, read_particles, read_tomograms, write_particles
 from disca_tools.io.store import NAMES_FILE, STORE_FILE
@@ -226,8 +227,9 @@ def run(o: Options) -> dict:
     # coordinates → pixels of the tomograms; recentre on existing origins
     coord_angpix = table.coord_angpix or angpix
     coords = df[list(COORDS)].to_numpy(np.float64) * (coord_angpix / angpix)
-    if all(c in df.columns for c in ORIGINS_ANGST):
-        coords -= df[list(ORIGINS_ANGST)].to_numpy(np.float64) / angpix
+    origins = origins_px(df, angpix)
+    if origins is not None:
+        coords -= origins
 
     # validate everything before writing anything
     keep = np.ones(len(df), dtype=bool)

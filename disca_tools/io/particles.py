@@ -40,6 +40,16 @@ POSTERIOR = "rlnMaxValueProbDistribution"
 IMAGE = "rlnImageName"
 CTF_IMAGE = "rlnCtfImage"
 OPTICS_GROUP = "rlnOpticsGroup"
+
+
+def origins_px(particles: pd.DataFrame, angpix: float) -> np.ndarray | None:
+    """The particles' RELION origins ``rlnOriginX/Y/ZAngst`` in pixels of ``angpix`` Å, ``(N, 3)``
+    x y z (None where the columns are absent). RELION's particle centre is ``coordinate − origin``."""
+    if not all(c in particles.columns for c in ORIGINS_ANGST):
+        return None
+    return particles[list(ORIGINS_ANGST)].to_numpy(np.float64) / float(angpix)
+
+
 STRING_COLUMNS = (
     "rlnTomoName",
     "rlnMicrographName",
