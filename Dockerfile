@@ -28,7 +28,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/disca_tools
-COPY pyproject.toml README.md constraints.txt ./
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY disca_tools ./disca_tools
 RUN pip install -c constraints.txt . \
     && if [ "$WITH_CUDA" = "1" ]; then pip install -c constraints.txt "tensorflow[and-cuda]"; fi \
