@@ -113,7 +113,7 @@ def run_disca(volumes, truth, args, seed, paper: bool = False, save_dir: Path | 
 
 def run_classify3d(volumes, start_labels, tilt: float, args):
     """``disca_classify3d``'s core on the cell, from ``start_labels`` (a DISCA run's clusters)."""
-    from disca_tools.cluster.classify3d import ClassifyConfig, classify_with_poses
+    from disca_tools.cluster.classify3d import ClassifyConfig, classify_with_poses, split_and_merge
 
     cfg = ClassifyConfig(
         rotations=args.c3d_rotations,
@@ -124,13 +124,17 @@ def run_classify3d(volumes, start_labels, tilt: float, args):
         max_shift_px=args.c3d_max_shift_px,
         max_tilt_deg=float(tilt),
         seed=args.seed,
+        split_merge_rounds=args.c3d_split_merge_rounds,
     )
-    res = classify_with_poses(lambda a, b: normalise(volumes[a:b]), len(volumes), start_labels, cfg)
+    read = lambda a, b: normalise(volumes[a:b])  # noqa: E731
+    res = classify_with_poses(read, len(volumes), start_labels, cfg)
+    res = split_and_merge(read, len(volumes), res, cfg)
     extra = {
         "classify3d_iterations": len(res.history),
         "classify3d_converged": res.converged,
         "classify3d_changed_by_iteration": [h["changed_fraction"] for h in res.history],
         "classify3d_log_likelihood_by_iteration": [h["log_likelihood"] for h in res.history],
+        "classify3d_split_merge": res.moves,
     }
     return res.labels, extra
 
@@ -190,6 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--c3d-temperature", type=float, default=c3d.temperature, help="classify3d")
     ap.add_argument("--c3d-lowpass-px", type=float, default=c3d.lowpass_px, help="classify3d")
     ap.add_argument("--c3d-max-shift-px", type=float, default=c3d.max_shift_px, help="classify3d")
+    ap.add_argument(
+        "--c3d-split-merge-rounds", type=int, default=c3d.split_merge_rounds, help="classify3d"
+    )
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     import_tensorflow()  # TensorFlow's start-up lines kept out of the log

@@ -7,6 +7,8 @@ held iterations that never move a particle; the tool: outputs, angles, provenanc
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import starfile
@@ -21,9 +23,12 @@ from disca_tools.cluster.classify3d import (
     fourier_filter,
     initial_references,
     lowpass_weight,
+    map_similarity,
     missing_wedge_weight,
     project,
+    rotate_many,
     sphere_mask,
+    split_and_merge,
 )
 from disca_tools.evaluate import clustering_metrics
 from disca_tools.geometry import euler_to_matrix, random_rotations, rotation_angle_deg
@@ -197,12 +202,63 @@ def test_missing_wedge_weight_samples_the_tilt_range():
     assert np.all(missing_wedge_weight(24, 90.0) == 1.0)
 
 
+def test_map_similarity_finds_a_rotated_copy():
+    """A map and a rotated copy of it are more alike after alignment than two different maps."""
+    rng = np.random.default_rng(0)
+    smooth = fourier_filter(
+        rng.standard_normal((2, 24, 24, 24)).astype(np.float32), lowpass_weight(24, 6.0)
+    )
+    turn = random_rotations(1, np.random.default_rng(5)).astype(np.float32)
+    copy = rotate_many(smooth[:1], turn)
+    sim = map_similarity(np.concatenate([smooth[:1], copy, smooth[1:]]))
+    np.testing.assert_allclose(sim, sim.T)
+    assert sim[0, 1] > 0.8 and sim[0, 1] > sim[0, 2] + 0.3, sim
+
+
+def test_split_and_merge_leaves_a_merged_and_split_start():
+    """From classes with two structures merged and the third cut in two, plain classification
+    stays stuck; the split-and-merge trial that merges the halves and splits the merged class
+    raises the log-likelihood, is accepted and recovers the structures."""
+    s = simulate_subtomogram_set(STRUCTURES, 30, 24, 14.0, 0.5, Imaging(), seed=0)
+    volumes, truth = normalise(s.volumes), np.asarray(s.labels)
+    start = truth.copy()
+    start[truth == 1] = 0
+    third = np.flatnonzero(truth == 2)
+    start[third[np.random.default_rng(0).random(len(third)) < 0.5]] = 1
+    cfg = ClassifyConfig(
+        rotations=300,
+        iterations=12,
+        hold_iterations=3,
+        split_merge_rounds=1,
+        split_merge_pairs=2,
+        split_merge_iterations=8,
+    )
+    plain = classify_with_poses(reader(volumes), len(volumes), start, cfg)
+    assert clustering_metrics(truth, plain.labels)["accuracy"] < 0.7
+    res = split_and_merge(reader(volumes), len(volumes), plain, cfg)
+    assert clustering_metrics(truth, res.labels)["accuracy"] >= 0.95
+    assert len(res.moves) == 2  # 2 pairs × the one other class
+    accepted = [m for m in res.moves if m["accepted"]]
+    assert (
+        len(accepted) == 1
+        and accepted[0]["log_likelihood"] > accepted[0]["baseline_log_likelihood"]
+    )
+    # the halves of the third structure (start classes 2 and 3) are merged, the merged class split
+    assert sorted(accepted[0]["merged"]) == [2, 3] and accepted[0]["split"] == 1
+    assert sorted(res.classes.tolist()) == [0, 1, 2]
+    # the history goes on from the classification's, numbered on
+    assert res.history[: len(plain.history)] == plain.history
+    assert [h["iteration"] for h in res.history] == list(range(len(res.history)))
+
+
 def test_bad_settings_are_user_errors(three_classes):
     volumes, truth = three_classes
     with pytest.raises(UserError, match="--max-shift-px"):
         ClassifyConfig(max_shift_px=-1.0).check()
     with pytest.raises(UserError, match="--hold-iterations"):
         ClassifyConfig(iterations=2, hold_iterations=3).check()
+    with pytest.raises(UserError, match="--split-merge-rounds"):
+        ClassifyConfig(split_merge_rounds=-1).check()
     with pytest.raises(UserError, match="Nyquist"):
         ClassifyConfig(lowpass_px=1.5).check()
     with pytest.raises(UserError, match="one label per particle"):
@@ -256,6 +312,21 @@ def test_tool_refines_classes_and_writes_poses(c3d_project, monkeypatch, caplog)
     stamp = (c3d_project / "C3D" / "clusters.star").stat().st_mtime_ns
     assert main([*args, "-q"]) == 2
     assert (c3d_project / "C3D" / "clusters.star").stat().st_mtime_ns == stamp
+
+
+def test_tool_records_split_and_merge_trials(c3d_project, monkeypatch):
+    monkeypatch.chdir(c3d_project)
+    args = ["--i", "Sim/start.star", "--o", "C3D_sm", "--rotations", "100", "--iter", "4"]
+    args += ["--hold-iter", "2", "--split-merge-rounds", "1", "--split-merge-pairs", "1", "-q"]
+    assert main(args) == 0
+    rows = (c3d_project / "C3D_sm" / "split_merge.tsv").read_text().splitlines()
+    header = rows[0].split("\t")
+    assert header[:4] == ["round", "merged", "similarity", "split"] and len(rows) == 2
+    trial = dict(zip(header, rows[1].split("\t"), strict=True))
+    assert len(trial["merged"].split(",")) == 2 and trial["split"] not in trial["merged"].split(",")
+    recorded = json.loads((c3d_project / "C3D_sm" / "run.json").read_text())["results"]
+    assert len(recorded["split_merge"]) == 1
+    assert recorded["split_merge"][0]["accepted"] == (trial["accepted"] == "True")
 
 
 def test_tool_keeps_the_inputs_angles(c3d_project, monkeypatch):

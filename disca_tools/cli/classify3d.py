@@ -10,7 +10,11 @@ each class's members to their class's reference without moving them, then partic
 class. The number of classes stays that of the input (classes that empty are dropped). Each
 particle is centred on the input's rlnOriginX/Y/ZAngst where given; with --max-shift-px its
 centre is also searched within that many voxels (off by default: on simulated data it lowered
-the accuracy reached from DISCA's classes, benchmarks/ACCURACY.md). One missing wedge for all
+the accuracy reached from DISCA's classes, benchmarks/ACCURACY.md). With
+--split-merge-rounds N it then tries, up to N times, merging the two classes whose maps are most
+alike after alignment while splitting another, and keeps a trial when the log-likelihood rises
+(benchmarks/ACCURACY.md, session 34: at ±60°/SNR 0.01 it undid DISCA's merge of two structures;
+each round runs 1 + pairs × (classes − 2) trials of 15 iterations). One missing wedge for all
 particles and no CTF: a starting point for RELION, not a refinement.
 
 Writes, in --o:
@@ -19,6 +23,9 @@ Writes, in --o:
                     rlnOriginX/Y/ZAngst of the centre found when the input has no angles (a
                     starting pose for RELION, relative to the class's map)
   class_NNN.mrc     each class's map, aligned and wedge-corrected (the input's pixel size)
+  split_merge.tsv   with --split-merge-rounds: one row per trial (round, the merged pair and the
+                    split class as slots 1..K, their maps' aligned similarity, the trial's and the
+                    baseline's log-likelihood, accepted or not)
   history.tsv       per iteration: held, fraction of labels changed, mean posterior, the mean
                     log-likelihood per particle (up to a constant set by the data: compare runs
                     on the same particles and settings; higher is better), the mean change of
@@ -82,6 +89,16 @@ class Options(CommonOptions):
         help="search each particle's centre within this many voxels of its box centre (or of "
         "the input's origins) along each axis; 0: no translation search",
     )
+    split_merge_rounds: int = opt(
+        "--split-merge-rounds",
+        default=0,
+        help="after the classification, up to this many rounds of split-and-merge trials (merge "
+        "the two most alike maps, split another class; kept when the log-likelihood rises); "
+        "0: none",
+    )
+    split_merge_pairs: int = opt(
+        "--split-merge-pairs", default=2, help="most alike pairs of maps tried as merges per round"
+    )
     tilt_axis: str = opt("--tilt-axis", default="y", choices=["x", "y"], help="tilt axis")
     batch_size: int = opt("--batch-size", default=256, help="subtomograms per batch")
     seed: int = opt("--seed", default=0, help="random seed (the rotations)")
@@ -106,7 +123,7 @@ def _class_labels(table, path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run(o: Options) -> dict:
-    from ..cluster.classify3d import ClassifyConfig, classify_with_poses
+    from ..cluster.classify3d import ClassifyConfig, classify_with_poses, split_and_merge
     from ..model.backend import import_tensorflow
     from ..model.data import gather, load_particle_volumes
 
@@ -135,6 +152,8 @@ def run(o: Options) -> dict:
         tilt_axis=o.tilt_axis,
         batch_size=o.batch_size,
         seed=o.seed,
+        split_merge_rounds=o.split_merge_rounds,
+        split_merge_pairs=o.split_merge_pairs,
     )
     config.check()
     if all(c in table.particles.columns for c in ORIGINS_ANGST) and not angpix:
@@ -143,7 +162,9 @@ def run(o: Options) -> dict:
     origins = origins_px(table.particles, angpix) if angpix else None
     offsets = None if origins is None else -origins
     out = Path(o.o)
-    products = ["clusters.star", "history.tsv"] + [f"class_{c:03d}.mrc" for c in originals]
+    products = ["clusters.star", "history.tsv", "split_merge.tsv"] + [
+        f"class_{c:03d}.mrc" for c in originals
+    ]
     check_not_input([out / p for p in products], [o.i])
     prepare_output_dir(out, o.overwrite, products)
     store, rows = load_particle_volumes(table, o.i, out)
@@ -153,6 +174,7 @@ def run(o: Options) -> dict:
         return gather(store, rows[start:stop])
 
     result = classify_with_poses(read, len(table), labels, config, offsets=offsets)
+    result = split_and_merge(read, len(table), result, config, offsets=offsets)
 
     df = table.particles.copy()
     used = originals[result.classes]  # the input's class numbers of the classes kept
@@ -184,6 +206,14 @@ def run(o: Options) -> dict:
             "\t".join(",".join(map(str, v)) if isinstance(v, list) else str(v) for v in values)
         )
     write_text_atomic(out / "history.tsv", "\n".join(lines) + "\n")
+    if result.moves:  # one row per split-and-merge trial (class slots 1-based, as in history)
+        rows = ["\t".join(result.moves[0])] + [
+            "\t".join(",".join(map(str, v)) if isinstance(v, list) else str(v) for v in m.values())
+            for m in result.moves
+        ]
+        write_text_atomic(out / "split_merge.tsv", "\n".join(rows) + "\n")
+    else:
+        (out / "split_merge.tsv").unlink(missing_ok=True)
     sizes = {int(c): int((df[CLASS] == c).sum()) for c in used}
     moved = float(np.mean(df[CLASS].to_numpy() != table.particles[CLASS].to_numpy()))
     logger.info(
@@ -202,6 +232,7 @@ def run(o: Options) -> dict:
         "converged": result.converged,
         "lowpass_px": lowpass_px,
         "history": result.history,
+        "split_merge": result.moves,
     }
 
 

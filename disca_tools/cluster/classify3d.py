@@ -31,6 +31,14 @@ wedge (wedge-weighted references as in Bartesaghi et al. 2008):
   simulated Table S1 cells it raised the fixed point reached from the true classes at ±60°/SNR 0.01
   but lowered what was reached from DISCA's classes (benchmarks/ACCURACY.md, session 32).
 
+* split-and-merge (:func:`split_and_merge`, opt-in): EM from DISCA's classes can stop in a local
+  optimum where two structures share a class and another structure is spread over two. Each
+  round tries merging a pair of maps that look alike after alignment while splitting another
+  class (its least probable members seed the freed class) and keeps the trial whose mean
+  log-likelihood beats the classification continued as long (after Ueda et al. 2000). With few
+  particles per class the maps fit their members' noise and the log-likelihood can prefer a wrong
+  trial (benchmarks/ACCURACY.md, session 34).
+
 Not modelled (left to RELION's Class3D/Refine3D after this stage): the CTF (one wedge for all
 particles, not each particle's 3D CTF weight), symmetry.
 
@@ -42,7 +50,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.special import logsumexp, softmax
@@ -73,6 +81,11 @@ class ClassifyConfig:
     regularisation: float = (
         0.05  # λ of the wedge correction, a fraction of each class's largest weight
     )
+    # split-and-merge (:func:`split_and_merge`): rounds after the classification, 0 for none
+    split_merge_rounds: int = 0
+    split_merge_pairs: int = 2  # the most similar pairs of maps tried as merges each round
+    split_merge_iterations: int = 15  # iterations of each trial (3 of them held)
+    split_fraction: float = 1.0 / 3.0  # a split class's least probable members: the new class
 
     def check(self) -> None:
         """Raise a UserError for settings that cannot work."""
@@ -99,6 +112,17 @@ class ClassifyConfig:
             raise UserError(f"--max-shift-px: must be ≥ 0, got {self.max_shift_px}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size: must be at least 1, got {self.batch_size}")
+        if self.split_merge_rounds < 0 or self.split_merge_pairs < 1:
+            raise UserError(
+                f"--split-merge-rounds must be ≥ 0 and --split-merge-pairs ≥ 1, got "
+                f"{self.split_merge_rounds} and {self.split_merge_pairs}"
+            )
+        if self.split_merge_iterations < 4:
+            raise UserError(
+                f"split-and-merge iterations: need at least 4 (3 held), got {self.split_merge_iterations}"
+            )
+        if not 0.0 < self.split_fraction < 1.0:
+            raise UserError(f"split fraction: must be in (0, 1), got {self.split_fraction}")
         if not 0.0 < self.stable_fraction <= 1.0:
             raise UserError(f"stable fraction: must be in (0, 1], got {self.stable_fraction}")
 
@@ -121,6 +145,7 @@ class ClassifyResult:
     history: list[dict] = field(default_factory=list)
     converged: bool = False
     offsets: np.ndarray | None = None  # (N, 3) x y z voxels: each particle's centre − box centre
+    moves: list[dict] = field(default_factory=list)  # split-and-merge trials, one row each
 
 
 def missing_wedge_weight(box: int, max_tilt_deg: float, tilt_axis: str = "y") -> np.ndarray:
@@ -450,3 +475,170 @@ def classify_with_poses(
         history=history,
         converged=converged,
     )
+
+
+def map_similarity(refs: np.ndarray, n_rotations: int = 2000, seed: int = 0) -> np.ndarray:
+    """``(K, K)`` aligned similarity of maps: the largest normalised correlation inside the sphere
+    of map ``a`` rotated by any of ``n_rotations`` uniform rotations (and the identity) with map
+    ``b``, made symmetric by averaging ``(a, b)`` and ``(b, a)``."""
+    box = refs.shape[-1]
+    mask = sphere_mask(box)
+    rots = random_rotations(n_rotations, np.random.default_rng(seed)).astype(np.float32)
+    rots[0] = np.eye(3, dtype=np.float32)
+    p = project(refs, rots, np.ones((box, box, box), np.float32), mask)
+    p -= p.mean(axis=1, keepdims=True)
+    p /= np.linalg.norm(p, axis=1, keepdims=True) + 1e-12
+    r = refs.reshape(len(refs), -1)[:, mask].astype(np.float32)
+    r -= r.mean(axis=1, keepdims=True)
+    r /= np.linalg.norm(r, axis=1, keepdims=True) + 1e-12
+    best = (p @ r.T).reshape(len(refs), len(rots), len(refs)).max(axis=1)
+    return 0.5 * (best + best.T)
+
+
+def aligned_means(
+    read: ReadBatch,
+    n: int,
+    groups: np.ndarray,
+    n_groups: int,
+    poses: np.ndarray,
+    lp: np.ndarray,
+    batch_size: int,
+    offsets: np.ndarray | None = None,
+) -> np.ndarray:
+    """The mean of each group's low-passed particles rotated into their map's frame by their
+    poses (``groups``: a group index per particle, −1 for none), in one pass over the data."""
+    sums = None
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        take = np.flatnonzero(groups[start:stop] >= 0)
+        if not len(take):
+            continue
+        # the whole batch is rotated: one shape per batch size, not one per member count
+        x = fourier_filter(read(start, stop), lp, None if offsets is None else -offsets[start:stop])
+        back = rotate_many(x, np.transpose(poses[start:stop], (0, 2, 1)))
+        if sums is None:
+            sums = np.zeros((n_groups, *x.shape[1:]), np.float64)
+        np.add.at(sums, groups[start + take], back[take])
+    counts = np.bincount(groups[groups >= 0], minlength=n_groups).astype(np.float64)
+    return (sums / np.maximum(counts, 1.0)[:, None, None, None]).astype(np.float32)
+
+
+def _continued(history: list[dict], more: list[dict]) -> list[dict]:
+    """``history`` followed by ``more``, whose iterations are numbered on from it."""
+    return history + [{**h, "iteration": len(history) + h["iteration"]} for h in more]
+
+
+def split_and_merge(
+    read: ReadBatch,
+    n: int,
+    result: ClassifyResult,
+    config: ClassifyConfig,
+    offsets: np.ndarray | None = None,
+) -> ClassifyResult:
+    """Leave the local optimum a classification ``result`` may be stuck in by split-and-merge
+    moves (after Ueda et al. 2000, SMEM), K kept. Each round: the classification continued for
+    ``split_merge_iterations`` (the baseline); then, for each of the ``split_merge_pairs`` pairs
+    of maps most alike after alignment (:func:`map_similarity`) and each other class, a trial
+    that merges the pair into one class and splits the other class, its ``split_fraction`` least
+    probable members seeding the freed class (their aligned mean its map), run for as many
+    iterations from the baseline's maps. The trial with the highest mean log-likelihood replaces
+    the baseline if it beats it, and the classification is rerun from it with ``config``;
+    otherwise the rounds stop. ``moves`` in the result lists every trial."""
+    k = len(result.references)
+    if config.split_merge_rounds == 0 or k < 3:
+        return result
+    trial_config = replace(
+        config,
+        iterations=config.split_merge_iterations,
+        hold_iterations=3,
+        stable_fraction=1.0,
+        split_merge_rounds=0,
+    )
+    box = result.references.shape[-1]
+    lp = lowpass_weight(box, config.lowpass_px)
+    moves = list(result.moves)
+    for round_ in range(config.split_merge_rounds):
+        base = classify_with_poses(
+            read, n, result.labels, trial_config, initial=result.references, offsets=offsets
+        )
+        base.classes = result.classes[base.classes]  # each kept class's input label
+        base_ll = base.history[-1]["log_likelihood"]
+        k = len(base.references)
+        if k < 3:
+            base.history = _continued(result.history, base.history)
+            base.moves = moves
+            return base
+        similarity = map_similarity(base.references, seed=config.seed)
+        pairs = sorted(
+            ((similarity[a, b], a, b) for a in range(k) for b in range(a + 1, k)), reverse=True
+        )[: config.split_merge_pairs]
+        best = None
+        for sim_ab, a, b in pairs:
+            for c in (c for c in range(k) if c not in (a, b)):
+                members = np.flatnonzero(base.labels == c)
+                n_low = int(np.ceil(config.split_fraction * len(members)))
+                if n_low < 1 or n_low >= len(members):
+                    continue
+                low = members[np.argsort(base.posterior[members], kind="stable")[:n_low]]
+                labels = base.labels.copy()
+                labels[labels == b] = a
+                labels[low] = b
+                groups = np.full(n, -1, np.int64)
+                groups[members] = 0
+                groups[low] = 1
+                means = aligned_means(
+                    read, n, groups, 2, base.poses, lp, config.batch_size, offsets
+                )
+                initial = base.references.copy()
+                initial[c], initial[b] = means
+                logger.info(
+                    "split-and-merge round %d: merge classes %d and %d (similarity %.3f), split "
+                    "class %d (%d of %d members to class %d)",
+                    round_, a + 1, b + 1, sim_ab, c + 1, n_low, len(members), b + 1,
+                )  # fmt: skip
+                trial = classify_with_poses(
+                    read, n, labels, trial_config, initial=initial, offsets=offsets
+                )
+                ll = trial.history[-1]["log_likelihood"]
+                logger.info(
+                    "split-and-merge round %d trial: log-likelihood %.2f per particle (baseline "
+                    "%.2f), sizes %s", round_, ll, base_ll, trial.history[-1]["sizes"],
+                )  # fmt: skip
+                moves.append(
+                    {
+                        "round": round_,
+                        "merged": [a + 1, b + 1],
+                        "similarity": round(float(sim_ab), 4),
+                        "split": c + 1,
+                        "log_likelihood": ll,
+                        "baseline_log_likelihood": base_ll,
+                        "classes_kept": len(trial.references),
+                        "accepted": False,
+                    }
+                )
+                if len(trial.references) == k and ll > base_ll and (best is None or ll > best[0]):
+                    best = (ll, trial, len(moves) - 1)
+        if best is None:
+            logger.info("split-and-merge round %d: no trial beat the baseline; stopped", round_)
+            base.history = _continued(result.history, base.history)
+            base.moves = moves
+            return base
+        moves[best[2]]["accepted"] = True
+        logger.info(
+            "split-and-merge round %d: accepted (log-likelihood %.2f against %.2f); refining",
+            round_, best[0], base_ll,
+        )  # fmt: skip
+        refined = classify_with_poses(
+            read,
+            n,
+            best[1].labels,
+            replace(config, split_merge_rounds=0),
+            initial=best[1].references,
+            offsets=offsets,
+        )
+        refined.classes = base.classes[best[1].classes][refined.classes]
+        # the output's lineage: the classification, then each accepted trial's rerun
+        refined.history = _continued(result.history, refined.history)
+        result = refined
+    result.moves = moves
+    return result
