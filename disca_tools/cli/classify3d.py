@@ -24,8 +24,9 @@ Writes, in --o:
                     starting pose for RELION, relative to the class's map)
   class_NNN.mrc     each class's map, aligned and wedge-corrected (the input's pixel size)
   split_merge.tsv   with --split-merge-rounds: one row per trial (round, the merged pair and the
-                    split class as slots 1..K, their maps' aligned similarity, the trial's and the
-                    baseline's log-likelihood, accepted or not)
+                    split class as slots 1..K of that round's classification, their maps'
+                    aligned similarity, the trial's and the baseline's log-likelihood, the classes
+                    kept, accepted 1 or 0)
   history.tsv       per iteration: held, fraction of labels changed, mean posterior, the mean
                     log-likelihood per particle (up to a constant set by the data: compare runs
                     on the same particles and settings; higher is better), the mean change of
@@ -122,6 +123,18 @@ def _class_labels(table, path: str) -> tuple[np.ndarray, np.ndarray]:
     return originals, labels
 
 
+def _tsv(records: list[dict]) -> str:
+    """Rows of dicts with the same keys as a tab-separated table: booleans as 0/1, lists
+    comma-separated."""
+    lines = ["\t".join(records[0])]
+    for record in records:
+        values = [int(v) if isinstance(v, bool) else v for v in record.values()]
+        lines.append(
+            "\t".join(",".join(map(str, v)) if isinstance(v, list) else str(v) for v in values)
+        )
+    return "\n".join(lines) + "\n"
+
+
 def run(o: Options) -> dict:
     from ..cluster.classify3d import ClassifyConfig, classify_with_poses, split_and_merge
     from ..model.backend import import_tensorflow
@@ -199,19 +212,9 @@ def run(o: Options) -> dict:
         write_volume(out / f"class_{int(c):03d}.mrc", ref, angpix or 1.0, overwrite=True)
     for c in set(originals.tolist()) - set(used.tolist()):  # an emptied class: no stale map
         (out / f"class_{int(c):03d}.mrc").unlink(missing_ok=True)
-    lines = ["\t".join(result.history[0])]
-    for h in result.history:  # held as 0/1, sizes as a comma-separated list
-        values = [int(v) if isinstance(v, bool) else v for v in h.values()]
-        lines.append(
-            "\t".join(",".join(map(str, v)) if isinstance(v, list) else str(v) for v in values)
-        )
-    write_text_atomic(out / "history.tsv", "\n".join(lines) + "\n")
-    if result.moves:  # one row per split-and-merge trial (class slots 1-based, as in history)
-        rows = ["\t".join(result.moves[0])] + [
-            "\t".join(",".join(map(str, v)) if isinstance(v, list) else str(v) for v in m.values())
-            for m in result.moves
-        ]
-        write_text_atomic(out / "split_merge.tsv", "\n".join(rows) + "\n")
+    write_text_atomic(out / "history.tsv", _tsv(result.history))
+    if result.moves:  # one row per trial; classes as slots 1..K of that round's classification
+        write_text_atomic(out / "split_merge.tsv", _tsv(result.moves))
     else:
         (out / "split_merge.tsv").unlink(missing_ok=True)
     sizes = {int(c): int((df[CLASS] == c).sum()) for c in used}
