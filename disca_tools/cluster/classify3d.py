@@ -477,21 +477,26 @@ def classify_with_poses(
     )
 
 
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
+    """Each row less its mean, scaled to unit length (float32)."""
+    rows = rows - rows.mean(axis=1, keepdims=True)
+    return (rows / (np.linalg.norm(rows, axis=1, keepdims=True) + 1e-12)).astype(np.float32)
+
+
 def map_similarity(refs: np.ndarray, n_rotations: int = 2000, seed: int = 0) -> np.ndarray:
     """``(K, K)`` aligned similarity of maps: the largest normalised correlation inside the sphere
     of map ``a`` rotated by any of ``n_rotations`` uniform rotations (and the identity) with map
-    ``b``, made symmetric by averaging ``(a, b)`` and ``(b, a)``."""
+    ``b``, made symmetric by averaging ``(a, b)`` and ``(b, a)``. One map's rotations are held
+    at a time (rotations × voxels in the sphere)."""
     box = refs.shape[-1]
     mask = sphere_mask(box)
     rots = random_rotations(n_rotations, np.random.default_rng(seed)).astype(np.float32)
     rots[0] = np.eye(3, dtype=np.float32)
-    p = project(refs, rots, np.ones((box, box, box), np.float32), mask)
-    p -= p.mean(axis=1, keepdims=True)
-    p /= np.linalg.norm(p, axis=1, keepdims=True) + 1e-12
-    r = refs.reshape(len(refs), -1)[:, mask].astype(np.float32)
-    r -= r.mean(axis=1, keepdims=True)
-    r /= np.linalg.norm(r, axis=1, keepdims=True) + 1e-12
-    best = (p @ r.T).reshape(len(refs), len(rots), len(refs)).max(axis=1)
+    flat = np.ones((box, box, box), np.float32)
+    r = _unit_rows(refs.reshape(len(refs), -1)[:, mask])
+    best = np.stack(
+        [(_unit_rows(project(ref[None], rots, flat, mask)) @ r.T).max(axis=0) for ref in refs]
+    )
     return 0.5 * (best + best.T)
 
 
@@ -572,29 +577,31 @@ def split_and_merge(
         pairs = sorted(
             ((similarity[a, b], a, b) for a in range(k) for b in range(a + 1, k)), reverse=True
         )[: config.split_merge_pairs]
+        # each class's split (its least probable members to the freed class) does not depend
+        # on the pair merged: the aligned means of both parts of every class in one pass
+        splits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        groups = np.full(n, -1, np.int64)
+        for c in range(k):
+            members = np.flatnonzero(base.labels == c)
+            n_low = int(np.ceil(config.split_fraction * len(members)))
+            if 1 <= n_low < len(members):
+                low = members[np.argsort(base.posterior[members], kind="stable")[:n_low]]
+                groups[members], groups[low] = 2 * c, 2 * c + 1
+                splits[c] = (members, low)
+        means = aligned_means(read, n, groups, 2 * k, base.poses, lp, config.batch_size, offsets)
         best = None
         for sim_ab, a, b in pairs:
-            for c in (c for c in range(k) if c not in (a, b)):
-                members = np.flatnonzero(base.labels == c)
-                n_low = int(np.ceil(config.split_fraction * len(members)))
-                if n_low < 1 or n_low >= len(members):
-                    continue
-                low = members[np.argsort(base.posterior[members], kind="stable")[:n_low]]
+            for c in (c for c in splits if c not in (a, b)):
+                members, low = splits[c]
                 labels = base.labels.copy()
                 labels[labels == b] = a
                 labels[low] = b
-                groups = np.full(n, -1, np.int64)
-                groups[members] = 0
-                groups[low] = 1
-                means = aligned_means(
-                    read, n, groups, 2, base.poses, lp, config.batch_size, offsets
-                )
                 initial = base.references.copy()
-                initial[c], initial[b] = means
+                initial[c], initial[b] = means[2 * c], means[2 * c + 1]
                 logger.info(
                     "split-and-merge round %d: merge classes %d and %d (similarity %.3f), split "
                     "class %d (%d of %d members to class %d)",
-                    round_, a + 1, b + 1, sim_ab, c + 1, n_low, len(members), b + 1,
+                    round_, a + 1, b + 1, sim_ab, c + 1, len(low), len(members), b + 1,
                 )  # fmt: skip
                 trial = classify_with_poses(
                     read, n, labels, trial_config, initial=initial, offsets=offsets
