@@ -125,6 +125,7 @@ def run_classify3d(volumes, start_labels, tilt: float, args):
         max_tilt_deg=float(tilt),
         seed=args.seed,
         split_merge_rounds=args.c3d_split_merge_rounds,
+        split_merge_judge=args.c3d_split_merge_judge,
     )
     read = lambda a, b: normalise(volumes[a:b])  # noqa: E731
     res = classify_with_poses(read, len(volumes), start_labels, cfg)
@@ -196,6 +197,12 @@ def main(argv=None) -> int:
     ap.add_argument("--c3d-max-shift-px", type=float, default=c3d.max_shift_px, help="classify3d")
     ap.add_argument(
         "--c3d-split-merge-rounds", type=int, default=c3d.split_merge_rounds, help="classify3d"
+    )
+    ap.add_argument(
+        "--c3d-split-merge-judge",
+        default=c3d.split_merge_judge,
+        choices=["held-out", "likelihood"],
+        help="classify3d",
     )
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)

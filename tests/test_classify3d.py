@@ -8,6 +8,7 @@ held iterations that never move a particle; the tool: outputs, angles, provenanc
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from disca_tools.cluster.classify3d import (
     best_shifts,
     classify_with_poses,
     fourier_filter,
+    held_out_log_likelihoods,
     initial_references,
     lowpass_weight,
     map_similarity,
@@ -215,40 +217,89 @@ def test_map_similarity_finds_a_rotated_copy():
     assert sim[0, 1] > 0.8 and sim[0, 1] > sim[0, 2] + 0.3, sim
 
 
-def test_split_and_merge_leaves_a_merged_and_split_start():
-    """From classes with two structures merged and the third cut in two, plain classification
-    stays stuck; the split-and-merge trial that merges the halves and splits the merged class
-    raises the log-likelihood, is accepted and recovers the structures."""
-    s = simulate_subtomogram_set(STRUCTURES, 30, 24, 14.0, 0.5, Imaging(), seed=0)
+def merged_and_split_start(per_class: int):
+    """3 structures × ``per_class`` (SNR 0.5) and a start with the first two merged and the
+    third cut in two at random: (volumes, truth, start)."""
+    s = simulate_subtomogram_set(STRUCTURES, per_class, 24, 14.0, 0.5, Imaging(), seed=0)
     volumes, truth = normalise(s.volumes), np.asarray(s.labels)
     start = truth.copy()
     start[truth == 1] = 0
     third = np.flatnonzero(truth == 2)
     start[third[np.random.default_rng(0).random(len(third)) < 0.5]] = 1
-    cfg = ClassifyConfig(
-        rotations=300,
-        iterations=12,
-        hold_iterations=3,
-        split_merge_rounds=1,
-        split_merge_pairs=2,
-        split_merge_iterations=8,
-    )
+    return volumes, truth, start
+
+
+SPLIT_MERGE = ClassifyConfig(
+    rotations=300,
+    iterations=12,
+    hold_iterations=3,
+    split_merge_rounds=1,
+    split_merge_pairs=2,
+    split_merge_iterations=8,
+)
+
+
+def test_split_and_merge_leaves_a_merged_and_split_start():
+    """From classes with two structures merged and the third cut in two, plain classification
+    stays stuck; the split-and-merge trial that merges the halves and splits the merged class
+    raises the held-out log-likelihood by more than 2 standard errors, is accepted and
+    recovers the structures."""
+    volumes, truth, start = merged_and_split_start(30)
+    cfg = SPLIT_MERGE
     plain = classify_with_poses(reader(volumes), len(volumes), start, cfg)
     assert clustering_metrics(truth, plain.labels)["accuracy"] < 0.7
     res = split_and_merge(reader(volumes), len(volumes), plain, cfg)
     assert clustering_metrics(truth, res.labels)["accuracy"] >= 0.95
     assert len(res.moves) == 2  # 2 pairs × the one other class
     accepted = [m for m in res.moves if m["accepted"]]
-    assert (
-        len(accepted) == 1
-        and accepted[0]["log_likelihood"] > accepted[0]["baseline_log_likelihood"]
-    )
+    assert len(accepted) == 1
+    gain = accepted[0]["score"] - accepted[0]["baseline_score"]
+    assert gain > 2 * accepted[0]["gain_standard_error"] > 0
     # the halves of the third structure (start classes 2 and 3) are merged, the merged class split
     assert sorted(accepted[0]["merged"]) == [2, 3] and accepted[0]["split"] == 1
     assert sorted(res.classes.tolist()) == [0, 1, 2]
     # the history goes on from the classification's, numbered on
     assert res.history[: len(plain.history)] == plain.history
     assert [h["iteration"] for h in res.history] == list(range(len(res.history)))
+
+
+def test_held_out_judge_refuses_maps_that_fit_their_own_noise():
+    """With 15 particles per class the classification's own log-likelihood prefers a wrong
+    trial (its maps fit their members' noise) and split-and-merge makes things worse; the
+    held-out judge accepts the right trial and recovers the structures."""
+    volumes, truth, start = merged_and_split_start(15)
+    plain = classify_with_poses(reader(volumes), len(volumes), start, SPLIT_MERGE)
+    by_likelihood = split_and_merge(
+        reader(volumes), len(volumes), plain, replace(SPLIT_MERGE, split_merge_judge="likelihood")
+    )
+    assert clustering_metrics(truth, by_likelihood.labels)["accuracy"] < 0.6
+    held_out = split_and_merge(reader(volumes), len(volumes), plain, SPLIT_MERGE)
+    assert clustering_metrics(truth, held_out.labels)["accuracy"] >= 0.95
+    # the same trials, ranked differently: the likelihood's choice is refused when held out
+    assert [m["accepted"] for m in held_out.moves] == [
+        not m["accepted"] for m in by_likelihood.moves
+    ]
+
+
+def test_held_out_scores_do_not_see_the_particle(three_classes):
+    """A particle's held-out score uses only the other half's maps: changing one particle of
+    half 0 changes its own score and those of half 1 (scored by half 0's maps), never the other
+    half-0 scores."""
+    volumes, truth = three_classes
+    cfg = ClassifyConfig(rotations=60, iterations=2, hold_iterations=2)
+    res = classify_with_poses(reader(volumes), len(volumes), truth, cfg)
+    before = held_out_log_likelihoods(reader(volumes), len(volumes), res, cfg)
+    changed = volumes.copy()
+    changed[2] = np.random.default_rng(1).standard_normal(changed[2].shape)
+    after = held_out_log_likelihoods(reader(changed), len(changed), res, cfg)
+    assert np.isfinite(before).all() and before.shape == (len(volumes),)
+    others = np.setdiff1d(np.arange(0, len(volumes), 2), [2])
+    np.testing.assert_array_equal(after[others], before[others])
+    same_class_half_1 = np.flatnonzero(
+        (res.labels == res.labels[2]) & (np.arange(len(truth)) % 2 == 1)
+    )
+    assert after[2] != before[2] and len(same_class_half_1)
+    assert np.all(after[same_class_half_1] != before[same_class_half_1])
 
 
 def test_bad_settings_are_user_errors(three_classes):
@@ -259,6 +310,8 @@ def test_bad_settings_are_user_errors(three_classes):
         ClassifyConfig(iterations=2, hold_iterations=3).check()
     with pytest.raises(UserError, match="--split-merge-rounds"):
         ClassifyConfig(split_merge_rounds=-1).check()
+    with pytest.raises(UserError, match="--split-merge-judge"):
+        ClassifyConfig(split_merge_judge="bic").check()
     with pytest.raises(UserError, match="Nyquist"):
         ClassifyConfig(lowpass_px=1.5).check()
     with pytest.raises(UserError, match="one label per particle"):
@@ -328,6 +381,10 @@ def test_tool_records_split_and_merge_trials(c3d_project, monkeypatch):
     assert len(recorded["split_merge"]) == 1
     assert trial["accepted"] in ("0", "1")
     assert recorded["split_merge"][0]["accepted"] == (trial["accepted"] == "1")
+    # the default judge, its scores beside the classification's own log-likelihoods
+    assert {"score", "baseline_score", "gain_standard_error"} <= set(header)
+    options = json.loads((c3d_project / "C3D_sm" / "run.json").read_text())["options"]
+    assert options["split_merge_judge"] == "held-out"
 
 
 def test_tool_keeps_the_inputs_angles(c3d_project, monkeypatch):

@@ -12,9 +12,13 @@ particle is centred on the input's rlnOriginX/Y/ZAngst where given; with --max-s
 centre is also searched within that many voxels (off by default: on simulated data it lowered
 the accuracy reached from DISCA's classes, benchmarks/ACCURACY.md). With
 --split-merge-rounds N it then tries, up to N times, merging the two classes whose maps are most
-alike after alignment while splitting another, and keeps a trial when the log-likelihood rises
-(benchmarks/ACCURACY.md, session 34: at ±60°/SNR 0.01 it undid DISCA's merge of two structures;
-each round runs 1 + pairs × (classes − 2) trials of 15 iterations). One missing wedge for all
+alike after alignment while splitting another, and keeps a trial when its held-out
+log-likelihood (each half of the particles scored against maps made from the other half) beats
+the classification continued as long by more than two standard errors (--split-merge-judge
+likelihood: when the classification's own log-likelihood rises, which with few particles per
+class can favour a wrong trial; benchmarks/ACCURACY.md, sessions 34–35: at ±60°/SNR 0.01 it
+undid DISCA's merge of two structures; each round runs 1 + pairs × (classes − 2) trials of 15
+iterations). One missing wedge for all
 particles and no CTF: a starting point for RELION, not a refinement.
 
 Writes, in --o:
@@ -25,8 +29,9 @@ Writes, in --o:
   class_NNN.mrc     each class's map, aligned and wedge-corrected (the input's pixel size)
   split_merge.tsv   with --split-merge-rounds: one row per trial (round, the merged pair and the
                     split class as slots 1..K of that round's classification, their maps'
-                    aligned similarity, the trial's and the baseline's log-likelihood, the classes
-                    kept, accepted 1 or 0)
+                    aligned similarity, the trial's and the baseline's log-likelihood and
+                    score (the judge's: held-out log-likelihood or log-likelihood), the
+                    standard error of the held-out gain, the classes kept, accepted 1 or 0)
   history.tsv       per iteration: held, fraction of labels changed, mean posterior, the mean
                     log-likelihood per particle (up to a constant set by the data: compare runs
                     on the same particles and settings; higher is better), the mean change of
@@ -94,8 +99,16 @@ class Options(CommonOptions):
         "--split-merge-rounds",
         default=0,
         help="after the classification, up to this many rounds of split-and-merge trials (merge "
-        "the two most alike maps, split another class; kept when the log-likelihood rises); "
-        "0: none",
+        "the two most alike maps, split another class; kept when --split-merge-judge says it "
+        "beats the classification); 0: none",
+    )
+    split_merge_judge: str = opt(
+        "--split-merge-judge",
+        default="held-out",
+        choices=["held-out", "likelihood"],
+        help="what ranks split-and-merge trials: held-out (half the particles scored against "
+        "maps of the other half; a trial must gain more than 2 standard errors) or likelihood "
+        "(the classification's own log-likelihood)",
     )
     split_merge_pairs: int = opt(
         "--split-merge-pairs", default=2, help="most alike pairs of maps tried as merges per round"
@@ -125,10 +138,12 @@ def _class_labels(table, path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _tsv(records: list[dict]) -> str:
     """Rows of dicts with the same keys as a tab-separated table: booleans as 0/1, lists
-    comma-separated."""
+    comma-separated, None empty."""
     lines = ["\t".join(records[0])]
     for record in records:
-        values = [int(v) if isinstance(v, bool) else v for v in record.values()]
+        values = [
+            int(v) if isinstance(v, bool) else "" if v is None else v for v in record.values()
+        ]
         lines.append(
             "\t".join(",".join(map(str, v)) if isinstance(v, list) else str(v) for v in values)
         )
@@ -167,6 +182,7 @@ def run(o: Options) -> dict:
         seed=o.seed,
         split_merge_rounds=o.split_merge_rounds,
         split_merge_pairs=o.split_merge_pairs,
+        split_merge_judge=o.split_merge_judge,
     )
     config.check()
     if all(c in table.particles.columns for c in ORIGINS_ANGST) and not angpix:

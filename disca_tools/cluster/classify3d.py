@@ -86,6 +86,9 @@ class ClassifyConfig:
     split_merge_pairs: int = 2  # the most similar pairs of maps tried as merges each round
     split_merge_iterations: int = 15  # iterations of each trial (3 of them held)
     split_fraction: float = 1.0 / 3.0  # a split class's least probable members: the new class
+    # what ranks the trials: "held-out" (each half of the particles scored against maps made from
+    # the other half) or "likelihood" (the classification's own log-likelihood)
+    split_merge_judge: str = "held-out"
 
     def check(self) -> None:
         """Raise a UserError for settings that cannot work."""
@@ -121,6 +124,10 @@ class ClassifyConfig:
             raise UserError(
                 f"split-and-merge iterations: need at least 4 (3 held), got {self.split_merge_iterations}"
             )
+        if self.split_merge_judge not in ("held-out", "likelihood"):
+            raise UserError(
+                f"--split-merge-judge: must be held-out or likelihood, got {self.split_merge_judge!r}"
+            )
         if not 0.0 < self.split_fraction < 1.0:
             raise UserError(f"split fraction: must be in (0, 1), got {self.split_fraction}")
         if not 0.0 < self.stable_fraction <= 1.0:
@@ -146,6 +153,7 @@ class ClassifyResult:
     converged: bool = False
     offsets: np.ndarray | None = None  # (N, 3) x y z voxels: each particle's centre − box centre
     moves: list[dict] = field(default_factory=list)  # split-and-merge trials, one row each
+    noise_variance: float = 1.0  # σ² of the likelihood (low-passed voxels in the mask)
 
 
 def missing_wedge_weight(box: int, max_tilt_deg: float, tilt_axis: str = "y") -> np.ndarray:
@@ -474,6 +482,7 @@ def classify_with_poses(
         references=refs[used],
         history=history,
         converged=converged,
+        noise_variance=sigma2,
     )
 
 
@@ -509,10 +518,14 @@ def aligned_means(
     lp: np.ndarray,
     batch_size: int,
     offsets: np.ndarray | None = None,
+    wedge: np.ndarray | None = None,
+    regularisation: float = 0.05,
 ) -> np.ndarray:
     """The mean of each group's low-passed particles rotated into their map's frame by their
-    poses (``groups``: a group index per particle, −1 for none), in one pass over the data."""
-    sums = None
+    poses (``groups``: a group index per particle, −1 for none), in one pass over the data.
+    With ``wedge`` (centred Fourier weight) each mean is wedge-corrected as the M-step's maps are
+    (divided by its members' back-rotated wedges plus ``regularisation`` × their largest)."""
+    sums = wedges = None
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         take = np.flatnonzero(groups[start:stop] >= 0)
@@ -520,12 +533,65 @@ def aligned_means(
             continue
         # the whole batch is rotated: one shape per batch size, not one per member count
         x = fourier_filter(read(start, stop), lp, None if offsets is None else -offsets[start:stop])
-        back = rotate_many(x, np.transpose(poses[start:stop], (0, 2, 1)))
+        back_poses = np.transpose(poses[start:stop], (0, 2, 1))
+        back = rotate_many(x, back_poses)
         if sums is None:
             sums = np.zeros((n_groups, *x.shape[1:]), np.float64)
+            wedges = np.zeros_like(sums)
         np.add.at(sums, groups[start + take], back[take])
+        if wedge is not None:
+            seen = rotate_many(np.broadcast_to(wedge, x.shape), back_poses)
+            np.add.at(wedges, groups[start + take], seen[take])
     counts = np.bincount(groups[groups >= 0], minlength=n_groups).astype(np.float64)
-    return (sums / np.maximum(counts, 1.0)[:, None, None, None]).astype(np.float32)
+    means = sums / np.maximum(counts, 1.0)[:, None, None, None]
+    if wedge is None:
+        return means.astype(np.float32)
+    seen = wedges / np.maximum(counts, 1.0)[:, None, None, None]
+    lam = regularisation * seen.reshape(n_groups, -1).max(axis=1) + 1e-6
+    spec = np.fft.fftshift(np.fft.fftn(means, axes=(1, 2, 3)), axes=(1, 2, 3))
+    corrected = spec / (seen + lam[:, None, None, None])
+    return np.fft.ifftn(np.fft.ifftshift(corrected, axes=(1, 2, 3)), axes=(1, 2, 3)).real.astype(
+        np.float32
+    )
+
+
+def held_out_log_likelihoods(
+    read: ReadBatch, n: int, result: ClassifyResult, config: ClassifyConfig
+) -> np.ndarray:
+    """``(N,)`` the log-likelihood of each particle, class and pose marginalised as in the
+    classification's history, under maps made without it: the particles
+    are cut into two halves (alternate particles) and each half is scored against the other
+    half's maps (each class's members in that half at their most probable pose, their
+    wedge-corrected aligned mean). Maps that fit their own members' noise gain nothing here, so
+    classifications with different classes can be ranked fairly, whatever their class sizes."""
+    k = len(result.references)
+    box = result.references.shape[-1]
+    lp = lowpass_weight(box, config.lowpass_px)
+    wedge = missing_wedge_weight(box, config.max_tilt_deg, config.tilt_axis)
+    mask = sphere_mask(box)
+    offsets = result.offsets if result.offsets is not None and np.any(result.offsets) else None
+    half = np.arange(n) % 2
+    maps = aligned_means(
+        read, n, 2 * result.labels + half, 2 * k, result.poses, lp, config.batch_size,
+        offsets, wedge, config.regularisation,
+    )  # fmt: skip
+    rots = random_rotations(config.rotations, np.random.default_rng(config.seed)).astype(np.float32)
+    log_pairs = float(np.log(k * len(rots)))
+    # the projections of the maps of half 1 score half 0 and those of half 0 score half 1
+    projections = [project(maps[1 - h :: 2], rots, wedge * lp, mask) for h in (0, 1)]
+    half_norms = [0.5 * np.einsum("ij,ij->i", p, p) for p in projections]
+    out = np.empty(n)
+    for start in range(0, n, config.batch_size):
+        check_abort()
+        stop = min(start + config.batch_size, n)
+        x = fourier_filter(read(start, stop), lp, None if offsets is None else -offsets[start:stop])
+        flat = x.reshape(len(x), -1)[:, mask]
+        for h in (0, 1):
+            rows = np.flatnonzero(half[start:stop] == h)
+            if len(rows):
+                loglik = (flat[rows] @ projections[h].T - half_norms[h]) / result.noise_variance
+                out[start + rows] = logsumexp(loglik, axis=1) - log_pairs
+    return out
 
 
 def _continued(history: list[dict], more: list[dict]) -> list[dict]:
@@ -546,9 +612,13 @@ def split_and_merge(
     of maps most alike after alignment (:func:`map_similarity`) and each other class, a trial
     that merges the pair into one class and splits the other class, its ``split_fraction`` least
     probable members seeding the freed class (their aligned mean its map), run for as many
-    iterations from the baseline's maps. The trial with the highest mean log-likelihood replaces
-    the baseline if it beats it, and the classification is rerun from it with ``config``;
-    otherwise the rounds stop. ``moves`` in the result lists every trial."""
+    iterations from the baseline's maps. The trial with the highest score replaces the baseline
+    if it beats the baseline's, and the classification is rerun from it with ``config``;
+    otherwise the rounds stop. The score (``split_merge_judge``): by default the mean held-out
+    log-likelihood (:func:`held_out_log_likelihoods`), and a trial beats the baseline only when
+    its particles' mean gain exceeds two standard errors of that gain (paired over particles);
+    or the classification's own mean log-likelihood, which with few particles per class
+    favours maps that fit their members' noise. ``moves`` in the result lists every trial."""
     k = len(result.references)
     if config.split_merge_rounds == 0 or k < 3:
         return result
@@ -562,6 +632,14 @@ def split_and_merge(
     box = result.references.shape[-1]
     lp = lowpass_weight(box, config.lowpass_px)
     moves = list(result.moves)
+
+    def judged(res: ClassifyResult) -> tuple[float, np.ndarray | None]:
+        """The judge's score, and with the held-out judge each particle's."""
+        if config.split_merge_judge == "likelihood":
+            return res.history[-1]["log_likelihood"], None
+        per_particle = held_out_log_likelihoods(read, n, res, config)
+        return round(float(per_particle.mean()), 4), per_particle
+
     for round_ in range(config.split_merge_rounds):
         base = classify_with_poses(
             read, n, result.labels, trial_config, initial=result.references, offsets=offsets
@@ -573,6 +651,7 @@ def split_and_merge(
             base.history = _continued(result.history, base.history)
             base.moves = moves
             return base
+        base_score, base_per_particle = judged(base)
         similarity = map_similarity(base.references, seed=config.seed)
         pairs = sorted(
             ((similarity[a, b], a, b) for a in range(k) for b in range(a + 1, k)), reverse=True
@@ -607,9 +686,20 @@ def split_and_merge(
                     read, n, labels, trial_config, initial=initial, offsets=offsets
                 )
                 ll = trial.history[-1]["log_likelihood"]
+                kept = len(trial.references) == k
+                trial_score = gain_se = None  # a class emptied: not a candidate
+                beats = False
+                if kept:
+                    trial_score, per_particle = judged(trial)
+                    beats = trial_score > base_score
+                    if per_particle is not None:  # paired over particles: gain > 2 SE
+                        gain = per_particle - base_per_particle
+                        gain_se = round(float(gain.std(ddof=1) / np.sqrt(n)), 4)
+                        beats = float(gain.mean()) > 2.0 * gain_se
                 logger.info(
-                    "split-and-merge round %d trial: log-likelihood %.2f per particle (baseline "
-                    "%.2f), sizes %s", round_, ll, base_ll, trial.history[-1]["sizes"],
+                    "split-and-merge round %d trial: score %s per particle (baseline %.2f), "
+                    "log-likelihood %.2f (baseline %.2f), sizes %s",
+                    round_, trial_score, base_score, ll, base_ll, trial.history[-1]["sizes"],
                 )  # fmt: skip
                 moves.append(
                     {
@@ -619,12 +709,15 @@ def split_and_merge(
                         "split": c + 1,
                         "log_likelihood": ll,
                         "baseline_log_likelihood": base_ll,
+                        "score": trial_score,
+                        "baseline_score": base_score,
+                        "gain_standard_error": gain_se,
                         "classes_kept": len(trial.references),
                         "accepted": False,
                     }
                 )
-                if len(trial.references) == k and ll > base_ll and (best is None or ll > best[0]):
-                    best = (ll, trial, len(moves) - 1)
+                if beats and (best is None or trial_score > best[0]):
+                    best = (trial_score, trial, len(moves) - 1)
         if best is None:
             logger.info("split-and-merge round %d: no trial beat the baseline; stopped", round_)
             base.history = _continued(result.history, base.history)
@@ -632,8 +725,8 @@ def split_and_merge(
             return base
         moves[best[2]]["accepted"] = True
         logger.info(
-            "split-and-merge round %d: accepted (log-likelihood %.2f against %.2f); refining",
-            round_, best[0], base_ll,
+            "split-and-merge round %d: accepted (score %.2f against %.2f); refining",
+            round_, best[0], base_score,
         )  # fmt: skip
         refined = classify_with_poses(
             read,
