@@ -18,8 +18,8 @@ the classification continued as long by more than two standard errors (--split-m
 likelihood: when the classification's own log-likelihood rises, which with few particles per
 class can favour a wrong trial; benchmarks/ACCURACY.md, sessions 34–35: at ±60°/SNR 0.01 it
 undid DISCA's merge of two structures; each round runs 1 + pairs × (classes − 2) trials of 15
-iterations). One missing wedge for all
-particles and no CTF: a starting point for RELION, not a refinement.
+iterations). One missing wedge for all particles and no CTF: a starting point for RELION, not a
+refinement.
 
 Writes, in --o:
   clusters.star     the input table with rlnClassNumber (1-based) and rlnMaxValueProbDistribution

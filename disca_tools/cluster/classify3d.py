@@ -34,10 +34,11 @@ wedge (wedge-weighted references as in Bartesaghi et al. 2008):
 * split-and-merge (:func:`split_and_merge`, opt-in): EM from DISCA's classes can stop in a local
   optimum where two structures share a class and another structure is spread over two. Each
   round tries merging a pair of maps that look alike after alignment while splitting another
-  class (its least probable members seed the freed class) and keeps the trial whose mean
-  log-likelihood beats the classification continued as long (after Ueda et al. 2000). With few
-  particles per class the maps fit their members' noise and the log-likelihood can prefer a wrong
-  trial (benchmarks/ACCURACY.md, session 34).
+  class (its least probable members seed the freed class) and keeps the trial that beats the
+  classification continued as long (after Ueda et al. 2000), judged by a held-out
+  log-likelihood: each half of the particles scored against maps made from the other half,
+  since with few particles per class maps fit their members' noise and the classification's
+  own log-likelihood can prefer a wrong trial (benchmarks/ACCURACY.md, sessions 34–35).
 
 Not modelled (left to RELION's Class3D/Refine3D after this stage): the CTF (one wedge for all
 particles, not each particle's 3D CTF weight), symmetry.
@@ -537,9 +538,9 @@ def aligned_means(
         back = rotate_many(x, back_poses)
         if sums is None:
             sums = np.zeros((n_groups, *x.shape[1:]), np.float64)
-            wedges = np.zeros_like(sums)
+            wedges = None if wedge is None else np.zeros_like(sums)
         np.add.at(sums, groups[start + take], back[take])
-        if wedge is not None:
+        if wedges is not None:
             seen = rotate_many(np.broadcast_to(wedge, x.shape), back_poses)
             np.add.at(wedges, groups[start + take], seen[take])
     counts = np.bincount(groups[groups >= 0], minlength=n_groups).astype(np.float64)
@@ -559,11 +560,12 @@ def held_out_log_likelihoods(
     read: ReadBatch, n: int, result: ClassifyResult, config: ClassifyConfig
 ) -> np.ndarray:
     """``(N,)`` the log-likelihood of each particle, class and pose marginalised as in the
-    classification's history, under maps made without it: the particles
-    are cut into two halves (alternate particles) and each half is scored against the other
-    half's maps (each class's members in that half at their most probable pose, their
-    wedge-corrected aligned mean). Maps that fit their own members' noise gain nothing here, so
-    classifications with different classes can be ranked fairly, whatever their class sizes."""
+    classification's history, under maps made without it: the particles are cut into two
+    halves (alternate particles) and each half is scored against the other half's maps (each
+    class's members in that half at their most probable pose, their wedge-corrected aligned
+    mean). Maps that fit their own members' noise gain nothing here, so classifications with
+    different classes can be ranked fairly, whatever their class sizes. One pass over the data
+    for the maps and one for the scores; memory: twice the classification's projections."""
     k = len(result.references)
     box = result.references.shape[-1]
     lp = lowpass_weight(box, config.lowpass_px)
@@ -697,9 +699,10 @@ def split_and_merge(
                         gain_se = round(float(gain.std(ddof=1) / np.sqrt(n)), 4)
                         beats = float(gain.mean()) > 2.0 * gain_se
                 logger.info(
-                    "split-and-merge round %d trial: score %s per particle (baseline %.2f), "
-                    "log-likelihood %.2f (baseline %.2f), sizes %s",
-                    round_, trial_score, base_score, ll, base_ll, trial.history[-1]["sizes"],
+                    "split-and-merge round %d trial: score %s per particle (baseline %.2f, "
+                    "standard error of the gain %s), log-likelihood %.2f (baseline %.2f), sizes %s",
+                    round_, trial_score, base_score, gain_se, ll, base_ll,
+                    trial.history[-1]["sizes"],
                 )  # fmt: skip
                 moves.append(
                     {
