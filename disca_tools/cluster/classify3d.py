@@ -601,6 +601,14 @@ def _continued(history: list[dict], more: list[dict]) -> list[dict]:
     return history + [{**h, "iteration": len(history) + h["iteration"]} for h in more]
 
 
+def _ended_with(base: ClassifyResult, before: ClassifyResult, moves: list[dict]) -> ClassifyResult:
+    """``base`` (a round's continued classification) as split-and-merge's result: its history
+    after ``before``'s, every trial so far in ``moves``."""
+    base.history = _continued(before.history, base.history)
+    base.moves = moves
+    return base
+
+
 def split_and_merge(
     read: ReadBatch,
     n: int,
@@ -650,9 +658,7 @@ def split_and_merge(
         base_ll = base.history[-1]["log_likelihood"]
         k = len(base.references)
         if k < 3:
-            base.history = _continued(result.history, base.history)
-            base.moves = moves
-            return base
+            return _ended_with(base, result, moves)
         base_score, base_per_particle = judged(base)
         similarity = map_similarity(base.references, seed=config.seed)
         pairs = sorted(
@@ -723,9 +729,7 @@ def split_and_merge(
                     best = (trial_score, trial, len(moves) - 1)
         if best is None:
             logger.info("split-and-merge round %d: no trial beat the baseline; stopped", round_)
-            base.history = _continued(result.history, base.history)
-            base.moves = moves
-            return base
+            return _ended_with(base, result, moves)
         moves[best[2]]["accepted"] = True
         logger.info(
             "split-and-merge round %d: accepted (score %.2f against %.2f); refining",
