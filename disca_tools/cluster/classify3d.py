@@ -273,6 +273,32 @@ def back_rotate_sum(
     return out
 
 
+def wedge_corrected(sums: np.ndarray, wedge_sums: np.ndarray, regularisation: float) -> np.ndarray:
+    """Maps from ``(K, S, S, S)`` sums of back-rotated particles and of their back-rotated
+    wedges (centred Fourier layout): each sum's spectrum divided by its wedge sum plus
+    ``regularisation`` × that class's largest (a Wiener-like wedge correction; float32)."""
+    k = len(sums)
+    spec = np.fft.fftshift(np.fft.fftn(sums, axes=(1, 2, 3)), axes=(1, 2, 3))
+    lam = regularisation * wedge_sums.reshape(k, -1).max(axis=1) + 1e-6
+    return np.fft.ifftn(
+        np.fft.ifftshift(spec / (wedge_sums + lam[:, None, None, None]), axes=(1, 2, 3)),
+        axes=(1, 2, 3),
+    ).real.astype(np.float32)
+
+
+def pair_log_likelihoods(
+    rows: np.ndarray, projections: np.ndarray, half_norms: np.ndarray, sigma2: float
+) -> np.ndarray:
+    """``(B, K·R)`` log-likelihood of each particle (masked voxels, ``(B, M)``) under each
+    (class, rotation) projection, up to a constant: ``(x·p − |p|²/2) / σ²``."""
+    return (rows @ projections.T - half_norms) / sigma2
+
+
+def _rotations(config: ClassifyConfig) -> np.ndarray:
+    """The classification's ``rotations`` uniform random rotations (float32), set by its seed."""
+    return random_rotations(config.rotations, np.random.default_rng(config.seed)).astype(np.float32)
+
+
 def initial_references(
     read: ReadBatch,
     n: int,
@@ -332,8 +358,7 @@ def classify_with_poses(
     if first.ndim != 4 or len(set(first.shape[1:])) != 1:
         raise UserError(f"subtomograms: need cubic volumes, got shape {first.shape[1:]}")
     box = int(first.shape[-1])
-    rng = np.random.default_rng(config.seed)
-    rots = random_rotations(config.rotations, rng).astype(np.float32)
+    rots = _rotations(config)
     n_rot = len(rots)
     lp = lowpass_weight(box, config.lowpass_px)
     wedge = missing_wedge_weight(box, config.max_tilt_deg, config.tilt_axis)
@@ -397,7 +422,7 @@ def classify_with_poses(
             x = centred(start, min(start + config.batch_size, n))
             b = len(x)
             flat = x.reshape(b, vox)
-            loglik = (flat[:, mask] @ proj.T - half_norm) / sigma2  # (b, K·R)
+            loglik = pair_log_likelihoods(flat[:, mask], proj, half_norm, sigma2)  # (b, K·R)
             log_likelihood += float(logsumexp(loglik, axis=1).sum()) - b * log_pairs
             score = loglik / config.temperature
             if hold:
@@ -425,12 +450,7 @@ def classify_with_poses(
         denom = (weights.reshape(k, n_rot).astype(np.float32) @ wedge_back).reshape(
             k, box, box, box
         )
-        spec = np.fft.fftshift(np.fft.fftn(back, axes=(1, 2, 3)), axes=(1, 2, 3))
-        lam = config.regularisation * denom.reshape(k, -1).max(axis=1) + 1e-6
-        new_refs = np.fft.ifftn(
-            np.fft.ifftshift(spec / (denom + lam[:, None, None, None]), axes=(1, 2, 3)),
-            axes=(1, 2, 3),
-        ).real.astype(np.float32)
+        new_refs = wedge_corrected(back, denom, config.regularisation)
         sizes = np.bincount(current, minlength=k)
         occupied = sizes > 0
         refs[occupied] = new_refs[occupied]  # an emptied class keeps its last reference
@@ -547,12 +567,8 @@ def aligned_means(
     means = sums / np.maximum(counts, 1.0)[:, None, None, None]
     if wedge is None:
         return means.astype(np.float32)
-    seen = wedges / np.maximum(counts, 1.0)[:, None, None, None]
-    lam = regularisation * seen.reshape(n_groups, -1).max(axis=1) + 1e-6
-    spec = np.fft.fftshift(np.fft.fftn(means, axes=(1, 2, 3)), axes=(1, 2, 3))
-    corrected = spec / (seen + lam[:, None, None, None])
-    return np.fft.ifftn(np.fft.ifftshift(corrected, axes=(1, 2, 3)), axes=(1, 2, 3)).real.astype(
-        np.float32
+    return wedge_corrected(
+        means, wedges / np.maximum(counts, 1.0)[:, None, None, None], regularisation
     )
 
 
@@ -577,7 +593,7 @@ def held_out_log_likelihoods(
         read, n, 2 * result.labels + half, 2 * k, result.poses, lp, config.batch_size,
         offsets, wedge, config.regularisation,
     )  # fmt: skip
-    rots = random_rotations(config.rotations, np.random.default_rng(config.seed)).astype(np.float32)
+    rots = _rotations(config)
     log_pairs = float(np.log(k * len(rots)))
     # the projections of the maps of half 1 score half 0 and those of half 0 score half 1
     projections = [project(maps[1 - h :: 2], rots, wedge * lp, mask) for h in (0, 1)]
@@ -591,7 +607,9 @@ def held_out_log_likelihoods(
         for h in (0, 1):
             rows = np.flatnonzero(half[start:stop] == h)
             if len(rows):
-                loglik = (flat[rows] @ projections[h].T - half_norms[h]) / result.noise_variance
+                loglik = pair_log_likelihoods(
+                    flat[rows], projections[h], half_norms[h], result.noise_variance
+                )
                 out[start + rows] = logsumexp(loglik, axis=1) - log_pairs
     return out
 
