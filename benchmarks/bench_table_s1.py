@@ -126,7 +126,6 @@ def run_classify3d(volumes, start_labels, tilt: float, args):
         seed=args.seed,
         split_merge_rounds=args.c3d_split_merge_rounds,
         split_merge_judge=args.c3d_split_merge_judge,
-        split_merge_moves=tuple(args.c3d_split_merge_moves.split(",")),
     )
     read = lambda a, b: normalise(volumes[a:b])  # noqa: E731
     res = classify_with_poses(read, len(volumes), start_labels, cfg)
@@ -204,11 +203,6 @@ def main(argv=None) -> int:
         default=c3d.split_merge_judge,
         choices=["held-out", "likelihood"],
         help="classify3d",
-    )
-    ap.add_argument(
-        "--c3d-split-merge-moves",
-        default=",".join(c3d.split_merge_moves),
-        help="classify3d: comma-separated, swap and/or merge",
     )
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)

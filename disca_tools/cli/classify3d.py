@@ -18,12 +18,8 @@ the classification continued as long by more than two standard errors (--split-m
 likelihood: when the classification's own log-likelihood rises, which with few particles per
 class can favour a wrong trial; benchmarks/ACCURACY.md, sessions 34–35: at ±60°/SNR 0.01 it
 undid DISCA's merge of two structures; each round runs 1 + pairs × (classes − 2) trials of 15
-iterations). With --split-merge-moves swap,merge each round also tries merging each of those
-pairs alone, one class fewer, kept unless the held-out log-likelihood falls by more than two
-standard errors (a structure cut in two, e.g. by its orientation to the beam, fits held-out
-particles no worse than whole, so the data cannot ask for the merge; classes are never added:
-held out, a class cut in two scores higher even when it is one structure). One missing wedge for
-all particles and no CTF: a starting point for RELION, not a refinement.
+iterations). One missing wedge for all particles and no CTF: a starting point for RELION, not a
+refinement.
 
 Writes, in --o:
   clusters.star     the input table with rlnClassNumber (1-based) and rlnMaxValueProbDistribution
@@ -31,12 +27,11 @@ Writes, in --o:
                     rlnOriginX/Y/ZAngst of the centre found when the input has no angles (a
                     starting pose for RELION, relative to the class's map)
   class_NNN.mrc     each class's map, aligned and wedge-corrected (the input's pixel size)
-  split_merge.tsv   with --split-merge-rounds: one row per trial (round, move (swap or merge),
-                    the merged pair and the split class as slots 1..K of that round's
-                    classification, their maps' aligned similarity, the trial's and the
-                    baseline's log-likelihood and score (the judge's: held-out log-likelihood
-                    or log-likelihood), the standard error of the held-out gain, the classes
-                    kept, accepted 1 or 0)
+  split_merge.tsv   with --split-merge-rounds: one row per trial (round, the merged pair and the
+                    split class as slots 1..K of that round's classification, their maps'
+                    aligned similarity, the trial's and the baseline's log-likelihood and
+                    score (the judge's: held-out log-likelihood or log-likelihood), the
+                    standard error of the held-out gain, the classes kept, accepted 1 or 0)
   history.tsv       per iteration: held, fraction of labels changed, mean posterior, the mean
                     log-likelihood per particle (up to a constant set by the data: compare runs
                     on the same particles and settings; higher is better), the mean change of
@@ -118,13 +113,6 @@ class Options(CommonOptions):
     split_merge_pairs: int = opt(
         "--split-merge-pairs", default=2, help="most alike pairs of maps tried as merges per round"
     )
-    split_merge_moves: str = opt(
-        "--split-merge-moves",
-        default="swap",
-        help="the trials of each round, comma-separated: swap (merge a pair of classes and split "
-        "another; kept when it gains) and/or merge (a pair merged, one class fewer; kept unless "
-        "it loses more than 2 standard errors; held-out judge only)",
-    )
     tilt_axis: str = opt("--tilt-axis", default="y", choices=["x", "y"], help="tilt axis")
     batch_size: int = opt("--batch-size", default=256, help="subtomograms per batch")
     seed: int = opt("--seed", default=0, help="random seed (the rotations)")
@@ -195,7 +183,6 @@ def run(o: Options) -> dict:
         split_merge_rounds=o.split_merge_rounds,
         split_merge_pairs=o.split_merge_pairs,
         split_merge_judge=o.split_merge_judge,
-        split_merge_moves=tuple(m.strip() for m in o.split_merge_moves.split(",") if m.strip()),
     )
     config.check()
     if all(c in table.particles.columns for c in ORIGINS_ANGST) and not angpix:

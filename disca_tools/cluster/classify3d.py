@@ -50,7 +50,7 @@ plus one batch of subtomograms: nothing grows with N. Time per iteration is line
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -62,7 +62,6 @@ from ..runtime.log import check_abort, logger, progress
 
 ReadBatch = Callable[[int, int], np.ndarray]
 _CHUNK = 256  # rotations rotated at once (one compiled shape, plus the remainder's)
-SPLIT_MERGE_MOVES = ("swap", "merge")
 
 
 @dataclass(frozen=True)
@@ -91,9 +90,6 @@ class ClassifyConfig:
     # what ranks the trials: "held-out" (each half of the particles scored against maps made from
     # the other half) or "likelihood" (the classification's own log-likelihood)
     split_merge_judge: str = "held-out"
-    # which trials each round runs: "swap" (merge a pair, split another class: K kept) and/or
-    # "merge" (a pair merged: K − 1; needs the held-out judge)
-    split_merge_moves: tuple[str, ...] = ("swap",)
 
     def check(self) -> None:
         """Raise a UserError for settings that cannot work."""
@@ -133,18 +129,6 @@ class ClassifyConfig:
             raise UserError(
                 f"--split-merge-judge: must be held-out or likelihood, got {self.split_merge_judge!r}"
             )
-        unknown = set(self.split_merge_moves) - set(SPLIT_MERGE_MOVES)
-        if not self.split_merge_moves or unknown:
-            raise UserError(
-                f"--split-merge-moves: need one or more of {', '.join(SPLIT_MERGE_MOVES)}, got "
-                f"{','.join(self.split_merge_moves) or 'none'}"
-            )
-        if self.split_merge_judge != "held-out" and "merge" in self.split_merge_moves:
-            raise UserError(
-                "--split-merge-moves merge changes the number of classes: only the held-out "
-                "judge can compare such trials (a classification's own log-likelihood rises "
-                "with every class)"
-            )
         if not 0.0 < self.split_fraction < 1.0:
             raise UserError(f"split fraction: must be in (0, 1), got {self.split_fraction}")
         if not 0.0 < self.stable_fraction <= 1.0:
@@ -154,8 +138,9 @@ class ClassifyConfig:
 @dataclass
 class ClassifyResult:
     """The classification: 0-based ``labels`` (empty classes dropped, renumbered in order;
-    ``classes`` gives each kept class's starting label), the chosen class's posterior, the most probable pose within it (matrices
-    ``(N, 3, 3)`` on ``(x, y, z)``: ``particle(x) ≈ reference(M · (x − c − d) + c)`` with ``d`` the particle's
+    ``classes`` gives each kept class's starting label),
+    the chosen class's posterior, the most probable pose within it (matrices ``(N, 3, 3)`` on
+    ``(x, y, z)``: ``particle(x) ≈ reference(M · (x − c − d) + c)`` with ``d`` the particle's
     row of ``offsets``), the references ``(K, S, S, S)`` and one history row per iteration
     (``log_likelihood``: the mean over particles of ``log Σ_kr exp(ℓ_kr) / (K R)``, up to a
     constant set by the data and the filter: compare runs on the same particles and settings)."""
@@ -642,36 +627,6 @@ def _ended_with(base: ClassifyResult, before: ClassifyResult, moves: list[dict])
     return base
 
 
-def _trial_starts(
-    base: ClassifyResult,
-    moves: tuple[str, ...],
-    pairs: list[tuple[float, int, int]],
-    splits: dict[int, tuple[np.ndarray, np.ndarray]],
-    means: np.ndarray,
-) -> Iterator[tuple[dict, np.ndarray, np.ndarray, np.ndarray]]:
-    """Each split-and-merge trial's start from the round's baseline ``base``: its record (the
-    move, the merged pair and the split class as 1-based slots of ``base``, the pair's
-    similarity), labels, maps and each class's slot in ``base``. ``pairs``: (similarity, a, b)
-    of the pairs of maps tried as merges; ``splits``: each splittable class's members and its
-    least probable ones; ``means``: the aligned means of each class's two parts (2c, 2c + 1)."""
-    k = len(base.references)
-    for sim_ab, a, b in pairs:
-        record = {"merged": [a + 1, b + 1], "similarity": round(float(sim_ab), 4)}
-        labels = base.labels.copy()
-        labels[labels == b] = a
-        if "swap" in moves:  # K kept: the freed class b seeded by another class's split
-            for c in (c for c in splits if c not in (a, b)):
-                swapped = labels.copy()
-                swapped[splits[c][1]] = b
-                maps = base.references.copy()
-                maps[c], maps[b] = means[2 * c], means[2 * c + 1]
-                yield {"move": "swap", **record, "split": c + 1}, swapped, maps, np.arange(k)
-        if "merge" in moves and k > 2:  # K − 1: b's slot removed
-            merged = np.where(labels > b, labels - 1, labels)
-            kept = np.delete(np.arange(k), b)
-            yield {"move": "merge", **record, "split": None}, merged, base.references[kept], kept
-
-
 def split_and_merge(
     read: ReadBatch,
     n: int,
@@ -680,23 +635,20 @@ def split_and_merge(
     offsets: np.ndarray | None = None,
 ) -> ClassifyResult:
     """Leave the local optimum a classification ``result`` may be stuck in by split-and-merge
-    moves (after Ueda et al. 2000, SMEM). Each round: the classification continued for
-    ``split_merge_iterations`` (the baseline); then trials of the ``split_merge_moves``, each
-    run for as many iterations from the baseline's maps: *swap* (K kept), for each of the
-    ``split_merge_pairs`` pairs of maps most alike after alignment (:func:`map_similarity`) and
-    each other class, the pair merged into one class and the other class split, its
-    ``split_fraction`` least probable members seeding the freed class (their aligned mean its
-    map); *merge* (K − 1), each of those pairs merged. Of the trials that pass, the one with the
-    highest score replaces the baseline and the classification is rerun from it with
-    ``config``; if none passes, the rounds stop. The score (``split_merge_judge``): by default
-    the mean held-out log-likelihood (:func:`held_out_log_likelihoods`); a swap passes when its
-    particles' mean gain over the baseline exceeds two standard errors of that gain (paired over
-    particles), a merge when its mean loss does not (the fewer classes unless the data
-    significantly want both: the held-out likelihood of a structure cut in two is no lower than
-    of it whole, so it cannot ask for a merge, benchmarks/ACCURACY.md, session 36); or (swaps
-    only) the classification's own mean log-likelihood, which with few particles per class
+    moves (after Ueda et al. 2000, SMEM), K kept. Each round: the classification continued for
+    ``split_merge_iterations`` (the baseline); then, for each of the ``split_merge_pairs`` pairs
+    of maps most alike after alignment (:func:`map_similarity`) and each other class, a trial
+    that merges the pair into one class and splits the other class, its ``split_fraction`` least
+    probable members seeding the freed class (their aligned mean its map), run for as many
+    iterations from the baseline's maps. The trial with the highest score replaces the baseline
+    if it beats the baseline's, and the classification is rerun from it with ``config``;
+    otherwise the rounds stop. The score (``split_merge_judge``): by default the mean held-out
+    log-likelihood (:func:`held_out_log_likelihoods`), and a trial beats the baseline only when
+    its particles' mean gain exceeds two standard errors of that gain (paired over particles);
+    or the classification's own mean log-likelihood, which with few particles per class
     favours maps that fit their members' noise. ``moves`` in the result lists every trial."""
-    if config.split_merge_rounds == 0 or len(result.references) < 3:
+    k = len(result.references)
+    if config.split_merge_rounds == 0 or k < 3:
         return result
     trial_config = replace(
         config,
@@ -743,48 +695,56 @@ def split_and_merge(
                 splits[c] = (members, low)
         means = aligned_means(read, n, groups, 2 * k, base.poses, lp, config.batch_size, offsets)
         best = None
-        starts = _trial_starts(base, config.split_merge_moves, pairs, splits, means)
-        for move, labels, initial, lineage in starts:
-            logger.info(
-                "split-and-merge round %d, %s: merge classes %s, split class %s (%d classes)",
-                round_, move["move"], move["merged"], move["split"], len(initial),
-            )  # fmt: skip
-            trial = classify_with_poses(
-                read, n, labels, trial_config, initial=initial, offsets=offsets
-            )
-            ll = trial.history[-1]["log_likelihood"]
-            trial_score = gain_se = None  # a class emptied: not a candidate
-            beats = False
-            if len(trial.references) == len(initial):
-                trial_score, per_particle = judged(trial)
-                beats = trial_score > base_score
-                if per_particle is not None:  # paired over particles: gain > 2 SE (> −2 SE)
-                    gain = per_particle - base_per_particle
-                    gain_se = round(float(gain.std(ddof=1) / np.sqrt(n)), 4)
-                    margin = -2.0 * gain_se if move["move"] == "merge" else 2.0 * gain_se
-                    beats = float(gain.mean()) > margin
-            logger.info(
-                "split-and-merge round %d trial: score %s per particle (baseline %.2f, "
-                "standard error of the gain %s), log-likelihood %.2f (baseline %.2f), sizes %s",
-                round_, trial_score, base_score, gain_se, ll, base_ll,
-                trial.history[-1]["sizes"],
-            )  # fmt: skip
-            moves.append(
-                {
-                    "round": round_,
-                    **move,
-                    "log_likelihood": ll,
-                    "baseline_log_likelihood": base_ll,
-                    "score": trial_score,
-                    "baseline_score": base_score,
-                    "gain_standard_error": gain_se,
-                    "classes_kept": len(trial.references),
-                    "accepted": False,
-                }
-            )
-            if beats and (best is None or trial_score > best[0]):
-                trial.classes = lineage[trial.classes]
-                best = (trial_score, trial, len(moves) - 1)
+        for sim_ab, a, b in pairs:
+            for c in (c for c in splits if c not in (a, b)):
+                members, low = splits[c]
+                labels = base.labels.copy()
+                labels[labels == b] = a
+                labels[low] = b
+                initial = base.references.copy()
+                initial[c], initial[b] = means[2 * c], means[2 * c + 1]
+                logger.info(
+                    "split-and-merge round %d: merge classes %d and %d (similarity %.3f), split "
+                    "class %d (%d of %d members to class %d)",
+                    round_, a + 1, b + 1, sim_ab, c + 1, len(low), len(members), b + 1,
+                )  # fmt: skip
+                trial = classify_with_poses(
+                    read, n, labels, trial_config, initial=initial, offsets=offsets
+                )
+                ll = trial.history[-1]["log_likelihood"]
+                kept = len(trial.references) == k
+                trial_score = gain_se = None  # a class emptied: not a candidate
+                beats = False
+                if kept:
+                    trial_score, per_particle = judged(trial)
+                    beats = trial_score > base_score
+                    if per_particle is not None:  # paired over particles: gain > 2 SE
+                        gain = per_particle - base_per_particle
+                        gain_se = round(float(gain.std(ddof=1) / np.sqrt(n)), 4)
+                        beats = float(gain.mean()) > 2.0 * gain_se
+                logger.info(
+                    "split-and-merge round %d trial: score %s per particle (baseline %.2f, "
+                    "standard error of the gain %s), log-likelihood %.2f (baseline %.2f), sizes %s",
+                    round_, trial_score, base_score, gain_se, ll, base_ll,
+                    trial.history[-1]["sizes"],
+                )  # fmt: skip
+                moves.append(
+                    {
+                        "round": round_,
+                        "merged": [a + 1, b + 1],
+                        "similarity": round(float(sim_ab), 4),
+                        "split": c + 1,
+                        "log_likelihood": ll,
+                        "baseline_log_likelihood": base_ll,
+                        "score": trial_score,
+                        "baseline_score": base_score,
+                        "gain_standard_error": gain_se,
+                        "classes_kept": len(trial.references),
+                        "accepted": False,
+                    }
+                )
+                if beats and (best is None or trial_score > best[0]):
+                    best = (trial_score, trial, len(moves) - 1)
         if best is None:
             logger.info("split-and-merge round %d: no trial beat the baseline; stopped", round_)
             return _ended_with(base, result, moves)
