@@ -50,7 +50,7 @@ plus one batch of subtomograms: nothing grows with N. Time per iteration is line
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -299,6 +299,24 @@ def _rotations(config: ClassifyConfig) -> np.ndarray:
     return random_rotations(config.rotations, np.random.default_rng(config.seed)).astype(np.float32)
 
 
+def filtered_batches(
+    read: ReadBatch,
+    n: int,
+    lp: np.ndarray,
+    batch_size: int,
+    offsets: np.ndarray | None = None,
+    desc: str | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Each batch's first index and its subtomograms low-passed by ``lp``, each moved by minus
+    its row of ``offsets`` (none: as read); with ``desc``, reported as progress."""
+    starts = range(0, n, batch_size)
+    for start in starts if desc is None else progress(starts, desc=desc, unit="batch"):
+        check_abort()
+        stop = min(start + batch_size, n)
+        moved_by = None if offsets is None else -offsets[start:stop]
+        yield start, fourier_filter(read(start, stop), lp, moved_by)
+
+
 def initial_references(
     read: ReadBatch,
     n: int,
@@ -314,9 +332,7 @@ def initial_references(
     mask = None
     total = total2 = 0.0
     count = 0
-    for start in progress(range(0, n, batch_size), desc="references", unit="batch"):
-        stop = min(start + batch_size, n)
-        x = fourier_filter(read(start, stop), lp, None if offsets is None else -offsets[start:stop])
+    for start, x in filtered_batches(read, n, lp, batch_size, offsets, desc="references"):
         if sums is None:
             sums = np.zeros((k, *x.shape[1:]), np.float64)
             mask = sphere_mask(x.shape[-1])
@@ -379,10 +395,6 @@ def classify_with_poses(
     moved = search_shifts or bool(np.any(offsets))
     reach = max(1, int(np.ceil(config.max_shift_px)))
 
-    def centred(start: int, stop: int) -> np.ndarray:
-        """The low-passed batch, each particle moved by minus its offset."""
-        return fourier_filter(read(start, stop), lp, -offsets[start:stop] if moved else None)
-
     refs, sigma2 = initial_references(
         read, n, labels, k, lp, config.batch_size, offsets if moved else None
     )
@@ -417,9 +429,10 @@ def classify_with_poses(
         new = np.empty(n, np.int64)
         new_offsets = offsets.copy()
         log_likelihood = 0.0
-        for start in progress(range(0, n, config.batch_size), desc=f"iteration {it}", unit="batch"):
-            check_abort()
-            x = centred(start, min(start + config.batch_size, n))
+        batches = filtered_batches(
+            read, n, lp, config.batch_size, offsets if moved else None, desc=f"iteration {it}"
+        )
+        for start, x in batches:
             b = len(x)
             flat = x.reshape(b, vox)
             loglik = pair_log_likelihoods(flat[:, mask], proj, half_norm, sigma2)  # (b, K·R)
@@ -547,13 +560,12 @@ def aligned_means(
     With ``wedge`` (centred Fourier weight) each mean is wedge-corrected as the M-step's maps are
     (divided by its members' back-rotated wedges plus ``regularisation`` × their largest)."""
     sums = wedges = None
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
+    for start, x in filtered_batches(read, n, lp, batch_size, offsets):
+        stop = start + len(x)
         take = np.flatnonzero(groups[start:stop] >= 0)
         if not len(take):
             continue
         # the whole batch is rotated: one shape per batch size, not one per member count
-        x = fourier_filter(read(start, stop), lp, None if offsets is None else -offsets[start:stop])
         back_poses = np.transpose(poses[start:stop], (0, 2, 1))
         back = rotate_many(x, back_poses)
         if sums is None:
@@ -599,10 +611,8 @@ def held_out_log_likelihoods(
     projections = [project(maps[1 - h :: 2], rots, wedge * lp, mask) for h in (0, 1)]
     half_norms = [0.5 * np.einsum("ij,ij->i", p, p) for p in projections]
     out = np.empty(n)
-    for start in range(0, n, config.batch_size):
-        check_abort()
-        stop = min(start + config.batch_size, n)
-        x = fourier_filter(read(start, stop), lp, None if offsets is None else -offsets[start:stop])
+    for start, x in filtered_batches(read, n, lp, config.batch_size, offsets):
+        stop = start + len(x)
         flat = x.reshape(len(x), -1)[:, mask]
         for h in (0, 1):
             rows = np.flatnonzero(half[start:stop] == h)
