@@ -111,8 +111,10 @@ def run_disca(volumes, truth, args, seed, paper: bool = False, save_dir: Path | 
     return np.asarray(res.labels), extra
 
 
-def run_classify3d(volumes, start_labels, tilt: float, args):
-    """``disca_classify3d``'s core on the cell, from ``start_labels`` (a DISCA run's clusters)."""
+def run_classify3d(volumes, truth, start_labels, tilt: float, args, save_dir: Path | None = None):
+    """``disca_classify3d``'s core on the cell, from ``start_labels`` (a DISCA run's clusters).
+    With ``save_dir``, the result (and with split-and-merge, the classification before it) is
+    saved there as ``classify3d.npz`` for probes to start from."""
     from disca_tools.cluster.classify3d import ClassifyConfig, classify_with_poses, split_and_merge
 
     cfg = ClassifyConfig(
@@ -128,9 +130,22 @@ def run_classify3d(volumes, start_labels, tilt: float, args):
         split_merge_judge=args.c3d_split_merge_judge,
     )
     read = lambda a, b: normalise(volumes[a:b])  # noqa: E731
-    res = classify_with_poses(read, len(volumes), start_labels, cfg)
-    res = split_and_merge(read, len(volumes), res, cfg)
+    classified = classify_with_poses(read, len(volumes), start_labels, cfg)
+    res = split_and_merge(read, len(volumes), classified, cfg)
+    if save_dir is not None:
+        save_arrays(
+            save_dir / "classify3d.npz",
+            labels=res.labels,
+            posterior=res.posterior,
+            poses=res.poses,
+            offsets=res.offsets,
+            references=res.references,
+            labels_before_split_merge=classified.labels,
+        )
     extra = {
+        "classify3d_accuracy_before_split_merge": round(
+            100 * clustering_metrics(truth, classified.labels)["accuracy"], 2
+        ),
         "classify3d_iterations": len(res.history),
         "classify3d_converged": res.converged,
         "classify3d_changed_by_iteration": [h["changed_fraction"] for h in res.history],
@@ -184,7 +199,8 @@ def main(argv=None) -> int:
         type=Path,
         default=None,
         help="folder: each DISCA run's iterations (labels, PCA points, posteriors) and its cell's "
-        "truth and poses, in a subfolder per cell and method (for probe_cluster_errors.py)",
+        "truth and poses, in a subfolder per cell and method (for probe_cluster_errors.py); "
+        "classify3d's result and its classification before split-and-merge (classify3d.npz)",
     )
     from disca_tools.cluster.classify3d import ClassifyConfig
 
@@ -240,7 +256,12 @@ def main(argv=None) -> int:
                 )
                 disca_labels = labels
             elif method == "classify3d":
-                labels, extra = run_classify3d(sim.volumes, disca_labels, tilt, args)
+                save_dir = None
+                if args.save_iterations is not None:
+                    save_dir = save_cell(args.save_iterations, sim, tilt, snr, method)
+                labels, extra = run_classify3d(
+                    sim.volumes, truth, disca_labels, tilt, args, save_dir
+                )
                 extra["start_accuracy"] = round(
                     100 * clustering_metrics(truth, disca_labels)["accuracy"], 2
                 )

@@ -274,3 +274,33 @@ def test_save_arrays_writes_one_npz_through_a_rename(common, tmp_path):
     saved = np.load(path)
     assert saved["labels"].tolist() == [0, 1, 2] and int(saved["k"]) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["it.npz"]  # no temporary left, no ".npz.npz"
+
+
+def test_table_s1_saves_the_classification_before_and_after_split_and_merge(tmp_path, monkeypatch):
+    """``--save-iterations`` keeps classify3d's result and the classification before
+    split-and-merge (probes start from them), and the row reports the earlier accuracy."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import argparse
+
+    import bench_table_s1
+
+    from disca_tools.evaluate import clustering_metrics
+    from disca_tools.simulate.imaging import Imaging
+    from disca_tools.simulate.subtomograms import simulate_subtomogram_set
+
+    s = simulate_subtomogram_set(["1bxn", "4v4r"], 8, 24, 14.0, 0.5, Imaging(), seed=0)
+    start = s.labels.copy()
+    start[:3] = 1 - start[:3]
+    args = argparse.Namespace(
+        c3d_rotations=30, c3d_iterations=5, c3d_hold=2, c3d_temperature=5.0, c3d_lowpass_px=3.0,
+        c3d_max_shift_px=0.0, seed=0, c3d_split_merge_rounds=1, c3d_split_merge_judge="held-out",
+    )  # fmt: skip
+    labels, extra = bench_table_s1.run_classify3d(s.volumes, s.labels, start, 60, args, tmp_path)
+    saved = np.load(tmp_path / "classify3d.npz")
+    assert np.array_equal(saved["labels"], labels)
+    assert saved["poses"].shape == (16, 3, 3) and saved["references"].shape[1:] == (24, 24, 24)
+    before = saved["labels_before_split_merge"]
+    assert before.shape == (16,)
+    assert extra["classify3d_accuracy_before_split_merge"] == round(
+        100 * clustering_metrics(s.labels, before)["accuracy"], 2
+    )
