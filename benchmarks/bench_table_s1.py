@@ -156,8 +156,8 @@ def run_classify3d(volumes, truth, start_labels, tilt: float, args, save_dir: Pa
 
 
 def save_cell(root: Path, sim, tilt: float, snr: float, method: str) -> Path:
-    """A folder under ``root`` for one cell's DISCA run, holding ``cell.npz`` (truth labels, RELION
-    angles, shifts, class names, tilt, SNR)."""
+    """A folder under ``root`` for one cell's run of ``method`` (DISCA or classify3d), holding
+    ``cell.npz`` (truth labels, RELION angles, shifts, class names, tilt, SNR)."""
     folder = root / f"t{tilt:g}_snr{snr:g}_{method}"
     folder.mkdir(parents=True, exist_ok=True)
     save_arrays(
