@@ -155,6 +155,9 @@ def run_classify3d(volumes, truth, start_labels, tilt: float, args, save_dir: Pa
     return res.labels, extra
 
 
+SAVED_METHODS = ("disca", "disca_paper", "classify3d")  # what --save-iterations keeps
+
+
 def save_cell(root: Path, sim, tilt: float, snr: float, method: str) -> Path:
     """A folder under ``root`` for one cell's run of ``method`` (DISCA or classify3d), holding
     ``cell.npz`` (truth labels, RELION angles, shifts, class names, tilt, SNR)."""
@@ -247,18 +250,15 @@ def main(argv=None) -> int:
         for method in methods:
             t0 = time.time()
             extra: dict = {}
+            save_dir = None
+            if args.save_iterations is not None and method in SAVED_METHODS:
+                save_dir = save_cell(args.save_iterations, sim, tilt, snr, method)
             if method in ("disca", "disca_paper"):
-                save_dir = None
-                if args.save_iterations is not None:
-                    save_dir = save_cell(args.save_iterations, sim, tilt, snr, method)
                 labels, extra = run_disca(
                     sim.volumes, truth, args, args.seed, method == "disca_paper", save_dir
                 )
                 disca_labels = labels
             elif method == "classify3d":
-                save_dir = None
-                if args.save_iterations is not None:
-                    save_dir = save_cell(args.save_iterations, sim, tilt, snr, method)
                 labels, extra = run_classify3d(
                     sim.volumes, truth, disca_labels, tilt, args, save_dir
                 )
