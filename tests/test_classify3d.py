@@ -19,6 +19,7 @@ from scipy.special import logsumexp, softmax
 from disca_tools.cli.classify3d import main
 from disca_tools.cluster.classify3d import (
     ClassifyConfig,
+    aligned_means,
     best_shifts,
     classify_with_poses,
     fourier_filter,
@@ -415,3 +416,26 @@ def test_bad_classes_are_one_line_errors(c3d_project, monkeypatch, capsys, edit,
     assert not (c3d_project / "Bad").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.star" in err[0] and problem in err[0]
+
+
+def test_aligned_means_read_only_the_batches_holding_group_members(three_classes):
+    """Particles outside every group (−1) do not count, and a batch of none of them is not read."""
+    volumes, labels = three_classes
+    n = len(labels)
+    reads = []
+
+    def read(start, stop):
+        reads.append((start, stop))
+        return volumes[start:stop]
+
+    groups = np.where(
+        np.arange(n) < 20, labels, -1
+    )  # batches of 10: only the first two hold members
+    poses = np.broadcast_to(np.eye(3, dtype=np.float32), (n, 3, 3))
+    lp = lowpass_weight(24, 3.0)
+    means = aligned_means(read, n, groups, 3, poses, lp, 10)
+    assert reads == [(0, 10), (10, 20)]
+    x = fourier_filter(volumes[:20], lp)
+    for c in np.unique(labels[:20]):
+        members = labels[:20] == c
+        np.testing.assert_allclose(means[c], x[members].mean(axis=0), rtol=1e-4, atol=1e-5)

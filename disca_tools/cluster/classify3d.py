@@ -306,13 +306,17 @@ def filtered_batches(
     batch_size: int,
     offsets: np.ndarray | None = None,
     desc: str | None = None,
+    wanted: np.ndarray | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Each batch's first index and its subtomograms low-passed by ``lp``, each moved by minus
-    its row of ``offsets`` (none: as read); with ``desc``, reported as progress."""
+    its row of ``offsets`` (none: as read); with ``desc``, reported as progress. With ``wanted``
+    (one bool per particle), batches holding none of the wanted particles are not read."""
     starts = range(0, n, batch_size)
     for start in starts if desc is None else progress(starts, desc=desc, unit="batch"):
         check_abort()
         stop = min(start + batch_size, n)
+        if wanted is not None and not wanted[start:stop].any():
+            continue
         moved_by = None if offsets is None else -offsets[start:stop]
         yield start, fourier_filter(read(start, stop), lp, moved_by)
 
@@ -560,11 +564,9 @@ def aligned_means(
     With ``wedge`` (centred Fourier weight) each mean is wedge-corrected as the M-step's maps are
     (divided by its members' back-rotated wedges plus ``regularisation`` × their largest)."""
     sums = wedges = None
-    for start, x in filtered_batches(read, n, lp, batch_size, offsets):
+    for start, x in filtered_batches(read, n, lp, batch_size, offsets, wanted=groups >= 0):
         stop = start + len(x)
         take = np.flatnonzero(groups[start:stop] >= 0)
-        if not len(take):
-            continue
         # the whole batch is rotated: one shape per batch size, not one per member count
         back_poses = np.transpose(poses[start:stop], (0, 2, 1))
         back = rotate_many(x, back_poses)
