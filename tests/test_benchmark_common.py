@@ -278,16 +278,32 @@ def test_save_arrays_writes_one_npz_through_a_rename(common, tmp_path):
 
 def test_table_s1_saves_the_classification_before_and_after_split_and_merge(tmp_path, monkeypatch):
     """``--save-iterations`` keeps classify3d's result and the classification before
-    split-and-merge (probes start from them), and the row reports the earlier accuracy."""
+    split-and-merge (probes start from them), and the row reports the earlier accuracy. The
+    real split-and-merge is wrapped so that its result surely differs from its input (with
+    two classes it would return the input), so a swap of the two would fail."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import argparse
+    import dataclasses
 
     import bench_table_s1
 
+    from disca_tools.cluster import classify3d
     from disca_tools.evaluate import clustering_metrics
     from disca_tools.simulate.imaging import Imaging
     from disca_tools.simulate.subtomograms import simulate_subtomogram_set
 
+    seen = {}
+    real_split_and_merge = classify3d.split_and_merge
+
+    def split_and_merge_moving_half(read, n, result, config, offsets=None):
+        seen["before"] = result.labels.copy()
+        out = real_split_and_merge(read, n, result, config, offsets)
+        moved = out.labels.copy()
+        moved[: n // 2] = 1 - moved[: n // 2]  # half the particles to the other class
+        seen["after"] = moved
+        return dataclasses.replace(out, labels=moved)
+
+    monkeypatch.setattr(classify3d, "split_and_merge", split_and_merge_moving_half)
     s = simulate_subtomogram_set(["1bxn", "4v4r"], 8, 24, 14.0, 0.5, Imaging(), seed=0)
     start = s.labels.copy()
     start[:3] = 1 - start[:3]
@@ -297,10 +313,10 @@ def test_table_s1_saves_the_classification_before_and_after_split_and_merge(tmp_
     )  # fmt: skip
     labels, extra = bench_table_s1.run_classify3d(s.volumes, s.labels, start, 60, args, tmp_path)
     saved = np.load(tmp_path / "classify3d.npz")
-    assert np.array_equal(saved["labels"], labels)
+    assert np.array_equal(labels, seen["after"]) and np.array_equal(saved["labels"], labels)
     assert saved["poses"].shape == (16, 3, 3) and saved["references"].shape[1:] == (24, 24, 24)
     before = saved["labels_before_split_merge"]
-    assert before.shape == (16,)
-    assert extra["classify3d_accuracy_before_split_merge"] == round(
-        100 * clustering_metrics(s.labels, before)["accuracy"], 2
-    )
+    assert np.array_equal(before, seen["before"]) and not np.array_equal(before, labels)
+    acc_before = round(100 * clustering_metrics(s.labels, before)["accuracy"], 2)
+    assert extra["classify3d_accuracy_before_split_merge"] == acc_before
+    assert acc_before != round(100 * clustering_metrics(s.labels, labels)["accuracy"], 2)
