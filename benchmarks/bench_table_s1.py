@@ -143,6 +143,7 @@ def run_classify3d(volumes, truth, start_labels, tilt: float, args, save_dir: Pa
             labels_before_split_merge=classified.labels,
         )
     extra = {
+        "start_accuracy": round(100 * clustering_metrics(truth, start_labels)["accuracy"], 2),
         "classify3d_accuracy_before_split_merge": round(
             100 * clustering_metrics(truth, classified.labels)["accuracy"], 2
         ),
@@ -261,9 +262,6 @@ def main(argv=None) -> int:
             elif method == "classify3d":
                 labels, extra = run_classify3d(
                     sim.volumes, truth, disca_labels, tilt, args, save_dir
-                )
-                extra["start_accuracy"] = round(
-                    100 * clustering_metrics(truth, disca_labels)["accuracy"], 2
                 )
             elif method == "gmm":
                 labels = run_gmm_bic(sim.volumes, args.k_candidates, args.pca_dim, args.seed)
