@@ -94,7 +94,7 @@ def accuracy(args: argparse.Namespace) -> list[dict]:
         sim = simulate_cell(args, tilt=tilt, snr=snr)
         for p in PRECISIONS:
             t0 = time.time()
-            labels, extra = run_disca(sim.volumes, sim.labels, argparse.Namespace(**{**vars(args), "precision": p}), args.seed)  # fmt: skip
+            labels, extra, _ = run_disca(sim.volumes, sim.labels, argparse.Namespace(**{**vars(args), "precision": p}), args.seed)  # fmt: skip
             m = clustering_metrics(sim.labels, labels)
             row = {
                 "tilt": tilt,

@@ -182,7 +182,8 @@ class IterationWatcher:
     components of those points. With ``echo`` each record is also printed as its iteration ends,
     so a run cut short by a time limit still reports the iterations it finished. With ``save_dir``
     every iteration's clustering (labels, the points the mixtures saw, posteriors, K) is also
-    written there as ``iteration_NNN.npz``, for ``probe_cluster_errors.py``."""
+    written there as ``iteration_NNN.npz``, for ``probe_cluster_errors.py``. Every iteration's
+    labels are kept in ``labels_by_iteration`` (iteration number → labels), to start from."""
 
     def __init__(
         self,
@@ -200,6 +201,7 @@ class IterationWatcher:
         self.pca_sweep = tuple(pca_sweep)
         self.k_candidates = list(k_candidates)
         self.records: list[dict] = []
+        self.labels_by_iteration: dict[int, np.ndarray] = {}
         self._start = time.perf_counter()
 
     def __call__(self, clustering) -> None:
@@ -226,6 +228,7 @@ class IterationWatcher:
             rec.setdefault("bic_by_pca_dim", {})[d] = {"k": k, "accuracy": acc}
         rec["elapsed_s"] = round(time.perf_counter() - self._start, 1)
         self.records.append(rec)
+        self.labels_by_iteration[rec["iteration"]] = np.asarray(clustering.labels).copy()
         if self.save_dir is not None:
             save_arrays(
                 self.save_dir / f"iteration_{clustering.iteration:03d}.npz",

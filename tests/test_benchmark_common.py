@@ -267,6 +267,8 @@ def test_the_watcher_saves_each_iteration_for_the_error_probe(tmp_path, monkeypa
     assert np.array_equal(saved["x"], x) and np.array_equal(saved["posteriors"], post)
     assert int(saved["k"]) == 2 and bool(saved["eligible"])
     assert watch.records[0]["accuracy"] == 100.0
+    labels[:] = 0  # the watcher keeps its own copy of each iteration's labels
+    assert watch.labels_by_iteration[3].tolist() == truth[::-1].tolist()
 
 
 def test_save_arrays_writes_one_npz_through_a_rename(common, tmp_path):
@@ -274,6 +276,39 @@ def test_save_arrays_writes_one_npz_through_a_rename(common, tmp_path):
     saved = np.load(path)
     assert saved["labels"].tolist() == [0, 1, 2] and int(saved["k"]) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["it.npz"]  # no temporary left, no ".npz.npz"
+
+
+def test_table_s1_starts_classify3d_from_the_disca_iteration_asked_for(monkeypatch, capsys):
+    """``--c3d-start`` hands classify3d the DISCA run's reported clusters (default) or its
+    iteration 0's, and the table names the second start."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from types import SimpleNamespace
+
+    import bench_table_s1
+
+    truth = np.repeat([0, 1], 4)
+    iteration0, reported = truth.copy(), truth[::-1].copy()
+    cell = SimpleNamespace(
+        volumes=np.zeros((8, 4, 4, 4), np.float32), labels=truth, effective_snr=0.2
+    )
+    monkeypatch.setattr(bench_table_s1, "simulate_cell", lambda *a, **k: cell)
+    by_iteration = {0: iteration0, 1: reported}
+    monkeypatch.setattr(bench_table_s1, "run_disca", lambda *a: (reported, {}, by_iteration))
+    starts = []
+
+    def classify3d_from(volumes, truth, start_labels, tilt, args, save_dir=None):
+        starts.append(start_labels)
+        return start_labels, {"classify3d_start": args.c3d_start}
+
+    monkeypatch.setattr(bench_table_s1, "run_classify3d", classify3d_from)
+    monkeypatch.setattr(bench_table_s1, "save", lambda rows, protocol, tag: None)
+    for start, expected in (("reported", reported), ("iteration0", iteration0)):
+        argv = ["--methods", "disca,classify3d", "--cells", "60:0.1", "--c3d-start", start]
+        assert bench_table_s1.main(argv) == 0
+        assert starts[-1] is expected
+        table = capsys.readouterr().out.split("| tilt |")[-1]
+        assert ("| classify3d (from DISCA's iteration 0) |" in table) == (start == "iteration0")
+        assert "| classify3d |" in table or start == "iteration0"
 
 
 def test_table_s1_saves_the_classification_before_and_after_split_and_merge(tmp_path, monkeypatch):
@@ -310,6 +345,7 @@ def test_table_s1_saves_the_classification_before_and_after_split_and_merge(tmp_
     args = argparse.Namespace(
         c3d_rotations=30, c3d_iterations=5, c3d_hold=2, c3d_temperature=5.0, c3d_lowpass_px=3.0,
         c3d_max_shift_px=0.0, seed=0, c3d_split_merge_rounds=1, c3d_split_merge_judge="held-out",
+        c3d_start="reported",
     )  # fmt: skip
     labels, extra = bench_table_s1.run_classify3d(s.volumes, s.labels, start, 60, args, tmp_path)
     saved = np.load(tmp_path / "classify3d.npz")
