@@ -21,6 +21,13 @@ undid DISCA's merge of two structures; each round runs 1 + pairs × (classes −
 iterations). One missing wedge for all particles and no CTF: a starting point for RELION, not a
 refinement.
 
+Any iteration of disca_cluster can be the start: Cluster/jobNNN/iterations/run_itNNN_clusters.star.
+Iteration 0 (with --init invariants, the rotation-invariant descriptors' clusters before any
+training) does not depend on how the network trains. On simulated data at SNR 0.03 and above,
+started from it the classification came within 0.2 points of the start from the reported
+iteration, and beat it by 14 points where that iteration had merged two structures; at SNR 0.01
+iteration 0 held too few classes (benchmarks/ACCURACY.md, sessions 38–39).
+
 Writes, in --o:
   clusters.star     the input table with rlnClassNumber (1-based) and rlnMaxValueProbDistribution
                     replaced; rlnAngleRot/Tilt/Psi of the most probable pose and
