@@ -233,7 +233,8 @@ def main(argv=None) -> int:
         choices=["reported", "iteration0"],
         help="classify3d starts from the DISCA run's reported clusters, or from its iteration 0 "
         "(the clusters of the rotation-invariant descriptors with --init invariants, before any "
-        "training; disca_cluster's iterations/run_it000_clusters.star)",
+        "training; disca_cluster's iterations/run_it000_clusters.star). Iteration 0 does not "
+        "depend on --max-iter: with --max-iter 1 DISCA stops after one round of training",
     )
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
